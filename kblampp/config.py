@@ -1,0 +1,208 @@
+"""The one config loader: YAML -> typed dataclasses, unknown keys rejected, `--set a.b=v` overrides.
+
+`d_model` is optional because it comes from the backbone's own config; a stated value that disagrees
+is an error raised where the backbone is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names file and key."""
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant | linear
+
+
+@dataclass
+class IndexConfig:
+    method: str = "hnsw"  # hnsw | ivfpq | flat
+    similarity: str = "ip"  # ip | cosine
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    ivf_nlist: int = 0  # 0 = about 4*sqrt(N)
+    pq_m: int = 16
+    pq_bits: int = 8
+    nprobe: int = 16
+
+
+@dataclass
+class KBConfig:
+    """Every setting of a run; field names follow the plan's example config (plan section 6.2)."""
+
+    backbone: str = "embedded:smollm2-135m-instruct"
+    embedding_model: str = "embedded:all-MiniLM-L6-v2"
+    quantization: str | None = None  # None | "4bit"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    d_model: int | None = None
+    d_k: int = 384
+    d_v: int = 384
+    d_ctx: int | None = None
+    d_tau: int = 32
+
+    inject_layers: list[int] = field(default_factory=lambda: [8])
+    K_top: int = 8
+    gamma: float = 1.0
+    eta: float = 1.0
+    temperature: float = 1.0
+    retrieval: str = "exact"  # exact (on-device matmul) | faiss
+
+    tuples_path: str = "data/5tuple/synth_world.jsonl"
+    store_dir: str = "store"
+    index: IndexConfig = field(default_factory=IndexConfig)
+    train_dataset: str = "data/qa/synth_world_train.jsonl"
+    eval_dataset: str = "data/qa/synth_world_dev.jsonl"
+    test_dataset: str | None = None
+    output_dir: str = "runs/default"
+    cache_dir: str = "~/.cache/kblampp"
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch_size: int = 1
+    max_steps: int = 5000
+    grad_accum: int = 4
+    max_seq_len: int = 512
+    max_new_tokens: int = 16
+    log_interval: int = 50
+    save_interval: int = 1000
+    eval_interval: int = 0
+    seed: int = 0
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (e.g. '5e-4')."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: expected {_type_name(tp)}, got null")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    prefix = f"{where}." if not where.endswith(":") else where + " "
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a mapping")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KBConfig:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
+    data: dict = {}
+    label = "<defaults>:"
+    if path is not None:
+        label = f"{path}:"
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({err})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = loaded or {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item}: expected key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return _build(KBConfig, data, label)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: KBConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config into a run folder as YAML (and return its path)."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "config.resolved.yaml"
+    target.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return target
+
+
+def config_from_dict(data: dict, label: str = "<checkpoint>:") -> KBConfig:
+    """Rebuild a config saved by `save_resolved` or stored inside a checkpoint."""
+    return _build(KBConfig, json.loads(json.dumps(data)), label)
+
+
+def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, dotted for nested keys (e.g. optimizer.lr=1e-4); repeatable")
+
+
+def config_from_args(args: argparse.Namespace) -> KBConfig:
+    return load_config(args.config, args.overrides)
