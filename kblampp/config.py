@@ -44,6 +44,48 @@ class IndexConfig:
 
 
 @dataclass
+class StageAConfig:
+    """Stage A phases, in order; a phase with 0 steps is off (SPEC section 7: retrieval first)."""
+
+    cache_batch: int = 16  # questions per frozen forward when caching inject-layer states
+    max_train_questions: int = 0  # 0 = all training questions
+    dev_max_questions: int = 1000  # held-out questions scored for retrieval metrics
+    retrieval_steps: int = 1500  # contrastive query/key training on cached states
+    retrieval_lr: float = 2e-3
+    retrieval_batch: int = 64
+    retrieval_positives: str = "answer"  # answer (the answer fact) | all (every supporting fact)
+    hard_negatives: int = 16  # mined per question (shared name part, same head, same head+relation)
+    hard_negative_weight: float = 0.5  # weight of the extra softmax over positive + hard negatives
+    retrieval_eval_interval: int = 250
+    train_kv_encoder: bool = False  # also train the key MLP (keys recomputed, store rewritten at the end)
+    value_steps: int = 60  # teacher-forced gold facts, CE through the injection path
+    value_lr: float = 1e-3
+    copy_gate_steps: int = 300  # answer-head copy gate on cached quantities
+    copy_gate_lr: float = 5e-3
+    e2e_steps: int = 40  # real retrieval, mixture CE + injection CE + retrieval loss
+    e2e_lr: float = 3e-4
+    e2e_retrieval_weight: float = 1.0
+    e2e_injection_weight: float = 1.0
+
+
+@dataclass
+class StageBConfig:
+    """Stage B: LoRA (or unfrozen top layers) plus alpha supervision, at a lower lr."""
+
+    init_from: str | None = None  # Stage A run folder (its final checkpoint); None = output_dir's stage A
+    mode: str = "lora"  # lora | unfreeze
+    steps: int = 100
+    lr: float = 1e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_layers: int = 2  # the top N decoder layers
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    aux_alpha_weight: float = 1.0  # CE of alpha (last prompt token) onto supporting facts
+    time_penalty_weight: float = 1.0  # alpha mass on candidates whose window misses the question's
+
+
+@dataclass
 class KBConfig:
     """Every setting of a run; field names follow the plan's example config (plan section 6.2)."""
 
@@ -76,6 +118,8 @@ class KBConfig:
     cache_dir: str = "~/.cache/kblampp"
 
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    stage_a: StageAConfig = field(default_factory=StageAConfig)
+    stage_b: StageBConfig = field(default_factory=StageBConfig)
     batch_size: int = 1
     max_steps: int = 5000
     grad_accum: int = 4
