@@ -1,0 +1,99 @@
+"""The one module that knows Hugging Face attribute names (layers, self_attn, hidden_size, ...).
+
+Everything else asks this module, so supporting a new architecture means editing one file. Llama and
+Qwen2 share one code path: `<CausalLM>.model.layers[i].self_attn`, whose forward takes the already
+normalised `hidden_states` and (transformers 5.x) returns `(attn_output, attn_weights)`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kblampp.config import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+ATTN_ATTR = "self_attn"
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """The backbone's model_type has no known layout for KB injection."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain HF causal LM inside a peft wrapper (Stage B LoRA) or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def hf_config(model: nn.Module) -> Any:
+    config = getattr(unwrap(model), "config", None)
+    if config is None:
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no Hugging Face config")
+    return config
+
+
+def model_type(model: nn.Module) -> str:
+    return str(getattr(hf_config(model), "model_type", "<unknown>"))
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a clear error for any architecture other than the supported ones."""
+    kind = model_type(model)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"backbone model_type {kind!r} ({type(unwrap(model)).__name__}) is not supported for KB "
+            f"injection (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if not isinstance(getattr(getattr(unwrap(model), "model", None), "layers", None), nn.ModuleList):
+        raise UnsupportedArchitectureError(
+            f"backbone {type(unwrap(model)).__name__} has no model.layers; pass the *ForCausalLM model")
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(hf_config(model).hidden_size)
+
+
+def num_layers(model: nn.Module) -> int:
+    return int(hf_config(model).num_hidden_layers)
+
+
+def vocab_size(model: nn.Module) -> int:
+    return int(hf_config(model).vocab_size)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    check_supported(model)
+    return unwrap(model).model.layers
+
+
+def get_attention(model: nn.Module, layer_idx: int) -> nn.Module:
+    return getattr(decoder_layers(model)[layer_idx], ATTN_ATTR)
+
+
+def set_attention(model: nn.Module, layer_idx: int, module: nn.Module) -> None:
+    setattr(decoder_layers(model)[layer_idx], ATTN_ATTR, module)
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    return unwrap(model).get_input_embeddings()
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    return unwrap(model).get_output_embeddings()
+
+
+def attention_hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The normalised hidden state passed to `self_attn` (keyword in HF 5.x, positional allowed)."""
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    if args:
+        return args[0]
+    raise TypeError("attention called without hidden_states")
+
+
+def add_to_attention_output(output: Any, delta: torch.Tensor) -> Any:
+    """Add `delta` to the attention output (element 0 of the tuple), passing everything else through."""
+    if isinstance(output, tuple):
+        return (output[0] + delta.to(output[0].dtype),) + output[1:]
+    return output + delta.to(output.dtype)

@@ -1,0 +1,152 @@
+"""Knowledge injection by module replacement (peft-tuner style; SPEC section 6).
+
+Each chosen layer's `self_attn` becomes a `KBAttentionWrapper` that keeps the original as `base_layer`,
+calls it unchanged with all its arguments and adds `beta * kb_linear_v(V~)` to its output (element 0).
+The knowledge branch (`KBInjection`) reads the same normalised hidden state the attention receives:
+Q = kb_linear_q(h) + kb_query_ctx(e_q), top-k retrieval, sem/phi/g_time, selector, gated fusion.
+All tokens of all rows go through one search and one fetch; nothing is recorded unless asked.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from kblampp import hf_arch
+from kblampp.fusion import KBFusionLayer
+from kblampp.kb_context import ContextHolder, KBContext, LayerRecord
+from kblampp.scorers import ContextScorer, TimeScorer
+from kblampp.selector import KBSelector, Selection
+
+
+def force_candidates(ids: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing: every forced id (B, F; -1 = padding) appears among the candidates (B, T, K),
+    replacing the lowest-ranked retrieved ones that are not forced themselves."""
+    B, T, K = ids.shape
+    f = forced.to(ids.device)[:, None, :].expand(B, T, forced.shape[-1])  # (B, T, F)
+    f_ok = f >= 0
+    dup = ((ids[..., :, None] == f[..., None, :]) & f_ok[..., None, :]).any(-1)  # (B, T, K) already forced
+    rank = -torch.arange(K, device=ids.device, dtype=torch.float32).expand(B, T, K)  # keep retrieval order
+    p_ids = rank.masked_fill(dup, float("-inf"))
+    p_f = torch.where(f_ok, 1.0, float("-inf"))  # forced first
+    pick = torch.topk(torch.cat([p_f, p_ids], -1), K, dim=-1).indices  # (B, T, K)
+    return torch.cat([f, ids], -1).gather(-1, pick)
+
+
+class KBInjection(nn.Module):
+    """Every KB parameter of one inject layer (all attribute names start with `kb_`)."""
+
+    def __init__(self, layer_idx: int, d_model: int, d_k: int, d_v: int, d_ctx: int, k_top: int,
+                 gamma: float, eta: float, temperature: float, gate_bias: float = -3.0):
+        super().__init__()
+        self.layer_idx, self.d_k, self.k_top = layer_idx, d_k, k_top
+        self.kb_linear_q = nn.Linear(d_model, d_k)
+        self.kb_query_ctx = nn.Linear(d_ctx, d_k, bias=False)
+        self.kb_context_scorer = ContextScorer(d_ctx)
+        self.kb_time_scorer = TimeScorer()
+        self.kb_selector = KBSelector(gamma, eta, temperature)
+        self.kb_fusion = KBFusionLayer(d_model, d_v, gate_bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kb_linear_q.weight.dtype
+
+    def query(self, h: torch.Tensor, e_q: torch.Tensor | None) -> torch.Tensor:
+        """Q (B, T, d_k) = kb_linear_q(h) + kb_query_ctx(e_q); h (B, T, d_model), e_q (B, d_ctx) or None.
+        Training calls this on cached hidden states to learn retrieval without running the model."""
+        q = self.kb_linear_q(h.to(self.dtype))
+        if e_q is None:
+            return q
+        return q + self.kb_query_ctx(e_q.to(device=q.device, dtype=self.dtype)).unsqueeze(-2)
+
+    def sem(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """sem = <Q, K> / sqrt(d_k) for q (..., d_k) against keys (N, d_k): scores over ALL keys."""
+        return q @ keys.to(q.dtype).T / math.sqrt(self.d_k)
+
+    def select(self, h: torch.Tensor, ctx: KBContext) -> tuple[Selection, torch.Tensor]:
+        """Retrieve, score and mix for h (B, T, d_model): the selection and the query Q."""
+        if ctx.source is None:
+            raise ValueError("KBContext.source is None: give the request a TensorKB or IndexedKB")
+        B, T, _ = h.shape
+        e_q, tau, forced = ctx.rows(ctx.e_q, B), ctx.rows(ctx.tau, B), ctx.rows(ctx.forced_ids, B)
+        q = self.query(h, e_q)  # (B, T, d_k)
+        k = min(self.k_top, ctx.source.num_facts)
+        ids = ctx.source.search(q.reshape(B * T, -1), k).view(B, T, k).to(q.device)  # (B, T, k)
+        if forced is not None:
+            ids = force_candidates(ids, forced)
+        valid = ids >= 0  # faiss pads with -1 when it finds fewer than k
+        valid[..., 0] = True  # keep the best slot so a position never has no candidate at all
+        rows = ctx.source.fetch(ids.clamp_min(0))
+        keys = rows["K"].to(device=q.device, dtype=self.dtype)  # (B, T, k, d_k)
+        sem = torch.einsum("btd,btkd->btk", q, keys) / math.sqrt(self.d_k)  # (B, T, k)
+        phi = self.kb_context_scorer(e_q, rows["ctx_vec"].to(q.device))  # (B, T, k)
+        tau_q = tau.to(q.device) if tau is not None else None
+        g_time = self.kb_time_scorer(tau_q, rows["tau_min"].to(q.device), rows["tau_max"].to(q.device))
+        values = rows["V"].to(device=q.device, dtype=self.dtype)  # (B, T, k, d_v)
+        return self.kb_selector(sem, phi, g_time, values, ids, valid), q
+
+    def forward(self, h: torch.Tensor, ctx: KBContext) -> torch.Tensor:
+        """The fused knowledge term beta * kb_linear_v(V~) (B, T, d_model) to add to the attention output."""
+        x = h.to(self.dtype)
+        sel, q = self.select(x, ctx)
+        delta, beta = self.kb_fusion(x, sel.v_tilde)
+        if ctx.capture_query:  # kept with grad for a retrieval loss over all keys
+            ctx.queries.setdefault(self.layer_idx, []).append(q)
+        if ctx.record:
+            ctx.records.setdefault(self.layer_idx, []).append(LayerRecord(
+                alpha=sel.alpha.detach(), cand_ids=sel.cand_ids.detach(), beta=beta.detach(), hidden=h.detach()))
+        return delta
+
+
+class KBAttentionWrapper(nn.Module):
+    """Replaces `self_attn`: runs `base_layer` unchanged, then adds the knowledge term to element 0.
+
+    The KB module and the context holder are plain references (not children), so the backbone's own
+    parameters are unchanged apart from the `base_layer.` segment, and KBLaMPP owns the KB tensors."""
+
+    def __init__(self, base_layer: nn.Module, kb_module: KBInjection, holder: ContextHolder, layer_idx: int):
+        super().__init__()
+        self.base_layer = base_layer
+        object.__setattr__(self, "kb_module", kb_module)
+        object.__setattr__(self, "holder", holder)
+        self.layer_idx = layer_idx
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_layer(*args, **kwargs)
+        ctx = self.holder.ctx
+        if ctx is None or ctx.gate_closed:  # plain model: the branch is skipped entirely
+            return out
+        h = hf_arch.attention_hidden_states(args, kwargs)
+        return hf_arch.add_to_attention_output(out, self.kb_module(h, ctx))
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes HF code reads from attention modules (layer_idx, config, ...) come from base_layer."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+def patch_layers(backbone: nn.Module, kb_modules: Mapping[int, KBInjection], holder: ContextHolder) -> None:
+    """Wrap `self_attn` of every layer in `kb_modules`; an already wrapped layer is an error."""
+    for idx, kb in kb_modules.items():
+        attn = hf_arch.get_attention(backbone, idx)
+        if isinstance(attn, KBAttentionWrapper):
+            raise RuntimeError(f"layer {idx} is already patched")
+        hf_arch.set_attention(backbone, idx, KBAttentionWrapper(attn, kb, holder, idx))
+
+
+def unpatch_layers(backbone: nn.Module, layer_indices: list[int]) -> None:
+    """Put the original attention modules back (layers that are not wrapped are left alone)."""
+    for idx in layer_indices:
+        attn = hf_arch.get_attention(backbone, idx)
+        if isinstance(attn, KBAttentionWrapper):
+            hf_arch.set_attention(backbone, idx, attn.base_layer)
+
+
+def is_patched(backbone: nn.Module, layer_idx: int) -> bool:
+    return isinstance(hf_arch.get_attention(backbone, layer_idx), KBAttentionWrapper)
