@@ -1,0 +1,5 @@
+"""HTTP serving of a KBLaM++ model (SPEC section 8): answers with evidence chains and live KB edits.
+
+`app.create_app(engine, settings)` builds the FastAPI app; `engine.Engine` owns the model, the store
+and the write-ahead log (`kb_log.KBLog`) behind one lock, so concurrent requests never interleave.
+"""
