@@ -1,0 +1,225 @@
+"""The ANN index over the store's keys (faiss only; no torch here, SPEC sections 5-6).
+
+faiss labels are positions in `labels` (label -> fact id), so one code path serves every method:
+flat and IVF-PQ physically remove deleted labels, HNSW (which cannot remove) marks them dead and
+search over-fetches and filters them. Replacing a fact = remove its id + add the new key.
+The folder `index_<method>/` holds `index.faiss`, `labels.npy`, `dead.npy` and `params.json`
+(method, similarity, parameters, dim, and the store id + N it was built for, checked on load).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from kblampp.store_io import StoreError, atomic_dir, read_json, save_npy, write_json_atomic
+
+METHODS = ("hnsw", "ivfpq", "flat")
+SIMILARITIES = ("cosine", "ip")
+DEFAULTS = {
+    "hnsw": {"hnsw_m": 32, "ef_construction": 200, "ef_search": 128},
+    "ivfpq": {"ivf_nlist": 0, "pq_m": 16, "pq_bits": 8, "nprobe": 16},
+    "flat": {},
+}
+
+
+class IndexMismatchError(StoreError):
+    """An index folder that does not match what the caller expects (store id, N, dimension)."""
+
+
+def _as_f32(x: np.ndarray, dim: int | None, what: str) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        raise ValueError(f"{what}: expected shape (n, {dim if dim is not None else 'd'}), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what}: contains NaN or inf")
+    return x
+
+
+class KnowledgeIndex:
+    """A faiss index over fact keys that searches by fact id (see module doc)."""
+
+    def __init__(self, index: faiss.Index, method: str, similarity: str, params: dict,
+                 labels: np.ndarray, dead: np.ndarray, store_id: str | None = None, n: int | None = None):
+        self.index, self.method, self.similarity, self.params = index, method, similarity, params
+        self.labels, self.dead = labels.astype(np.int64), dead.astype(bool)
+        self.store_id, self.n = store_id, n
+        self.dim = int(index.d)
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, keys: np.ndarray, method: str = "hnsw", similarity: str = "cosine",
+              ids: np.ndarray | None = None, store_id: str | None = None, n: int | None = None,
+              **params) -> "KnowledgeIndex":
+        """Index `keys` (rows get fact ids `ids`, default 0..len-1); unknown params are an error."""
+        if method not in METHODS:
+            raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity: {similarity!r} is not one of {', '.join(SIMILARITIES)}")
+        unknown = set(params) - set(DEFAULTS[method])
+        if unknown:
+            raise ValueError(f"unknown {method} parameter(s) {sorted(unknown)} (known: {sorted(DEFAULTS[method])})")
+        keys = _as_f32(keys, None, "keys")
+        count, dim = keys.shape
+        ids = np.arange(count, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if ids.shape != (count,):
+            raise ValueError(f"ids: expected shape ({count},), got {ids.shape}")
+        full = {**DEFAULTS[method], **params}
+        index = cls._new_faiss(method, dim, full, count)
+        self = cls(index, method, similarity, full, np.zeros(0, np.int64), np.zeros(0, bool), store_id,
+                   count if n is None else n)
+        if method == "ivfpq":
+            self.index.train(self._prep(keys))
+        self.add(keys, ids)
+        return self
+
+    @staticmethod
+    def _new_faiss(method: str, dim: int, p: dict, count: int) -> faiss.Index:
+        ip = faiss.METRIC_INNER_PRODUCT
+        if method == "flat":
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        if method == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, int(p["hnsw_m"]), ip)
+            index.hnsw.efConstruction = int(p["ef_construction"])
+            index.hnsw.efSearch = int(p["ef_search"])
+            return index
+        if dim % int(p["pq_m"]):
+            raise ValueError(f"pq_m: {p['pq_m']} does not divide the key dimension {dim}")
+        if count < 2 ** int(p["pq_bits"]):
+            raise ValueError(f"ivfpq needs at least {2 ** int(p['pq_bits'])} keys to train "
+                             f"(pq_bits={p['pq_bits']}), got {count}; use flat or hnsw")
+        nlist = int(p["ivf_nlist"]) or int(4 * math.sqrt(count))
+        nlist = max(1, min(nlist, count // 39))  # faiss wants ~39 training points per centroid
+        p["ivf_nlist_used"] = nlist
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, int(p["pq_m"]), int(p["pq_bits"]), ip)
+        index.nprobe = int(p["nprobe"])
+        return index
+
+    def _prep(self, x: np.ndarray) -> np.ndarray:
+        if self.similarity == "cosine":
+            x = x.copy()
+            faiss.normalize_L2(x)
+        return x
+
+    # ---- edits -------------------------------------------------------------------------------
+    def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
+        """Add keys under fact ids (an id already live must be removed first)."""
+        keys = _as_f32(keys, self.dim, "keys")
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.shape[0] != keys.shape[0]:
+            raise ValueError(f"ids: {ids.shape[0]} ids for {keys.shape[0]} keys")
+        live = set(self.labels[~self.dead].tolist())
+        clash = [i for i in ids.tolist() if i in live]
+        if clash:
+            raise ValueError(f"ids: fact id {clash[0]} is already in the index (remove it first)")
+        start = len(self.labels)
+        new_labels = np.arange(start, start + len(ids), dtype=np.int64)
+        x = self._prep(keys)
+        if self.method == "hnsw":
+            self.index.add(x)
+        else:
+            self.index.add_with_ids(x, new_labels)
+        self.labels = np.concatenate([self.labels, ids])
+        self.dead = np.concatenate([self.dead, np.zeros(len(ids), bool)])
+        if self.n is not None and len(ids):
+            self.n = max(self.n, int(ids.max()) + 1)
+
+    def remove(self, ids) -> int:
+        """Remove facts by id; returns how many index entries were removed or hidden."""
+        wanted = np.isin(self.labels, np.asarray(ids, dtype=np.int64).reshape(-1)) & ~self.dead
+        gone = np.flatnonzero(wanted).astype(np.int64)
+        if len(gone) and self.method != "hnsw":
+            self.index.remove_ids(faiss.IDSelectorBatch(gone))
+        self.dead[gone] = True
+        return len(gone)
+
+    # ---- search ------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def n_live(self) -> int:
+        return int((~self.dead).sum())
+
+    def search(self, queries: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores (Q,k) float32, fact ids (Q,k) int64); missing slots have id -1, score -inf."""
+        queries = self._prep(_as_f32(queries, self.dim, "queries"))
+        hidden = int(self.dead.sum()) if self.method == "hnsw" else 0
+        fetch = max(1, min(k + hidden, self.ntotal))
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        if self.ntotal == 0:
+            return scores, ids
+        if self.method == "hnsw":
+            self.index.hnsw.efSearch = max(int(self.params["ef_search"]), fetch)
+        for start in range(0, len(queries), batch_size):
+            d, lab = self.index.search(queries[start:start + batch_size], fetch)
+            for row, (drow, lrow) in enumerate(zip(d, lab), start=start):
+                keep = lrow >= 0
+                keep[keep] = ~self.dead[lrow[keep]]
+                got_ids, got_d = self.labels[lrow[keep]][:k], drow[keep][:k]
+                ids[row, :len(got_ids)], scores[row, :len(got_d)] = got_ids, got_d
+        return scores, ids
+
+    # ---- persistence -------------------------------------------------------------------------
+    def params_json(self) -> dict:
+        return {"format": "kblampp-index", "method": self.method, "similarity": self.similarity,
+                "dim": self.dim, "params": self.params, "store_id": self.store_id, "n": self.n,
+                "ntotal": self.ntotal, "n_labels": len(self.labels), "n_live": self.n_live,
+                "faiss_version": faiss.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def writers(self) -> dict[str, Callable[[Path], None]]:
+        """File name -> writer, so a store edit can commit the index together with its arrays."""
+        return {"index.faiss": lambda p: faiss.write_index(self.index, str(p)),
+                "labels.npy": lambda p: save_npy(p, self.labels),
+                "dead.npy": lambda p: save_npy(p, self.dead),
+                "params.json": lambda p: write_json_atomic(p, self.params_json())}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the index folder atomically (temp folder, then swap)."""
+        with atomic_dir(folder) as tmp:
+            for name, write in self.writers().items():
+                write(tmp / name)
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: str | Path, expect_n: int | None = None, expect_dim: int | None = None,
+             expect_store_id: str | None = None) -> "KnowledgeIndex":
+        """Load and check against the caller's store; any disagreement is an IndexMismatchError."""
+        folder = Path(folder)
+        meta = read_json(folder / "params.json", "index params")
+        for name in ("index.faiss", "labels.npy", "dead.npy"):
+            if not (folder / name).is_file():
+                raise IndexMismatchError(f"{folder / name}: missing")
+        index = faiss.read_index(str(folder / "index.faiss"))
+        labels = np.load(folder / "labels.npy", allow_pickle=False)
+        dead = np.load(folder / "dead.npy", allow_pickle=False)
+        where = f"{folder}/params.json"
+        if expect_store_id is not None and meta.get("store_id") != expect_store_id:
+            raise IndexMismatchError(f"{where}: store_id: index was built for store {meta.get('store_id')!r}, "
+                              f"this store is {expect_store_id!r} (rebuild with offline/build_index.py)")
+        if expect_n is not None and meta.get("n") != expect_n:
+            raise IndexMismatchError(f"{where}: n: index covers {meta.get('n')} facts, the store has {expect_n}")
+        if expect_dim is not None and index.d != expect_dim:
+            raise IndexMismatchError(f"{where}: dim: index dimension {index.d}, the store's keys have {expect_dim}")
+        if meta.get("dim") != index.d:
+            raise IndexMismatchError(f"{where}: dim: params say {meta.get('dim')}, index.faiss has {index.d}")
+        if index.ntotal != meta.get("ntotal"):
+            raise IndexMismatchError(f"{where}: ntotal: params say {meta.get('ntotal')}, index.faiss has {index.ntotal}")
+        if labels.shape != (meta.get("n_labels"),) or dead.shape != labels.shape:
+            raise IndexMismatchError(f"{folder}/labels.npy: {labels.shape[0]} labels / {dead.shape[0]} dead flags, "
+                              f"params say {meta.get('n_labels')}")
+        return cls(index, meta["method"], meta["similarity"], meta["params"], labels, dead,
+                   meta.get("store_id"), meta.get("n"))
+
+
+def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, similarity: str = "cosine",
+                 batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k with the index's similarity (reference for recall measurements)."""
+    ref = KnowledgeIndex.build(keys, "flat", similarity)
+    return ref.search(queries, k, batch_size)

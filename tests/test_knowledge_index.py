@@ -1,0 +1,92 @@
+"""KnowledgeIndex: exact agreement of flat with brute force, ANN sanity, edits by id, save/load checks."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from kblampp.knowledge_index import IndexMismatchError, KnowledgeIndex, exact_search
+
+
+def _keys(n=600, d=32, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def test_module_does_not_import_torch():
+    import kblampp.knowledge_index as ki
+
+    assert "torch" not in ki.__dict__ and "import torch" not in open(ki.__file__).read()
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "ip"])
+def test_flat_equals_numpy_brute_force(similarity):
+    keys, q = _keys(), _keys(20, seed=1)
+    scores, ids = KnowledgeIndex.build(keys, "flat", similarity).search(q, 5, batch_size=7)
+    if similarity == "cosine":
+        keys = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    ref = q @ keys.T
+    assert ids.tolist() == np.argsort(-ref, axis=1)[:, :5].tolist()
+    np.testing.assert_allclose(scores, np.take_along_axis(ref, ids, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,params", [("hnsw", {}), ("ivfpq", {"pq_m": 8, "ivf_nlist": 8, "nprobe": 8})])
+def test_ann_finds_each_key_itself(method, params):
+    keys = _keys(2000)
+    index = KnowledgeIndex.build(keys, method, "cosine", **params)
+    assert index.ntotal == 2000
+    _, ids = index.search(keys[:200], 4)
+    assert (ids[:, :4] == np.arange(200)[:, None]).any(axis=1).mean() >= 0.95
+
+
+@pytest.mark.parametrize("method,params", [("flat", {}), ("hnsw", {}), ("ivfpq", {"pq_m": 8, "ivf_nlist": 4, "pq_bits": 6})])
+def test_remove_add_and_replace_by_fact_id(method, params):
+    keys = _keys(400)
+    index = KnowledgeIndex.build(keys, method, "cosine", **params)
+    assert index.remove([5, 7]) == 2 and index.remove([5]) == 0
+    _, ids = index.search(keys[[5, 7, 9]], 10)
+    assert 5 not in ids and 7 not in ids and ids[2, 0] == 9
+    new = _keys(1, seed=9)
+    index.add(new, [5])  # replace: same id, new key
+    _, ids = index.search(new, 1)
+    assert ids[0, 0] == 5 and index.n_live == 399
+    with pytest.raises(ValueError, match="fact id 5 is already in the index"):
+        index.add(new, [5])
+
+
+def test_save_load_round_trip_and_mismatch_messages(tmp_path):
+    keys = _keys(300)
+    index = KnowledgeIndex.build(keys, "hnsw", "cosine", store_id="abc@0", hnsw_m=16)
+    index.remove([3])
+    index.save(tmp_path / "index_hnsw")
+    back = KnowledgeIndex.load(tmp_path / "index_hnsw", expect_n=300, expect_dim=32, expect_store_id="abc@0")
+    q = _keys(10, seed=4)
+    assert [a.tolist() for a in back.search(q, 8)] == [a.tolist() for a in index.search(q, 8)]
+    assert json.loads((tmp_path / "index_hnsw/params.json").read_text())["params"]["hnsw_m"] == 16
+    with pytest.raises(IndexMismatchError, match="store_id: index was built for store 'abc@0', this store is 'xyz@0'"):
+        KnowledgeIndex.load(tmp_path / "index_hnsw", expect_store_id="xyz@0")
+    with pytest.raises(IndexMismatchError, match="n: index covers 300 facts, the store has 301"):
+        KnowledgeIndex.load(tmp_path / "index_hnsw", expect_n=301)
+    with pytest.raises(IndexMismatchError, match="dim: index dimension 32, the store's keys have 64"):
+        KnowledgeIndex.load(tmp_path / "index_hnsw", expect_dim=64)
+
+
+def test_bad_arguments_are_clear_errors():
+    keys = _keys(50)
+    with pytest.raises(ValueError, match="method: 'annoy' is not one of hnsw, ivfpq, flat"):
+        KnowledgeIndex.build(keys, "annoy")
+    with pytest.raises(ValueError, match=r"unknown hnsw parameter\(s\) \['nprobe'\]"):
+        KnowledgeIndex.build(keys, "hnsw", nprobe=3)
+    with pytest.raises(ValueError, match="pq_m: 5 does not divide the key dimension 32"):
+        KnowledgeIndex.build(keys, "ivfpq", pq_m=5)
+    with pytest.raises(ValueError, match="ivfpq needs at least 256 keys"):
+        KnowledgeIndex.build(keys, "ivfpq", pq_m=8)
+    with pytest.raises(ValueError, match=r"queries: expected shape \(n, 32\), got \(2, 3\)"):
+        KnowledgeIndex.build(keys, "flat").search(np.zeros((2, 3)), 1)
+
+
+def test_exact_search_fills_missing_slots():
+    scores, ids = exact_search(_keys(3), _keys(2, seed=1), 5)
+    assert (ids[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all() and "faiss" in sys.modules
