@@ -33,7 +33,8 @@ class TensorKB:
     """
 
     def __init__(self, K: torch.Tensor, V: torch.Tensor, ctx_vec: torch.Tensor, tau_min: torch.Tensor,
-                 tau_max: torch.Tensor, similarity: str = "ip", chunk_elems: int = 1 << 24):
+                 tau_max: torch.Tensor, similarity: str = "ip", chunk_elems: int = 1 << 24,
+                 alive: torch.Tensor | None = None):
         arrays = {"K": K, "V": V, "ctx_vec": ctx_vec, "tau_min": tau_min, "tau_max": tau_max}
         n = K.shape[0] if K.dim() == 2 else -1
         for name, arr in arrays.items():
@@ -45,8 +46,20 @@ class TensorKB:
             raise ValueError("TensorKB: K: the knowledge base is empty")
         if similarity not in ("ip", "cosine"):
             raise ValueError(f"TensorKB: similarity: {similarity!r} is not one of ip, cosine")
+        if alive is not None and (alive.dtype != torch.bool or tuple(alive.shape) != (n,)):
+            raise ValueError(f"TensorKB: alive: expected a bool tensor of shape ({n},), got "
+                             f"{alive.dtype} {tuple(alive.shape)}")
         self.K, self.V, self.ctx_vec, self.tau_min, self.tau_max = K, V, ctx_vec, tau_min, tau_max
         self.similarity, self.chunk_elems = similarity, chunk_elems
+        self.alive = None if alive is None or bool(alive.all()) else alive.to(K.device)
+
+    @classmethod
+    def from_store(cls, store: Any, device: str | torch.device = "cpu", similarity: str = "ip") -> "TensorKB":
+        """Every row of a value store (`.n`, `.fetch(ids)`), deleted facts (`alive` False) never retrieved."""
+        rows = store.fetch(torch.arange(int(store.n)))
+        alive = rows.get("alive")
+        return cls(**{name: torch.as_tensor(rows[name]).to(device) for name in FIELDS}, similarity=similarity,
+                   alive=None if alive is None else torch.as_tensor(alive, dtype=torch.bool))
 
     @property
     def num_facts(self) -> int:
@@ -60,7 +73,14 @@ class TensorKB:
         if self.similarity == "cosine":
             keys, q = torch.nn.functional.normalize(keys, dim=-1), torch.nn.functional.normalize(q, dim=-1)
         step = max(1, self.chunk_elems // keys.shape[0])
-        out = [torch.topk(chunk @ keys.T, k, dim=-1, sorted=True).indices for chunk in q.split(step)]
+        out = []
+        for chunk in q.split(step):
+            scores = chunk @ keys.T  # (m, N)
+            if self.alive is None:
+                out.append(torch.topk(scores, k, dim=-1, sorted=True).indices)
+                continue
+            top = torch.topk(scores.masked_fill(~self.alive, float("-inf")), k, dim=-1, sorted=True)
+            out.append(top.indices.masked_fill(top.values == float("-inf"), -1))  # fewer live facts than k
         return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long, device=keys.device)
 
     def fetch(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
