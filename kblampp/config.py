@@ -56,12 +56,14 @@ class StageAConfig:
     retrieval_positives: str = "answer"  # answer (the answer fact) | all (every supporting fact)
     hard_negatives: int = 16  # mined per question (shared name part, same head, same head+relation)
     hard_negative_weight: float = 0.5  # weight of the extra softmax over positive + hard negatives
+    sem_weight: float = 1.0  # InfoNCE of sem alone (what the ANN search ranks by) onto the answer's (head, relation)
     retrieval_eval_interval: int = 250
     train_kv_encoder: bool = False  # also train the key MLP (keys recomputed, store rewritten at the end)
     value_steps: int = 60  # teacher-forced gold facts, CE through the injection path
     value_lr: float = 1e-3
     copy_gate_steps: int = 300  # answer-head copy gate on cached quantities
     copy_gate_lr: float = 5e-3
+    copy_gate_questions: int = 512  # training questions whose plain-LM log-probs are cached for the gate
     e2e_steps: int = 40  # real retrieval, mixture CE + injection CE + retrieval loss
     e2e_lr: float = 3e-4
     e2e_retrieval_weight: float = 1.0
@@ -185,7 +187,8 @@ def _build(cls: type, data: dict, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        loc = where[:-1] if where.endswith(":") else where  # top level: 'file.yaml:' -> 'file.yaml'
+        raise ConfigError(f"{loc}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
     prefix = f"{where}." if not where.endswith(":") else where + " "
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     return cls(**kwargs)
@@ -233,7 +236,9 @@ def save_resolved(cfg: KBConfig, run_dir: str | Path) -> Path:
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "config.resolved.yaml"
-    target.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp = out / ".config.resolved.yaml.tmp"  # temp + rename: never a half-written config
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(target)
     return target
 
 
