@@ -87,6 +87,7 @@ def iter_jsonl(path: str | Path, allow_blank: bool = True) -> Iterator[tuple[int
                 if not allow_blank:
                     yield line_no, None, Problem(line_no, "<line>", "blank line (a fact's index is its line number)")
                 continue
+            text = text.rstrip("\r\n")  # so error columns count within the line
             try:
                 yield line_no, json.loads(text), None
             except json.JSONDecodeError as err:
@@ -253,7 +254,8 @@ def scan_qa(path: str | Path, num_facts: int | None = None) -> tuple[list[QAReco
 def load_facts(path: str | Path) -> list[Fact]:
     """Facts of a clean file; a file with any problem raises SchemaError (nothing half-loaded).
 
-    A fact's index is its position in the file's list of facts (blank lines are not counted)."""
+    A fact's index is its 0-based line number (blank lines are reported as problems, so it is
+    also its position in the returned list)."""
     facts, problems = scan_facts(path)
     if problems:
         raise SchemaError(path, problems)
