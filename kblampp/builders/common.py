@@ -6,6 +6,7 @@ must never leave a half-written or schema-invalid output behind.
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -105,9 +106,11 @@ def _first_char(path: Path) -> str:
     return ""
 
 
-def iter_records(path: str | Path, result: BuildResult) -> Iterator[tuple[str, Any]]:
+def iter_records(path: str | Path, result: BuildResult, limit: int | None = None) -> Iterator[tuple[str, Any]]:
     """(position, object) per record of a JSON list or JSON Lines file (gz or not).
 
+    The caller counts each yielded record in `result.records_read`; reading stops once that count
+    (bad lines included) reaches `limit`, across files when the same result is passed again.
     Unreadable lines are recorded in `result` as bad records and skipped; a JSON list that does not
     parse at all raises BuildError (there is no record to skip to)."""
     path = Path(path)
@@ -124,15 +127,20 @@ def iter_records(path: str | Path, result: BuildResult) -> Iterator[tuple[str, A
         except (EOFError, OSError, zlib.error) as err:
             raise BuildError(f"{path}: unreadable ({err})") from None
         for i, obj in enumerate(data):
+            if limit is not None and result.records_read >= limit:
+                return
             yield f"record {i}", obj
         return
     line_no = 0
     try:
         with _open_bytes(path) as handle:
             for line_no, raw in enumerate(handle, start=1):
+                if limit is not None and result.records_read >= limit:
+                    return
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
+                    result.records_read += 1
                     result.bad(path, str(line_no), "<line>", f"not valid UTF-8 (byte {err.start})")
                     continue
                 if not text.strip():
@@ -141,11 +149,17 @@ def iter_records(path: str | Path, result: BuildResult) -> Iterator[tuple[str, A
                     obj = json.loads(text)
                 except json.JSONDecodeError as err:
                     kind = "truncated JSON" if err.pos >= len(text.rstrip()) else "invalid JSON"
+                    result.records_read += 1
                     result.bad(path, str(line_no), "<line>", f"{kind} ({err.msg} at column {err.colno})")
                     continue
                 yield str(line_no), obj
     except (EOFError, OSError, zlib.error) as err:
         result.bad(path, str(line_no + 1), "<file>", f"truncated or corrupt compressed stream ({err})")
+
+
+def position(where: str) -> str:
+    """Human form of a record position: "12" -> "line 12", "record 3" stays."""
+    return f"line {where}" if where.isdigit() else where
 
 
 def require(obj: Any, key: str, kind: type | tuple[type, ...], nonempty: bool = False) -> str | None:
@@ -159,7 +173,7 @@ def require(obj: Any, key: str, kind: type | tuple[type, ...], nonempty: bool = 
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         return f"expected {names}, got {type(value).__name__}"
     if nonempty and not (value.strip() if isinstance(value, str) else value):
-        return "empty"
+        return f"empty {'string' if isinstance(value, str) else type(value).__name__}"
     return None
 
 
@@ -212,12 +226,23 @@ def finish(result: BuildResult, facts_path: str | Path, qa_path: str | Path | No
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_common_args(parser, default_facts: str, default_qa: str | None) -> None:
     """--out_facts/--out_qa/--max_samples/--strict, the same in every builder script."""
     parser.add_argument("--out_facts", default=default_facts, help=f"5-tuple JSONL to write (default {default_facts})")
     if default_qa is not None:
         parser.add_argument("--out_qa", default=default_qa, help=f"QA JSONL to write (default {default_qa})")
-    parser.add_argument("--max_samples", type=int, default=None,
+    parser.add_argument("--max_samples", type=positive_int, default=None,
                         help="read at most this many input records (documents / questions)")
     parser.add_argument("--strict", action="store_true",
                         help="any bad record is an error: print them all, write nothing, exit 1")

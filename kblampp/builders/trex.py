@@ -203,9 +203,7 @@ def build_trex(paths: list[str | Path], max_samples: int | None = None,
     """5-tuples from T-REx document files and/or LAMA T-REx JSONL files (format found per record)."""
     result = BuildResult()
     for path in map(Path, paths):
-        for where, rec in iter_records(path, result):
-            if max_samples is not None and result.records_read >= max_samples:
-                return result
+        for where, rec in iter_records(path, result, max_samples):
             result.records_read += 1
             if isinstance(rec, dict) and "triples" in rec:
                 _document(path, where, rec, result, relation_labels)
