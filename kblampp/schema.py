@@ -91,8 +91,10 @@ def iter_jsonl(path: str | Path, allow_blank: bool = True) -> Iterator[tuple[int
             try:
                 yield line_no, json.loads(text), None
             except json.JSONDecodeError as err:
-                kind = "truncated JSON" if err.pos >= len(text.rstrip()) else "invalid JSON"
-                yield line_no, None, Problem(line_no, "<line>", f"{kind} ({err.msg} at column {err.colno})")
+                at_end = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+                kind = "truncated JSON" if at_end else "invalid JSON"
+                at = "" if err.msg.endswith(" at") else " at"  # 'Unterminated string starting at'
+                yield line_no, None, Problem(line_no, "<line>", f"{kind} ({err.msg}{at} column {err.colno})")
 
 
 def _name(obj: dict, key: str, line: int, problems: list[Problem], required_id: bool) -> None:

@@ -1,0 +1,130 @@
+"""The sanity checker behind `offline/sanity_check_5tuple.py`: every problem as `PATH:LINE: FIELD: reason`.
+
+Checkers are looked up in `CHECKERS` by kind, so a later kind (e.g. `store` for built stores) is one
+`register_checker("store", fn)` away; each checker takes the path and an options dict and returns a
+`CheckResult`. The kind is auto-detected from the first parseable line (or a folder -> `store`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from kblampp.schema import Problem, iter_jsonl, scan_facts, scan_qa
+
+
+@dataclass
+class CheckResult:
+    kind: str
+    path: str
+    problems: list[Problem]
+    summary: str  # one line, printed when there are no problems
+
+    def lines(self) -> list[str]:
+        return [p.format(self.path) for p in self.problems]
+
+
+Checker = Callable[[Path, dict[str, Any]], CheckResult]
+
+
+def count_lines(path: str | Path) -> int:
+    """Number of lines of a file (a 5-tuple's index is its 0-based line number)."""
+    with open(path, "rb") as handle:
+        return sum(1 for _ in handle)
+
+
+def check_5tuple_file(path: Path, options: dict[str, Any]) -> CheckResult:
+    facts, problems = scan_facts(path)
+    worlds = {f.raw.get("context", {}).get("disamb", {}).get("world") for f in facts
+              if isinstance(f.raw.get("context", {}).get("disamb"), dict)} - {None}
+    timed = sum(1 for f in facts if f.start is not None or f.end is not None)
+    extra = f", {len(worlds)} worlds" if worlds else ""
+    return CheckResult("5tuple", str(path), problems,
+                       f"{path}: OK, {len(facts)} facts ({timed} with a time window{extra})")
+
+
+def _answer_fact_problems(path: Path, valid_lines: set[int]) -> list[Problem]:
+    """The optional `answer_fact` field must be an int listed last in supporting_facts."""
+    out = []
+    for line, obj, _problem in iter_jsonl(path):
+        if line not in valid_lines or "answer_fact" not in obj:
+            continue
+        value, support = obj["answer_fact"], obj["supporting_facts"]
+        if not isinstance(value, int) or isinstance(value, bool):
+            out.append(Problem(line, "answer_fact", f"expected an integer, got {type(value).__name__}"))
+        elif not support or support[-1] != value:
+            out.append(Problem(line, "answer_fact", f"{value} is not the last of supporting_facts"))
+    return out
+
+
+def check_qa_file(path: Path, options: dict[str, Any]) -> CheckResult:
+    facts_path = options.get("facts")
+    num_facts = count_lines(facts_path) if facts_path else None
+    records, problems = scan_qa(path, num_facts)
+    bad_lines = {p.line for p in problems}
+    all_lines = {line for line, obj, problem in iter_jsonl(path) if problem is None}
+    problems = sorted(problems + _answer_fact_problems(path, all_lines - bad_lines), key=lambda p: p.line)
+    types = {t: sum(1 for r in records if r.type == t) for t in ("single-hop", "multi-hop", "temporal")}
+    against = f", indices checked against {facts_path} ({num_facts} facts)" if facts_path else ""
+    counts = ", ".join(f"{n} {t}" for t, n in types.items())
+    return CheckResult("qa", str(path), problems, f"{path}: OK, {len(records)} questions ({counts}){against}")
+
+
+CHECKERS: dict[str, Checker] = {"5tuple": check_5tuple_file, "qa": check_qa_file}
+
+
+def register_checker(kind: str, checker: Checker) -> None:
+    """Add a kind (e.g. 'store'); the CLI's --kind choices come from CHECKERS."""
+    CHECKERS[kind] = checker
+
+
+def detect_kind(path: str | Path) -> str:
+    """'store' for a folder, else '5tuple' or 'qa' from the first line that parses as an object."""
+    p = Path(path)
+    if p.is_dir():
+        return "store"
+    for _line, obj, problem in iter_jsonl(p):
+        if problem is None and isinstance(obj, dict):
+            if "qid" in obj or "question" in obj:
+                return "qa"
+            if "head" in obj or "tail" in obj or "time_window" in obj:
+                return "5tuple"
+    raise ValueError(f"{path}: cannot tell the kind (no line looks like a 5-tuple or a QA record); pass --kind")
+
+
+def run_check(path: str | Path, kind: str | None = None, **options: Any) -> CheckResult:
+    """Run the checker of `kind` (auto-detected when None) on `path`."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    kind = kind or detect_kind(p)
+    if kind not in CHECKERS:
+        raise ValueError(f"unknown kind {kind!r} (known: {', '.join(sorted(CHECKERS))})")
+    return CHECKERS[kind](p, options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print every problem (stdout) and exit 1, or print a one-line summary and exit 0."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="sanity_check_5tuple.py",
+        description="Check a 5-tuple or QA JSONL file; prints every problem as PATH:LINE: FIELD: reason.")
+    parser.add_argument("path", help="the file (or store folder) to check")
+    parser.add_argument("--kind", choices=sorted(CHECKERS), default=None,
+                        help="what the file is; auto-detected from its first line when omitted")
+    parser.add_argument("--facts", default=None,
+                        help="5-tuple file the QA supporting_facts index into (checks the index range)")
+    args = parser.parse_args(argv)
+    try:
+        result = run_check(args.path, args.kind, facts=args.facts)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}")
+        return 2
+    for line in result.lines():
+        print(line)
+    if result.problems:
+        print(f"{len(result.problems)} problem(s) in {args.path}")
+        return 1
+    print(result.summary)
+    return 0
