@@ -1,0 +1,51 @@
+"""Serve a trained KBLaM++ model over HTTP (SPEC section 8): answers with evidence, live KB edits.
+
+    export KBLAMPP_SERVER_TOKEN=$(python -c "import secrets; print(secrets.token_hex(16))")
+    python infer/infer_server.py --config configs/embedded_default.yaml --checkpoint runs/x/kb.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kblampp.config import ConfigError, add_config_args, config_from_args
+from kblampp.serving.auth import load_token
+from kblampp.serving.config import TOKEN_ENV, ServerSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--checkpoint", required=True, help="KB checkpoint (safetensors) from train_stageA/B")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--token_file", help=f"file holding the bearer token for KB changes (else ${TOKEN_ENV})")
+    parser.add_argument("--read_only", action="store_true", help="disable fact changes (no token needed)")
+    parser.add_argument("--wal", help="write-ahead log path (default: <store_dir>.wal.jsonl beside the store)")
+    parser.add_argument("--max_new_tokens_cap", type=int, default=64)
+    parser.add_argument("--max_question_chars", type=int, default=2000)
+    parser.add_argument("--max_body_bytes", type=int, default=1_000_000)
+    parser.add_argument("--request_timeout_s", type=float, default=60.0, help="longest wait for the model lock")
+    parser.add_argument("--compact_every", type=int, default=0,
+                        help="fold the WAL into the store every N changes (0: at start and clean shutdown)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        token = None if args.read_only else load_token(args.token_file)
+        settings = ServerSettings(
+            host=args.host, port=args.port, read_only=args.read_only, token=token,
+            max_new_tokens_cap=args.max_new_tokens_cap, max_question_chars=args.max_question_chars,
+            default_max_new_tokens=min(cfg.max_new_tokens, args.max_new_tokens_cap),
+            max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout_s,
+            compact_every=args.compact_every, model_name=cfg.backbone)
+        settings.validate()
+    except (ConfigError, ValueError) as err:
+        print(f"infer_server: {err}", file=sys.stderr)
+        return 2
+    from kblampp.serving.server import serve
+
+    return serve(cfg, args.checkpoint, settings, wal_path=args.wal)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

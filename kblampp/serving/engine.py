@@ -1,0 +1,252 @@
+"""The one object that answers questions and applies KB changes.
+
+Why one lock: the patched model keeps per-request state in a shared context holder and the KB
+arrays/index are mutated in place, so every model call and every mutation runs alone; requests wait
+for the lock at most `request_timeout_s` (then 503), and generation is bounded by max_new_tokens.
+A mutation is validated, encoded, written to the WAL (fsync), then applied in memory; only then is
+the request acknowledged. The next question sees it.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+from kblampp.question_time import parse_question_time
+from kblampp.serving.config import ServerSettings
+from kblampp.serving.kb_log import KBLog, LogEntry, read_log
+from kblampp.serving.schemas import ApiError
+from kblampp.timewin import window_days
+
+
+class Answerer(Protocol):
+    """The model side: greedy answer text plus the inject layers' records (`KBContext.records`)."""
+
+    def answer(self, question: str, e_q: np.ndarray, tau: tuple[float, float] | None,
+               max_new_tokens: int) -> tuple[str, dict[int, list[Any]]]: ...
+
+
+class LiveKB(Protocol):
+    """The mutable store + index the answerer retrieves from (see `kblampp.serving.live_kb`)."""
+
+    applied_seq: int
+    source: Any  # a kblampp.retrieval.KBSource over the live facts
+
+    def num_slots(self) -> int: ...
+
+    def num_live(self) -> int: ...
+
+    def get(self, index: int) -> dict | None: ...
+
+    def encode(self, facts: list[dict]) -> dict: ...
+
+    def add(self, facts: list[dict], encoded: dict | None = None) -> list[int]: ...
+
+    def replace(self, index: int, fact: dict, encoded: dict | None = None) -> None: ...
+
+    def delete(self, index: int) -> None: ...
+
+    def record(self, entry: LogEntry) -> None: ...
+
+    def recover(self, entries: list[LogEntry]) -> int: ...
+
+    def persist(self, applied_seq: int) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
+class Embedder(Protocol):
+    def encode(self, texts: list[str], batch_size: int = ..., progress: bool = ...) -> np.ndarray: ...
+
+
+def _rec_get(rec: Any, name: str) -> Any:
+    return rec[name] if isinstance(rec, dict) else getattr(rec, name)
+
+
+def _scalar(x: Any) -> float:
+    return float(x.item() if hasattr(x, "item") else x)
+
+
+def _window_list(fact: dict) -> list[str | None]:
+    tw = fact.get("time_window") or {}
+    return [tw.get("start"), tw.get("end")]
+
+
+def evidence_from_records(records: dict[int, list[Any]], kb: LiveKB, top_k: int) -> list[dict]:
+    """The plan's top_k_facts at the last prompt token of each inject layer, highest alpha first.
+
+    records[layer][0] is the prefill call (B=1, T=prompt length); its last position is where the
+    query retrieves before any answer token is written and where the answer head's pointer reads."""
+    out: list[dict] = []
+    for layer in sorted(records):
+        calls = records[layer]
+        if not calls:
+            continue
+        first = calls[0]
+        alpha = np.asarray(_rec_get(first, "alpha")[0, -1].detach().float().cpu().numpy()
+                           if hasattr(_rec_get(first, "alpha"), "detach") else _rec_get(first, "alpha")[0][-1],
+                           dtype=np.float64)
+        cand = _rec_get(first, "cand_ids")
+        cand = np.asarray(cand[0, -1].cpu().numpy() if hasattr(cand, "cpu") else cand[0][-1], dtype=np.int64)
+        beta = _scalar(_rec_get(first, "beta")[0, -1] if hasattr(_rec_get(first, "beta"), "shape")
+                       else _rec_get(first, "beta")[0][-1])
+        order = [j for j in np.argsort(-alpha, kind="stable") if cand[j] >= 0][:top_k]
+        for j in order:
+            index = int(cand[j])
+            fact = kb.get(index)
+            if fact is None:  # deleted facts are masked from retrieval; never report them
+                continue
+            out.append({"index": index, "head": fact["head"]["name"], "relation": fact["relation"]["name"],
+                        "tail": fact["tail"]["name"], "context": fact["context"]["sent_span"],
+                        "time_window": _window_list(fact), "alpha": float(alpha[j]), "beta": beta,
+                        "layer": int(layer)})
+    return out
+
+
+class Engine:
+    """Answers and KB mutations behind one lock; durable mutations through the WAL."""
+
+    def __init__(self, kb: LiveKB, answerer: Answerer, embedder: Embedder, log_path: str | Path,
+                 settings: ServerSettings, info: dict | None = None):
+        self.kb, self.answerer, self.embedder, self.settings = kb, answerer, embedder, settings
+        self.log_path = Path(log_path)
+        self.info = dict(info or {})
+        self._lock = threading.Lock()
+        self._counts = {"answer": 0, "chat": 0, "add": 0, "replace": 0, "delete": 0, "get": 0}
+        self._since_compact = 0
+        self.started = time.time()
+        self.recovered = self._recover()
+        self.log = KBLog(self.log_path, next_seq=self.kb.applied_seq + 1)
+
+    # ---- durability -----------------------------------------------------------------------------
+    def _recover(self) -> dict:
+        """Replay the WAL into the store (atomic commits), then truncate the WAL atomically."""
+        entries, torn = read_log(self.log_path)
+        before = self.kb.applied_seq
+        last = self.kb.recover(entries)
+        if entries or torn:
+            KBLog(self.log_path, next_seq=last + 1).reset()
+        return {"replayed": last - before, "log_entries": len(entries), "torn_tail_dropped": torn,
+                "applied_seq": last}
+
+    def compact(self) -> None:
+        """Fold the WAL into the store (atomic store write, then atomic WAL truncation)."""
+        with self._locked():
+            self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        self.kb.persist(self.log.next_seq - 1)
+        self.log.reset()
+        self._since_compact = 0
+
+    def close(self) -> None:
+        with self._locked():
+            if self._since_compact:
+                self._compact_locked()
+            self.log.close()
+
+    # ---- locking --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[float]:
+        t0 = time.perf_counter()
+        if not self._lock.acquire(timeout=self.settings.request_timeout_s):
+            raise ApiError(503, f"server busy: waited {self.settings.request_timeout_s:.0f} s for the model",
+                           headers={"Retry-After": "1"})
+        try:
+            yield (time.perf_counter() - t0) * 1000.0
+        finally:
+            self._lock.release()
+
+    def _after_change(self) -> None:
+        self._since_compact += 1
+        if self.settings.compact_every and self._since_compact >= self.settings.compact_every:
+            self._compact_locked()
+
+    # ---- questions ------------------------------------------------------------------------------
+    def resolve_time(self, question: str, question_time: dict | None) -> tuple[dict | None, tuple[float, float] | None]:
+        """The window used: the request's, else one parsed from the question text, else none."""
+        if question_time is not None:
+            start, end = question_time.get("start"), question_time.get("end")
+            source = "request"
+        else:
+            parsed = parse_question_time(question)
+            if parsed is None:
+                return None, None
+            (start, end), source = parsed, "parsed"
+        if start is None and end is None:
+            return {"start": None, "end": None, "source": source}, None
+        return {"start": start, "end": end, "source": source}, window_days(start, end)
+
+    def answer(self, question: str, question_time: dict | None, max_new_tokens: int, top_k: int,
+               kind: str = "answer") -> dict:
+        t0 = time.perf_counter()
+        shown_time, tau = self.resolve_time(question, question_time)
+        with self._locked() as queue_ms:
+            t1 = time.perf_counter()
+            e_q = self.embedder.encode([question], progress=False)[0]
+            t2 = time.perf_counter()
+            text, records = self.answerer.answer(question, e_q, tau, max_new_tokens)
+            t3 = time.perf_counter()
+            evidence = evidence_from_records(records, self.kb, top_k)
+            self._counts[kind] += 1
+        return {"answer": text, "evidence": evidence, "question_time": shown_time,
+                "timings": {"queue_ms": round(queue_ms, 3), "embed_ms": round((t2 - t1) * 1000, 3),
+                            "generate_ms": round((t3 - t2) * 1000, 3),
+                            "total_ms": round((time.perf_counter() - t0) * 1000, 3)}}
+
+    # ---- KB mutations ---------------------------------------------------------------------------
+    def _check_index(self, index: int) -> None:
+        if index < 0 or index >= self.kb.num_slots():
+            raise ApiError(404, f"fact {index} does not exist (valid indices: 0..{self.kb.num_slots() - 1})")
+        if self.kb.get(index) is None:
+            raise ApiError(404, f"fact {index} was deleted")
+
+    def add_facts(self, facts: list[dict]) -> dict:
+        with self._locked():
+            encoded = self.kb.encode(facts)  # before the log: a failure here leaves no trace
+            entry = self.log.append("add", self.kb.num_slots(), encoded["facts"])
+            ids = self.kb.add(facts, encoded)
+            self.kb.record(entry)
+            self._counts["add"] += 1
+            self._after_change()
+        return {"indices": ids, "seq": entry.seq}
+
+    def replace_fact(self, index: int, fact: dict) -> dict:
+        with self._locked():
+            self._check_index(index)
+            encoded = self.kb.encode([fact])
+            entry = self.log.append("replace", index, encoded["facts"])
+            self.kb.replace(index, fact, encoded)
+            self.kb.record(entry)
+            self._counts["replace"] += 1
+            self._after_change()
+        return {"index": index, "seq": entry.seq}
+
+    def delete_fact(self, index: int) -> dict:
+        with self._locked():
+            self._check_index(index)
+            entry = self.log.append("delete", index)
+            self.kb.delete(index)
+            self.kb.record(entry)
+            self._counts["delete"] += 1
+            self._after_change()
+        return {"index": index, "deleted": True, "seq": entry.seq}
+
+    def get_fact(self, index: int) -> dict:
+        with self._locked():
+            self._check_index(index)
+            self._counts["get"] += 1
+            return {"index": index, "fact": self.kb.get(index)}
+
+    # ---- status ---------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self._locked():
+            kb = self.kb.stats()
+            return {"N": self.kb.num_live(), "slots": self.kb.num_slots(), **kb, **self.info,
+                    "uptime_s": round(time.time() - self.started, 3),
+                    "requests_served": dict(self._counts), "wal_next_seq": self.log.next_seq,
+                    "recovered_at_start": self.recovered}
