@@ -80,7 +80,9 @@ def extract(title: str, sentence: str, answer: str, titles: list[str]) -> tuple[
 
 def _check(rec: Any) -> tuple[str, str] | tuple[str, list, dict]:
     """(qid, supporting pairs, {title: sentences}) of a record, or (field, reason) when it is bad."""
-    qid_key = "_id" if isinstance(rec, dict) and "_id" in rec else "id"
+    if not isinstance(rec, dict):
+        return "<record>", f"expected a JSON object, got {type(rec).__name__}"
+    qid_key = "_id" if "_id" in rec else "id"
     for key in (qid_key, "question", "answer"):
         reason = require(rec, key, str, nonempty=True)
         if reason:

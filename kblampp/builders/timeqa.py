@@ -118,6 +118,9 @@ def build_timeqa(paths: list[str | Path], max_samples: int | None = None,
     for path in map(Path, paths):
         for where, rec in iter_records(path, result, max_samples):
             result.records_read += 1
+            if not isinstance(rec, dict):
+                result.bad(path, where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
+                continue
             bad = next(((k, r) for k, kind in (("idx", str), ("question", str), ("context", str))
                         if (r := require(rec, k, kind, nonempty=True))), None)
             if bad:
