@@ -1,0 +1,157 @@
+"""The KBLaM++ rows of the table: the same prompt as "backbone alone", plus the KB request.
+
+Variants (SPEC section 7 / issue 5): the answer head on (default), pure injection (copy gate closed,
+the value path alone), gamma = 0, eta = 0, and "oracle value" (each question's supporting facts forced
+into the candidates; with the head, and by pure injection). Every variant records alpha / cand_ids at
+the last prompt token for the retrieval metrics and the evidence JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from kblampp.evaluation.generate import RequestHook
+from kblampp.kb_context import KBContext
+from kblampp.retrieval import KBSource
+from kblampp.schema import QARecord
+
+
+@dataclass(frozen=True)
+class KBVariant:
+    """How one KBLaM++ row runs: copy head on/off, selector overrides, gold facts forced."""
+
+    name: str
+    answer_head: bool = True
+    gamma: float | None = None
+    eta: float | None = None
+    oracle: bool = False
+
+
+KB_VARIANTS: dict[str, KBVariant] = {v.name: v for v in (
+    KBVariant("kblampp"),
+    KBVariant("kblampp_injection", answer_head=False),
+    KBVariant("kblampp_gamma0", gamma=0.0),
+    KBVariant("kblampp_eta0", eta=0.0),
+    KBVariant("kblampp_oracle_value", oracle=True),
+    KBVariant("kblampp_oracle_value_injection", answer_head=False, oracle=True),
+)}
+
+
+def question_taus(records: Sequence[QARecord]) -> torch.Tensor:
+    """(n, 2) float32 question windows in days; NaN rows = no time (neutral time score)."""
+    rows = [(math.nan, math.nan) if r.tau is None else r.tau for r in records]
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(records), 2)
+
+
+def forced_ids(records: Sequence[QARecord]) -> torch.Tensor:
+    """(n, F) supporting facts padded with -1, for `KBContext.forced_ids`."""
+    width = max([len(r.supporting_facts) for r in records] + [1])
+    out = torch.full((len(records), width), -1, dtype=torch.long)
+    for i, r in enumerate(records):
+        if r.supporting_facts:
+            out[i, :len(r.supporting_facts)] = torch.tensor(r.supporting_facts, dtype=torch.long)
+    return out
+
+
+@contextlib.contextmanager
+def selector_overrides(model: Any, gamma: float | None = None, eta: float | None = None) -> Iterator[None]:
+    """Temporarily set gamma / eta of every inject layer's selector (the formula itself is fixed)."""
+    saved = []
+    for kb in model.kb_layers.values():
+        sel = kb.kb_selector
+        saved.append((sel, sel.gamma, sel.eta))
+        if gamma is not None:
+            sel.gamma = float(gamma)
+        if eta is not None:
+            sel.eta = float(eta)
+    try:
+        yield
+    finally:
+        for sel, g, e in saved:
+            sel.gamma, sel.eta = g, e
+
+
+@dataclass
+class LastTokenRecord:
+    """What the first inject layer saw at a question's last prompt token (for metrics and evidence)."""
+
+    cand_ids: list[int]
+    alpha: list[float]
+    beta: float
+    layer: int
+    copy_gate: float | None = None
+
+
+@dataclass
+class KBRequest:
+    """Builds the per-batch KB request of one variant; `records[i]` is filled for question i."""
+
+    model: Any
+    source: KBSource
+    e_q: torch.Tensor  # (n, d_ctx) question embeddings, in question order
+    tau: torch.Tensor  # (n, 2)
+    variant: KBVariant
+    tail_table: torch.Tensor | None = None
+    forced: torch.Tensor | None = None
+    records: dict[int, LastTokenRecord] = field(default_factory=dict)
+
+    @property
+    def layer(self) -> int:
+        return int(self.model.inject_layers[0])
+
+    def _copy_processor(self, ctx: KBContext) -> Any:
+        from kblampp.answer_head import CopyLogitsProcessor
+
+        gate = getattr(self.model, "kb_copy_gate", None)
+        if self.tail_table is None:
+            raise ValueError(f"{self.variant.name}: the answer head needs the store's tail token table")
+        if gate is None:
+            raise ValueError(f"{self.variant.name}: the model has no kb_copy_gate (checkpoint without an "
+                             "answer head); drop the answer-head rows or train the copy gate")
+        return CopyLogitsProcessor(self.tail_table, ctx, self.layer, gate=gate)
+
+    @contextlib.contextmanager
+    def __call__(self, indices: list[int], batch: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
+        """The RequestHook: KB context for these rows, copy processor if the head is on."""
+        from transformers import LogitsProcessorList
+
+        device = batch["input_ids"].device
+        idx = torch.tensor(indices, dtype=torch.long)
+        forced = None
+        if self.variant.oracle:
+            if self.forced is None:
+                raise ValueError(f"{self.variant.name}: oracle variant needs forced ids")
+            forced = self.forced[idx].to(device)
+        ctx = KBContext(source=self.source, e_q=self.e_q[idx].to(device), tau=self.tau[idx].to(device),
+                        forced_ids=forced, record=True)
+        extra: dict[str, Any] = {}
+        processor = None
+        if self.variant.answer_head:
+            processor = self._copy_processor(ctx)
+            extra["logits_processor"] = LogitsProcessorList([processor])
+        with selector_overrides(self.model, self.variant.gamma, self.variant.eta), self.model.kb_request(ctx):
+            yield extra
+        prefill = ctx.records[self.layer][0]
+        gates = processor.trace[0]["gate"] if processor is not None and processor.trace else None
+        for row, i in enumerate(indices):
+            self.records[i] = LastTokenRecord(
+                cand_ids=prefill.cand_ids[row, -1].tolist(), alpha=prefill.alpha[row, -1].float().tolist(),
+                beta=float(prefill.beta[row, -1]), layer=self.layer,
+                copy_gate=None if gates is None else float(gates[row]))
+
+
+def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],
+               variant: KBVariant, tail_table: torch.Tensor | None = None) -> KBRequest:
+    """A ready `KBRequest` (a RequestHook) for `records` in order."""
+    if e_q.shape[0] != len(records):
+        raise ValueError(f"e_q has {e_q.shape[0]} rows for {len(records)} questions")
+    return KBRequest(model=model, source=source, e_q=e_q, tau=question_taus(records), variant=variant,
+                     tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None)
+
+
+__all__ = ["KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus",
+           "forced_ids", "selector_overrides", "RequestHook"]

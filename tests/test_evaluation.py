@@ -1,0 +1,227 @@
+"""Evaluation rows: shared generation, RAG/oracle prompts, KBLaM++ variants, retrieval metrics, report."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from kblampp.backbone import build_prompt, format_fact
+from kblampp.config import KBConfig
+from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
+                                          rag_fact_ids)
+from kblampp.evaluation.generate import generate_rows, tokenize_left
+from kblampp.evaluation.kbqa import KB_VARIANTS, forced_ids, kb_request, question_taus, selector_overrides
+from kblampp.evaluation.report import (QuestionResult, is_seen, markdown_table, seen_answers, summarize_row,
+                                       write_report)
+from kblampp.evaluation.retrieval_metrics import aggregate, answer_fact_of, score_question
+from kblampp.model import KBLaMPP
+from kblampp.retrieval import random_tensor_kb
+from kblampp.schema import fact_from_dict, qa_from_dict
+from kblampp.training.toy import tiny_tokenizer, toy_facts, toy_qa
+from tiny_models import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def world():
+    raw = toy_facts(4)
+    facts = [fact_from_dict(f) for f in raw]
+    records = [qa_from_dict(q) for q in toy_qa(raw, range(4), "q")]
+    return facts, records
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def kb_model():
+    cfg = KBConfig(d_k=16, d_v=16, d_ctx=8, inject_layers=[1], K_top=4)
+    return KBLaMPP(tiny_llama(), cfg, d_ctx=8)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+def test_tokenize_left_pads_on_the_left(tok):
+    batch = tokenize_left(tok, ["ab", "abcd"], "cpu")
+    assert batch["input_ids"][0].tolist()[:2] == [tok.pad_token_id] * 2
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert batch["input_ids"][:, -1].tolist() == [tok.convert_tokens_to_ids("b"), tok.convert_tokens_to_ids("d")]
+
+
+def test_generate_rows_keeps_order_and_matches_unbatched(tok, world):
+    _, records = world
+    model = tiny_llama()
+    prompts = backbone_prompts(tok, records[:4])
+    batched = generate_rows(model, tok, prompts, 3, batch_size=3, progress=False)
+    single = generate_rows(model, tok, prompts, 3, batch_size=1, progress=False)
+    assert [g.output for g in batched] == [g.output for g in single]
+    assert [g.prompt_tokens for g in batched] == [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+
+
+class _Force(LogitsProcessor):
+    """Always emit one character: shows that hook kwargs reach generate()."""
+
+    def __init__(self, token_id: int):
+        self.token_id = token_id
+
+    def __call__(self, input_ids, scores):
+        out = torch.full_like(scores, -1e9)
+        out[:, self.token_id] = 0.0
+        return out
+
+
+def test_generate_rows_hook_gets_indices_and_extra_kwargs(tok):
+    seen = []
+
+    @contextlib.contextmanager
+    def hook(indices, batch):
+        seen.append((list(indices), tuple(batch["input_ids"].shape)))
+        yield {"logits_processor": LogitsProcessorList([_Force(tok.convert_tokens_to_ids("Z"))])}
+
+    prompts = [build_prompt(tok, q) for q in ("Where?", "Who is it, really?", "Why?")]
+    out = generate_rows(tiny_llama(), tok, prompts, 3, batch_size=2, request=hook, progress=False)
+    assert [g.output for g in out] == ["ZZZ"] * 3 and [g.pred for g in out] == ["ZZZ"] * 3
+    assert sorted(i for idx, _ in seen for i in idx) == [0, 1, 2]
+    assert all(shape[0] == len(idx) for idx, shape in seen)
+
+
+def test_generate_rows_rejects_bad_budget(tok):
+    with pytest.raises(ValueError, match="max_new_tokens: must be >= 1"):
+        generate_rows(tiny_llama(), tok, ["x"], 0, progress=False)
+
+
+# ---- baselines ----------------------------------------------------------------------------------
+
+def test_fact_retriever_topk_and_errors():
+    vecs = np.array([[1, 0], [0, 1], [1, 1], [-1, 0]], dtype=np.float32)
+    retr = FactRetriever(vecs * 5)  # scale does not matter (cosine)
+    assert retr.topk(np.array([[1.0, 0.1]]), 2).tolist() == [[0, 2]]
+    assert retr.topk(np.array([[0.0, 1.0]]), 10).shape == (1, 4)
+    assert rag_fact_ids(retr, np.array([[1.0, 0.1]]), 3) == [[1, 2, 0]]  # best written last
+    with pytest.raises(ValueError, match=r"query_vecs: expected \(Q, 2\)"):
+        retr.topk(np.zeros((1, 3)), 1)
+    with pytest.raises(ValueError, match="fact_vecs: expected a non-empty"):
+        FactRetriever(np.zeros((0, 2)))
+
+
+def test_prompts_share_the_builder(tok, world):
+    facts, records = world
+    assert backbone_prompts(tok, records[:1]) == [build_prompt(tok, records[0].question)]
+    prompts = context_prompts(tok, records[:2], facts, oracle_fact_ids(records[:2]))
+    assert prompts[0] == build_prompt(tok, records[0].question, context_facts=[facts[records[0].supporting_facts[0]]])
+    assert format_fact(facts[records[1].supporting_facts[0]]) in prompts[1]
+    with pytest.raises(ValueError, match="1 fact lists for 2 questions"):
+        context_prompts(tok, records[:2], facts, [[0]])
+
+
+# ---- KBLaM++ rows -------------------------------------------------------------------------------
+
+def test_question_taus_and_forced_ids(world):
+    _, records = world
+    tau = question_taus(records[:2])
+    assert torch.isnan(tau[0]).all() and tau[1].tolist() == list(records[1].tau)
+    assert forced_ids(records[:2]).tolist() == [[records[0].supporting_facts[0]], [records[1].supporting_facts[0]]]
+
+
+def test_kb_request_records_and_oracle_forcing(tok, world, kb_model):
+    facts, records = world
+    source = random_tensor_kb(len(facts), 16, 16, 8, seed=1)
+    e_q = torch.randn(len(records), 8, generator=torch.Generator().manual_seed(0))
+    prompts = backbone_prompts(tok, records)
+    plain = generate_rows(kb_model, tok, prompts, 3, batch_size=3, progress=False)
+    for name in ("kblampp_injection", "kblampp_oracle_value_injection"):
+        req = kb_request(kb_model, source, e_q, records, KB_VARIANTS[name])
+        out = generate_rows(kb_model, tok, prompts, 3, batch_size=3, request=req, progress=False)
+        assert len(out) == len(plain) and sorted(req.records) == list(range(len(records)))
+        for i, rec in req.records.items():
+            assert len(rec.cand_ids) == 4 and rec.layer == 1 and math.isclose(sum(rec.alpha), 1.0, rel_tol=1e-5)
+            if name.startswith("kblampp_oracle"):
+                assert set(records[i].supporting_facts) <= set(rec.cand_ids)
+    assert kb_model.holder.ctx is None  # request context left
+
+
+def test_selector_overrides_restore(kb_model):
+    sel = kb_model.kb_layers["1"].kb_selector
+    before = (sel.gamma, sel.eta)
+    with selector_overrides(kb_model, gamma=0.0):
+        assert (sel.gamma, sel.eta) == (0.0, before[1])
+    with pytest.raises(RuntimeError):
+        with selector_overrides(kb_model, eta=0.0):
+            assert sel.eta == 0.0
+            raise RuntimeError("boom")
+    assert (sel.gamma, sel.eta) == before
+
+
+def test_kb_request_rejects_mismatched_embeddings(world, kb_model):
+    _, records = world
+    with pytest.raises(ValueError, match="e_q has 1 rows for 8 questions"):
+        kb_request(kb_model, random_tensor_kb(12, 16, 16, 8), torch.zeros(1, 8), records, KB_VARIANTS["kblampp"])
+
+
+# ---- retrieval metrics --------------------------------------------------------------------------
+
+def test_score_question_single_hop(world):
+    facts, records = world
+    rec = records[0]  # single-hop, support = [0]
+    s = score_question([0, 5, -1], [0.7, 0.3, 0.0], rec, facts)
+    assert (s.recall_at_1, s.recall_at_k, s.top_alpha_precision) == (1.0, 1.0, 1.0)
+    assert s.time_match_mass is None and s.time_mismatch_mass is None
+    s = score_question([5, 0], [0.6, 0.4], rec, facts)
+    assert (s.recall_at_1, s.recall_at_k, s.top_alpha_precision) == (0.0, 1.0, 0.0)
+    s = score_question([-1, -1], [0.5, 0.5], rec, facts)
+    assert (s.recall_at_1, s.recall_at_k) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="cand_ids has 2 entries but alpha has 1"):
+        score_question([0, 1], [1.0], rec, facts)
+
+
+def test_score_question_temporal_masses(world):
+    facts, records = world
+    rec = records[1]  # "Who employed Ann P00 in 2005?" -> fact 1 (2001-2010); fact 2 (2011-) mismatches
+    assert answer_fact_of(rec) == 1
+    s = score_question([1, 2, 0, 4], [0.5, 0.25, 0.125, 0.125], rec, facts)
+    assert s.time_match_mass == 0.5 and s.time_mismatch_mass == 0.25  # fact 0 has another relation
+    assert s.recall_at_1 == 1.0
+    agg = aggregate([s, score_question([0], [1.0], records[0], facts)])
+    assert agg["recall@1"] == 1.0 and agg["time_match_mass"] == 0.5 and agg["time_mismatch_mass"] == 0.25
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def _result(row, qid, qtype, seen, em, ret=None):
+    return QuestionResult(row=row, qid=qid, type=qtype, seen=seen, answer="a", output="a", pred="a", em=em,
+                          f1=em, contained=1.0, prompt_tokens=10, retrieval=ret)
+
+
+def test_seen_answers(world):
+    _, records = world
+    seen = seen_answers(records[:2])
+    assert is_seen(records[0], seen) and is_seen(records[1], seen)
+    assert seen == {"oslo", "acme"}
+
+
+def test_summarize_and_write_report(tmp_path):
+    ret = {"recall@1": 1.0, "recall@K": 1.0, "top_alpha_precision": 1.0, "time_match_mass": None,
+           "time_mismatch_mass": None}
+    rows = {
+        "backbone": [_result("backbone", "q1", "single-hop", True, 0.0), _result("backbone", "q2", "temporal", False, 1.0)],
+        "kblampp": [_result("kblampp", "q1", "single-hop", True, 1.0, ret),
+                    _result("kblampp", "q2", "temporal", False, 1.0, {**ret, "recall@1": 0.0,
+                                                                    "time_match_mass": 0.75, "time_mismatch_mass": 0.25})],
+    }
+    s = summarize_row(rows["kblampp"])
+    assert s["em"] == 1.0 and s["recall@1"] == 0.5 and s["time_match_mass"] == 0.75
+    assert s["em_single-hop"] == 1.0 and s["em_multi-hop"] is None and s["n_seen"] == 1 and s["em_unseen"] == 1.0
+    assert summarize_row(rows["backbone"])["recall@1"] is None
+    payload = write_report(tmp_path, rows, meta={"max_new_tokens": 16})
+    assert json.loads((tmp_path / "results.json").read_text()) == payload
+    md = (tmp_path / "results.md").read_text()
+    assert "| backbone | 2 | 50.0 |" in md and "| kblampp | 2 | 100.0 |" in md and "max_new_tokens = 16" in md
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[2])["row"] == "kblampp"
+    assert markdown_table({"x": summarize_row([])}).count("–") >= 10
