@@ -1,0 +1,1 @@
+"""Synthetic worlds and QA (programmatic and LLM generators) for KBLaM++ experiments."""

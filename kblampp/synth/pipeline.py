@@ -1,0 +1,53 @@
+"""File-level steps shared by the offline scripts and scripts/main_job.py (generate, write, report)."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kblampp.schema import load_facts
+from kblampp.synth.jsonl import write_jsonl
+from kblampp.synth.qa import generate_qa, write_qa
+from kblampp.synth.world import WorldSizes, fact_world, generate_worlds
+
+
+@dataclass
+class StepReport:
+    """What a step wrote, how much, and how long it took (printed by scripts)."""
+
+    paths: dict[str, Path]
+    counts: dict[str, int]
+    seconds: float
+    details: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"{name}: {self.counts.get(name, 0)} lines -> {path}" for name, path in self.paths.items()]
+        out += [f"  {k}: {v}" for k, v in sorted(self.details.items())]
+        out.append(f"  time: {self.seconds:.2f} s")
+        return out
+
+
+def make_world_file(out: str | Path, seed: int, num_worlds: int, sizes: WorldSizes | None = None,
+                    progress: bool = True) -> StepReport:
+    """Generate `num_worlds` programmatic worlds into one JSONL file (atomic write)."""
+    t0 = time.perf_counter()
+    facts = generate_worlds(seed, num_worlds, sizes, progress=progress)
+    n = write_jsonl(out, facts)
+    details = dict(Counter(f"relation '{f['relation']['name']}'" for f in facts))
+    details["worlds"] = len({fact_world(f) for f in facts})
+    return StepReport({"facts": Path(out)}, {"facts": n}, time.perf_counter() - t0, details)
+
+
+def make_qa_files(world_path: str | Path, out_dir: str | Path, prefix: str = "synth_world", seed: int = 0,
+                  dev_worlds: int = 1, test_worlds: int = 1, train_variants: int = 1,
+                  eval_heldout_only: bool = False) -> StepReport:
+    """Generate programmatic QA from a world file into `<prefix>_{train,dev,test}.jsonl`."""
+    t0 = time.perf_counter()
+    facts = load_facts(world_path)
+    splits = generate_qa(facts, seed=seed, dev_worlds=dev_worlds, test_worlds=test_worlds, dataset=prefix,
+                         train_variants=train_variants, eval_heldout_only=eval_heldout_only)
+    paths = write_qa(splits, out_dir, prefix)
+    details = {f"{split} {t}": n for split, recs in splits.items()
+               for t, n in Counter(r["type"] for r in recs).items()}
+    return StepReport(paths, {s: len(r) for s, r in splits.items()}, time.perf_counter() - t0, details)
