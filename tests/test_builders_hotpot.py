@@ -9,6 +9,7 @@ import pytest
 
 from kblampp.builders.common import finish
 from kblampp.builders.hotpot import build_hotpot, extract
+from kblampp.sanity import check_qa_file
 from kblampp.schema import load_facts, load_qa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,7 @@ def test_outputs_validate_and_supporting_facts_point_at_the_sentences(tmp_path: 
     result = build_hotpot([LIST, DICTS])
     facts_path, qa_path = tmp_path / "f.jsonl", tmp_path / "q.jsonl"
     assert finish(result, facts_path, qa_path, strict=False, stream=open(tmp_path / "log", "w")) == 0
+    assert check_qa_file(qa_path, {"facts": facts_path}).problems == []
     facts = load_facts(facts_path)
     qa = {r.qid: r for r in load_qa(qa_path, num_facts=len(facts))}
     assert [facts[i].sentence for i in qa["hf-1"].supporting_facts] == [

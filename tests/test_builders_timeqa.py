@@ -10,6 +10,7 @@ from kblampp.builders.timeqa import (build_timeqa, evidence_sentence, load_timeq
                                      sentence_ends)
 from kblampp.builders.common import finish
 from kblampp.question_time import parse_question_time
+from kblampp.sanity import check_5tuple_file, check_qa_file
 from kblampp.schema import load_facts, load_qa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def _check_fixture(result, path: Path) -> None:
             for q in result.qa] == [
         ("0", "Tom Reed", [], [0], 0, {"start": "1980", "end": "1990"}),
         ("1", "Anna Berg", [], [1], 1, {"start": "1992-03", "end": "1992-03"}),
-        ("2", "Lee Park", ["Sam Ode"], [2, 3], 2, {"start": "1995", "end": "1996"}),
+        ("2", "Lee Park", ["Sam Ode"], [3, 2], 2, {"start": "1995", "end": "1996"}),
         ("4", "Tom Reed", [], [4], 4, {"start": "1987", "end": "1989"}),
         ("5", "Anna Berg", [], [5], 5, None),
     ]
@@ -114,10 +115,13 @@ def test_real_sample(tmp_path: Path) -> None:
     assert finish(result, facts_path, qa_path, strict=True, stream=open(tmp_path / "log", "w")) == 0
     facts = load_facts(facts_path)
     qa = load_qa(qa_path, num_facts=len(facts))
+    assert check_qa_file(qa_path, {"facts": facts_path}).problems == []
+    assert check_5tuple_file(facts_path, {}).problems == []
     first = qa[0]
     assert (first.qid, first.answer, first.question_time) == (
         "/wiki/Newton_D._Baker_House#P466#0", "George Peter", ("1811", "1827"))
     for record in qa:
+        assert record.supporting_facts[-1] == record.raw["answer_fact"]
         fact = facts[record.raw["answer_fact"]]
         assert fact.tail_name == record.answer and fact.tail_name in fact.sentence
         assert fact.relation_id == record.raw["relation_id"] and fact.relation_name == labels[fact.relation_id]

@@ -11,6 +11,7 @@ import pytest
 from kblampp.builders.common import BuildError, BuildResult, finish, write_outputs
 from kblampp.builders.trex import build_trex, entity_id, load_lama_relations, wikidata_date
 from kblampp.builders.wikidata_labels import property_id, property_label
+from kblampp.sanity import check_5tuple_file
 from kblampp.schema import load_facts, scan_facts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,7 @@ def test_real_sample_builds_valid_facts(tmp_path: Path) -> None:
     assert finish(result, out, None, strict=True, stream=open(tmp_path / "log", "w")) == 0
     facts, problems = scan_facts(out)
     assert problems == [] and len(facts) == 46
+    assert check_5tuple_file(out, {}).summary.endswith("OK, 46 facts (1 with a time window)")
     docs = {d["uri"]: d for d in json.loads((REAL / "trex_sample-output.json").read_text(encoding="utf-8"))}
     for fact in result.facts:
         doc = docs[fact["context"]["doc_id"]]

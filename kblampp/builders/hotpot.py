@@ -163,6 +163,7 @@ def _add(rec: dict, qid: str, support: list, paragraphs: dict[str, list], result
     qa = {"qid": qid, "dataset": "hotpot", "question": rec["question"].strip(), "answer": rec["answer"].strip(),
           "type": "multi-hop", "supporting_facts": indices, "question_time": None,
           "hotpot_type": rec.get("type"), "level": rec.get("level")}
-    if answer_fact is not None:
+    if answer_fact is not None:  # its fact goes last in supporting_facts (the project's convention)
+        qa["supporting_facts"] = [i for i in indices if i != answer_fact] + [answer_fact]
         qa["answer_fact"] = answer_fact
     result.qa.append(qa)

@@ -163,9 +163,11 @@ def _add(rec: dict, match: re.Match, targets: list[tuple[str, int, int]], result
             start=qt and qt["start"], end=qt and qt["end"], time_source="question_time",
             extra_context={"qid": rec["idx"]})))
     answers = [clean_target(t) for t, _, _ in targets]
+    # the answer's fact goes last in supporting_facts (the project's convention for answer_fact)
+    support = [i for i in dict.fromkeys(indices) if i != indices[0]] + indices[:1]
     qa = {"qid": rec["idx"], "dataset": "timeqa", "question": rec["question"].strip(),
           "answer": answers[0] if answers else UNANSWERABLE, "type": "temporal",
-          "supporting_facts": indices, "question_time": qt, "answer_aliases": answers[1:],
+          "supporting_facts": support, "question_time": qt, "answer_aliases": answers[1:],
           "answerable": bool(answers), "relation_id": pid}
     if indices:
         qa["answer_fact"] = indices[0]
