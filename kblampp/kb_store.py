@@ -402,6 +402,80 @@ class KBValueStore:
             self._open()
 
 
+def encode_file(tuples_path: str | Path, store_dir: str | Path, embedding_model: str, d_k: int, d_v: int,
+                d_tau: int = 32, d_ctx: int | None = None, kv_encoder: str | Path | None = None,
+                dtype: str = "float32", batch_size: int = 64, hidden: int = 512, seed: int = 0,
+                embedder: Embedder | None = None, progress: bool = True) -> dict:
+    """The whole `offline/encode_kv.py` step; returns a report (manifest, timings, what was reused).
+
+    With `kv_encoder` (trained weights) and an existing store of the same source file and embedding
+    model, the stored raw embeddings are reused, so only the MLPs run again."""
+    from kblampp.kv_encoder import KVEncoderConfig
+    from kblampp.schema import load_facts
+
+    t0 = time.perf_counter()
+    facts = load_facts(tuples_path)
+    if not facts:
+        raise SchemaError(tuples_path, [])
+    source_sha = sha256_file(tuples_path)
+    raw, reused = None, False
+    if kv_encoder is not None and (Path(store_dir) / "manifest.json").is_file():
+        try:
+            old = KBValueStore.load(store_dir)
+        except StoreError:
+            old = None
+        if (old is not None and (old.manifest.get("source") or {}).get("sha256") == source_sha
+                and old.manifest["embedding_model"] == embedding_model and old.n == len(facts)):
+            raw, reused, dim = {k: np.array(old.raw(k)) for k in RAW}, True, old.d_ctx
+    if raw is None:
+        embedder = embedder or _load_embedder(embedding_model)
+        if embedder.name != embedding_model:
+            raise ValueError(f"embedder {embedder.name!r} is not the configured {embedding_model!r}")
+        dim = embedder.dim
+        raw = embed_facts(embedder, facts, batch_size=batch_size, progress=progress)
+    if d_ctx is not None and d_ctx != dim:
+        raise ValueError(f"d_ctx: config says {d_ctx}, the embedding model {embedding_model!r} gives {dim}")
+    t_embed = time.perf_counter()
+    if kv_encoder is None:
+        encoder = KVEncoder(dim, d_k, d_v, d_tau, hidden=hidden, seed=seed)
+    else:
+        encoder = load_kv_encoder(kv_encoder, KVEncoderConfig(dim, d_k, d_v, d_tau, hidden, seed))
+        got = encoder.config
+        if (got.d_ctx, got.d_k, got.d_v, got.d_tau) != (dim, d_k, d_v, d_tau):
+            raise ValueError(f"{kv_encoder}: encoder dims (d_ctx, d_k, d_v, d_tau) = "
+                             f"{(got.d_ctx, got.d_k, got.d_v, got.d_tau)}, config wants {(dim, d_k, d_v, d_tau)}")
+    manifest = write_store(store_dir, facts, raw, encoder.eval(), embedding_model, tuples_path, dtype, progress)
+    t_end = time.perf_counter()
+    return {"manifest": manifest, "n": len(facts), "reused_raw": reused, "embed_s": t_embed - t0,
+            "kv_and_write_s": t_end - t_embed, "total_s": t_end - t0}
+
+
+def _load_embedder(name: str) -> Embedder:
+    from kblampp.embedding import load_embedder
+
+    return load_embedder(name)
+
+
+def build_store_index(store_dir: str | Path, method: str = "hnsw", similarity: str = "cosine",
+                      **params) -> dict:
+    """The `offline/build_index.py` step: index the live keys, check ntotal, save `index_<method>/`."""
+    from kblampp.knowledge_index import KnowledgeIndex  # faiss only here
+
+    store = KBValueStore.load(store_dir)
+    ids = np.flatnonzero(store.alive)
+    t0 = time.perf_counter()
+    keys = np.asarray(store.arrays["K.npy"], dtype=np.float32)[ids]
+    index = KnowledgeIndex.build(keys, method, similarity, ids=ids, store_id=store.store_id, n=store.n, **params)
+    build_s = time.perf_counter() - t0
+    if index.ntotal != len(ids):  # == N unless facts were deleted
+        raise StoreError(f"{store.index_dir(method)}: ntotal {index.ntotal} != live facts {len(ids)}")
+    index.save(store.index_dir(method))
+    KnowledgeIndex.load(store.index_dir(method), expect_n=store.n, expect_dim=store.d_k,
+                        expect_store_id=store.store_id)
+    return {"path": str(store.index_dir(method)), "ntotal": index.ntotal, "n": store.n,
+            "build_s": build_s, "params": index.params}
+
+
 def open_kb(store_dir: str | Path, method: str | None = None, embedder: Embedder | None = None,
             mmap: bool = True):
     """(store, index): the index of `method` (or the only `index_*` folder; None if there is none)."""
@@ -420,4 +494,4 @@ def open_kb(store_dir: str | Path, method: str | None = None, embedder: Embedder
     return store, index
 
 
-__all__ = ["KBValueStore", "open_kb", "write_store", "embed_facts", "compute_kv", "assign_ids"]
+__all__ = ["KBValueStore", "open_kb", "write_store", "encode_file", "build_store_index", "embed_facts", "compute_kv", "assign_ids"]

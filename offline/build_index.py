@@ -1,0 +1,46 @@
+"""Build the faiss index over a store's keys into `STORE/index_<method>/` and check ntotal == N.
+
+    python offline/build_index.py --store_dir store/ --method hnsw --similarity cosine
+    python offline/build_index.py --store_dir store/ --method ivfpq --pq_m 16 --nprobe 16
+    python offline/build_index.py --config configs/X.yaml            # store_dir and index.* from the config
+Parameters not given on the command line come from the config's `index` section (or its defaults);
+the index folder records them with the store id it was built for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kblampp.config import add_config_args, config_from_args  # noqa: E402
+from kblampp.kb_store import build_store_index  # noqa: E402
+from kblampp.knowledge_index import DEFAULTS  # noqa: E402
+
+INT_PARAMS = ("hnsw_m", "ef_construction", "ef_search", "ivf_nlist", "pq_m", "pq_bits", "nprobe")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, required=False)
+    p.add_argument("--store_dir", help="store folder (default: the config's store_dir)")
+    p.add_argument("--method", choices=("hnsw", "ivfpq", "flat"))
+    p.add_argument("--similarity", choices=("cosine", "ip"))
+    for name in INT_PARAMS:
+        p.add_argument(f"--{name}", type=int, help="default from the config's index section")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    method = args.method or cfg.index.method
+    params = {k: (getattr(args, k) if getattr(args, k) is not None else getattr(cfg.index, k))
+              for k in DEFAULTS[method]}
+    report = build_store_index(args.store_dir or cfg.store_dir, method, args.similarity or cfg.index.similarity,
+                               **params)
+    report["build_s"] = round(report["build_s"], 3)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
