@@ -14,11 +14,13 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from kblampp.evaluation.kbqa import LastTokenRecord
 from kblampp.evaluation.retrieval_metrics import answer_fact_of
 from kblampp.schema import Fact, QARecord
+
+if TYPE_CHECKING:  # kbqa pulls in torch; the plotting script only reads JSON
+    from kblampp.evaluation.kbqa import LastTokenRecord
 
 REQUIRED = ("qid", "dataset", "question", "answer", "pred_answer", "top_k_facts")
 FACT_FIELDS = ("index", "head", "relation", "tail", "context", "time_window", "alpha")
@@ -32,7 +34,7 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def evidence_entry(record: QARecord, pred_answer: str, last: LastTokenRecord, facts: Sequence[Fact],
+def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", facts: Sequence[Fact],
                    output: str | None = None) -> dict[str, Any]:
     """One question's evidence; empty candidate slots (-1) are left out."""
     ranked = sorted((pair for pair in zip(last.cand_ids, last.alpha) if pair[0] >= 0), key=lambda p: -p[1])
