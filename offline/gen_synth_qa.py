@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", required=True, help="5-tuple JSONL written by gen_synth_world.py")
     p.add_argument("--out_dir", default="data/qa")
     p.add_argument("--prefix", default="synth_world", help="file prefix and QA `dataset` field")
-    p.add_argument("--out", default=None, help="single output file instead of out_dir/prefix (all splits in one)")
+    p.add_argument("--out", default=None, help="FILE: write FILE-dir/FILE-stem_{train,dev,test}.jsonl (instead of --out_dir/--prefix)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dev_worlds", type=int, default=1)
     p.add_argument("--test_worlds", type=int, default=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 from kblampp.schema import Fact
 from kblampp.synth.dates import say_day
 from kblampp.synth.jsonl import write_jsonl
-from kblampp.synth.templates import TEMPLATES, is_heldout, render, template_ids
+from kblampp.synth.templates import is_heldout, render, template_ids
 from kblampp.synth.world import LAST_DAY, RELATION_KEY
 from kblampp.timewin import EPOCH, window_days
 
