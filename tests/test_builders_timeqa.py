@@ -101,6 +101,11 @@ def test_non_object_and_missing_fields(tmp_path: Path) -> None:
     assert [p.format() for p in build_timeqa([path]).problems] == [
         f"{path}:1: idx: missing field", f"{path}:2: <record>: expected a JSON object, got str",
         f"{path}:3: question: empty string"]
+    good = FIX.read_bytes().splitlines(keepends=True)[0]
+    path.write_bytes(b'{"idx": "caf\xe9"}\n' + good)
+    result = build_timeqa([path])
+    assert [p.format() for p in result.problems] == [f"{path}:1: <line>: not valid UTF-8 (byte 12)"]
+    assert [q["answer"] for q in result.qa] == ["Tom Reed"] and result.records_read == 2
 
 
 def test_real_sample(tmp_path: Path) -> None:

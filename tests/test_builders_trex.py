@@ -77,6 +77,15 @@ def test_fixture_documents_and_lama() -> None:
     assert (result.records_read, result.bad_records) == (7, 7)
 
 
+def test_documents_as_json_lines_give_the_same_facts(tmp_path: Path) -> None:
+    docs = json.loads((FIX / "trex_docs.json").read_text(encoding="utf-8"))
+    lines = tmp_path / "docs.jsonl"
+    lines.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    from_list, from_lines = build_trex([FIX / "trex_docs.json"]), build_trex([lines])
+    assert from_lines.facts == from_list.facts
+    assert [p.where for p in from_lines.problems] == ["1", "1", "1", "2"]
+
+
 def test_max_samples_counts_documents() -> None:
     result = build_trex([FIX / "trex_docs.json", FIX / "lama_trex.jsonl"], max_samples=1)
     assert result.records_read == 1

@@ -29,7 +29,7 @@ MAX_RELATION_WORDS = 8
 MAX_DESCRIPTION_WORDS = 12
 
 
-def _pairs(value: Any, keys: tuple[str, str], name: str) -> list[tuple[Any, Any]] | str:
+def _pairs(value: Any, keys: tuple[str, str]) -> list[tuple[Any, Any]] | str:
     """[[a, b], ...] or {keys[0]: [...], keys[1]: [...]} as a list of pairs, or the reason it is bad."""
     if isinstance(value, dict):
         if not all(isinstance(value.get(k), list) for k in keys):
@@ -91,10 +91,10 @@ def _check(rec: Any) -> tuple[str, str] | tuple[str, list, dict]:
         return "supporting_facts", "missing field"
     if "context" not in rec:
         return "context", "missing field"
-    support = _pairs(rec["supporting_facts"], ("title", "sent_id"), "supporting_facts")
+    support = _pairs(rec["supporting_facts"], ("title", "sent_id"))
     if isinstance(support, str):
         return "supporting_facts", support
-    context = _pairs(rec["context"], ("title", "sentences"), "context")
+    context = _pairs(rec["context"], ("title", "sentences"))
     if isinstance(context, str):
         return "context", context
     paragraphs: dict[str, list] = {}
