@@ -94,7 +94,8 @@ def _date(text: str) -> tuple[str, str] | None:
             return (iso, iso) if int(m[2]) > 0 else None
         if m := re.fullmatch(r"(?:(early|mid|middle|late)[ -]+)?(?:the )?(\d{2,3}0)'?s", t):
             first = int(m[2])
-            length = 100 if first % 100 == 0 else 10  # "the 1800s" is a century, "the 1990s" a decade
+            # "the 1800s" is a century, "the 1990s" a decade, and "the 2000s" the decade 2000-2009
+            length = 100 if first % 100 == 0 and first != 2000 else 10
             part = {None: (0, length), "early": (0, length * 4 // 10), "mid": (length * 4 // 10, length * 7 // 10),
                     "middle": (length * 4 // 10, length * 7 // 10), "late": (length * 7 // 10, length)}[m[1]]
             lo, hi = first + part[0], first + part[1] - 1

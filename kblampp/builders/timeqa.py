@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -25,6 +26,7 @@ _ABBREV = {"mr", "mrs", "ms", "dr", "prof", "maj", "col", "gen", "lt", "capt", "
            "no", "co", "inc", "ltd", "mt", "ft", "gov", "sen", "rep", "hon", "adm", "cmdr", "brig", "cpl",
            "pvt", "vs", "vol", "fr", "bros", "corp", "dept", "univ", "est", "approx", "u.s", "d.c", "e.g", "i.e"}
 _END = re.compile(r" [.?!](?= |$)")
+_NEXT = re.compile(r"\s*(\S)")
 UNANSWERABLE = "unanswerable"
 MAX_EVIDENCE_CHARS = 400
 
@@ -50,21 +52,25 @@ def clean_target(target: str) -> str:
     return target.strip(" ,;:")
 
 
-def sentence_ends(context: str) -> list[int]:
-    """Offsets just past each sentence-final " ." / " ?" / " !" of TimeQA's space-tokenised text."""
+@lru_cache(maxsize=32)
+def sentence_ends(context: str) -> tuple[int, ...]:
+    """Offsets just past each sentence-final " ." / " ?" / " !" of TimeQA's space-tokenised text.
+
+    Cached: TimeQA asks several questions about one page, in a row."""
     ends = []
     for match in _END.finditer(context):
-        token = context[:match.start()].rsplit(" ", 1)[-1]
+        token = context[context.rfind(" ", 0, match.start()) + 1:match.start()]
         if re.fullmatch(r"[A-Z]", token) or token.lower().rstrip(".") in _ABBREV:
             continue
-        nxt = context[match.end():].lstrip()[:1]
+        after = _NEXT.match(context, match.end())
+        nxt = after.group(1) if after else ""
         if nxt and not (nxt.isupper() or nxt.isdigit() or nxt in "\"'(“"):
             continue
         ends.append(match.end())
-    return ends
+    return tuple(ends)
 
 
-def evidence_sentence(context: str, start: int, end: int, ends: list[int] | None = None,
+def evidence_sentence(context: str, start: int, end: int, ends: tuple[int, ...] | None = None,
                       max_chars: int = MAX_EVIDENCE_CHARS) -> str:
     """The sentence(s) of `context` holding the span [start, end) (merged if the span crosses a split).
 
