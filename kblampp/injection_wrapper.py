@@ -71,6 +71,7 @@ class KBInjection(nn.Module):
             raise ValueError("KBContext.source is None: give the request a TensorKB or IndexedKB")
         B, T, _ = h.shape
         e_q, tau, forced = ctx.rows(ctx.e_q, B), ctx.rows(ctx.tau, B), ctx.rows(ctx.forced_ids, B)
+        e_q = e_q.to(device=h.device, dtype=self.dtype) if e_q is not None else None  # (B, d_ctx)
         q = self.query(h, e_q)  # (B, T, d_k)
         k = min(self.k_top, ctx.source.num_facts)
         ids = ctx.source.search(q.reshape(B * T, -1), k).view(B, T, k).to(q.device)  # (B, T, k)
@@ -82,7 +83,7 @@ class KBInjection(nn.Module):
         keys = rows["K"].to(device=q.device, dtype=self.dtype)  # (B, T, k, d_k)
         sem = torch.einsum("btd,btkd->btk", q, keys) / math.sqrt(self.d_k)  # (B, T, k)
         phi = self.kb_context_scorer(e_q, rows["ctx_vec"].to(q.device))  # (B, T, k)
-        tau_q = tau.to(q.device) if tau is not None else None
+        tau_q = tau.to(q.device) if tau is not None else None  # (B, 2) days, NaN rows = no time
         g_time = self.kb_time_scorer(tau_q, rows["tau_min"].to(q.device), rows["tau_max"].to(q.device))
         values = rows["V"].to(device=q.device, dtype=self.dtype)  # (B, T, k, d_v)
         return self.kb_selector(sem, phi, g_time, values, ids, valid), q

@@ -215,3 +215,20 @@ def test_register_kb_module():
         model.register_kb_module("copy_gate", torch.nn.Linear(64, 1))
     with pytest.raises(ValueError, match="already has an attribute 'kb_copy_gate'"):
         model.register_kb_module("kb_copy_gate", torch.nn.Linear(64, 1))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_generate(arch):
+    model, base = make(arch), TINY_MODELS[arch]()
+    x = ids()
+    x[1, :3] = 0  # row 1 is left-padded
+    mask = (x != 0).long()
+    kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = base.generate(x, **kw)
+        with model.kb_request(request(gate_closed=True)):
+            assert torch.equal(model.generate(x, **kw), want)
+        ctx = request(record=True)
+        with model.kb_request(ctx):
+            out = model.generate(x, **kw)
+    assert out.shape == (2, 10) and len(ctx.records[1]) == 3
