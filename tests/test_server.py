@@ -79,6 +79,19 @@ def make_world(folder: Path, facts: list[dict] = FACTS) -> dict:
     return {"config": cfg_path, "checkpoint": ckpt, "store": store_dir, "wal": folder / "store.wal.jsonl"}
 
 
+def clone_world(base: dict, folder: Path) -> dict:
+    """A fresh copy of `base`'s store (and a config naming it), sharing its model files."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(base["store"], folder / "store")
+    data = yaml.safe_load(base["config"].read_text(encoding="utf-8"))
+    data["store_dir"] = str(folder / "store")
+    (folder / "config.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    return {"config": folder / "config.yaml", "checkpoint": base["checkpoint"], "store": folder / "store",
+            "wal": folder / "store.wal.jsonl"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,10 +7,11 @@ its thread pool and the engine's lock does the serialising.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -106,7 +107,13 @@ def _parse(model: type, body: Any) -> Any:
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The HTTP API over `engine`; `settings` carries the token and every limit."""
     settings.validate()
-    app = FastAPI(title="KBLaM++ server", version="1", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(engine.close)  # clean shutdown: fold the WAL into the store
+
+    app = FastAPI(title="KBLaM++ server", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:

@@ -118,6 +118,7 @@ class Engine:
         self._lock = threading.Lock()
         self._counts = {"answer": 0, "chat": 0, "add": 0, "replace": 0, "delete": 0, "get": 0}
         self._since_compact = 0
+        self._closed = False
         self.started = time.time()
         self.recovered = self._recover()
         self.log = KBLog(self.log_path, next_seq=self.kb.applied_seq + 1)
@@ -144,10 +145,14 @@ class Engine:
         self._since_compact = 0
 
     def close(self) -> None:
+        """Compact if anything changed since the last compaction, close the log (idempotent)."""
+        if self._closed:
+            return
         with self._locked():
             if self._since_compact:
                 self._compact_locked()
             self.log.close()
+            self._closed = True
 
     # ---- locking --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -157,6 +162,8 @@ class Engine:
             raise ApiError(503, f"server busy: waited {self.settings.request_timeout_s:.0f} s for the model",
                            headers={"Retry-After": "1"})
         try:
+            if self._closed:
+                raise ApiError(503, "server is shutting down")
             yield (time.perf_counter() - t0) * 1000.0
         finally:
             self._lock.release()
