@@ -58,7 +58,7 @@ class StageAConfig:
     hard_negative_weight: float = 0.5  # weight of the extra softmax over positive + hard negatives
     sem_weight: float = 1.0  # InfoNCE of sem alone (what the ANN search ranks by) onto the answer's (head, relation)
     retrieval_eval_interval: int = 250
-    train_kv_encoder: bool = False  # also train the key MLP (keys recomputed, store rewritten at the end)
+    train_kv_encoder: bool = True  # train the K/V MLPs too (store re-encoded and index rebuilt at the end)
     value_steps: int = 60  # teacher-forced gold facts, CE through the injection path
     value_lr: float = 1e-3
     copy_gate_steps: int = 300  # answer-head copy gate on cached quantities

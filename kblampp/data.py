@@ -97,6 +97,13 @@ class QADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def set_context(self, e_q: np.ndarray | torch.Tensor) -> None:
+        """Attach the question embeddings once computed (row-aligned with the records)."""
+        e_q = torch.as_tensor(np.asarray(e_q, dtype=np.float32))
+        if e_q.ndim != 2 or e_q.shape[0] != len(self.examples):
+            raise ValueError(f"e_q: expected shape ({len(self.examples)}, d_ctx), got {tuple(e_q.shape)}")
+        self.e_q = e_q.contiguous()
+
     def __getitem__(self, i: int) -> Example:
         return self.examples[i]
 

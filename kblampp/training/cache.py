@@ -1,0 +1,127 @@
+"""Cached inputs of the retrieval phase: the frozen backbone's state entering the first inject layer
+at each question's last prompt token, and the question embeddings e_q.
+
+The backbone is frozen and the KB modules act only from the inject layer on, so these states never
+change during Stage A: one forward per question (stopped early at the inject layer by a hook) serves
+every contrastive step. Stored as safetensors in the run folder, keyed by a hash of (backbone, layer,
+prompts), so a rerun reuses them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from kblampp import hf_arch
+
+
+class _StopForward(Exception):
+    """Raised by the hook once the inject layer's input is captured: the top layers never run."""
+
+
+def cache_key(backbone_name: str, layer: int, prompts: Sequence[Sequence[int]], extra: str = "") -> str:
+    """sha256 (first 20 hex) over the backbone name, the layer and every prompt's token ids."""
+    digest = hashlib.sha256(f"{backbone_name}|{layer}|{extra}|".encode())
+    for ids in prompts:
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()[:20]
+
+
+@torch.inference_mode()
+def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[int]], layer: int, pad: int,
+                        batch_size: int = 16, positions: Sequence[Sequence[int]] | None = None,
+                        progress: bool = True) -> torch.Tensor:
+    """(n, d_model) normalised hidden state that layer `layer`'s attention reads, at each prompt's last
+    token (or (n, P, d_model) at the given `positions` per prompt, all of equal count P).
+
+    Prompts are right-padded in length-sorted batches; a pre-hook on the layer's attention captures
+    its input and stops the forward, so layers above `layer` are never run."""
+    attn = hf_arch.get_attention(backbone, layer)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: Any, args: tuple, kwargs: dict) -> None:
+        captured.append(hf_arch.attention_hidden_states(args, kwargs))
+        raise _StopForward
+
+    device = next(backbone.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: torch.Tensor | None = None
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        bar = tqdm(total=len(prompts), desc=f"cache layer-{layer} states", unit="q", disable=not progress)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for b, i in enumerate(rows):
+                ids[b, :len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
+                mask[b, :len(prompts[i])] = 1
+            captured.clear()
+            try:
+                backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            if not captured:
+                raise RuntimeError(f"layer {layer} attention was not reached during the forward")
+            hidden = captured[0].float().cpu()
+            if out is None:
+                shape = (len(prompts), hidden.shape[-1]) if positions is None else (
+                    len(prompts), len(positions[0]), hidden.shape[-1])
+                out = torch.zeros(shape)
+            for b, i in enumerate(rows):
+                if positions is None:
+                    out[i] = hidden[b, len(prompts[i]) - 1]
+                else:
+                    out[i] = hidden[b, torch.tensor(list(positions[i]), dtype=torch.long)]
+            bar.update(len(rows))
+        bar.close()
+    finally:
+        handle.remove()
+    assert out is not None, "no prompts"
+    return out
+
+
+def save_cache(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Atomic safetensors write with JSON metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_cache(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
+        return {k: handle.get_tensor(k) for k in handle.keys()}, meta
+
+
+def cached_question_states(cache_dir: str | Path, backbone: torch.nn.Module, backbone_name: str,
+                           prompts: Sequence[Sequence[int]], questions: Sequence[str], layer: int, pad: int,
+                           embed: Any, batch_size: int = 16, progress: bool = True) -> dict[str, torch.Tensor]:
+    """{"hidden" (n, d_model), "e_q" (n, d_ctx)} from `cache_dir/<hash>.safetensors`, computed if absent.
+
+    `embed(list[str]) -> np.ndarray` gives the question embeddings (the facts' embedding model)."""
+    name = getattr(embed, "__qualname__", "") or type(embed).__name__
+    key = cache_key(backbone_name, layer, prompts, extra=f"{name}|{len(questions)}")
+    path = Path(cache_dir) / f"states_{key}.safetensors"
+    if path.exists():
+        tensors, meta = load_cache(path)
+        if meta.get("n") == len(prompts) and "hidden" in tensors and "e_q" in tensors:
+            return tensors
+    hidden = inject_layer_states(backbone, prompts, layer, pad, batch_size, progress=progress)
+    e_q = torch.from_numpy(np.ascontiguousarray(embed(list(questions)), dtype=np.float32))
+    tensors = {"hidden": hidden, "e_q": e_q}
+    save_cache(path, tensors, {"n": len(prompts), "backbone": backbone_name, "layer": layer, "key": key})
+    return tensors

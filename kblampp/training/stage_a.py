@@ -1,0 +1,244 @@
+"""Stage A: backbone frozen, KB modules trained in phases (each on by a non-zero step count):
+
+  1. retrieval  - contrastive query/key/scorer training on cached inject-layer states (no LLM forward)
+  2. copy_gate  - the answer head's gate on cached plain-LM log-probs and the trained retrieval
+  3. value      - teacher-forced gold facts, answer CE through the injection path
+  4. e2e        - real retrieval: mixture CE + injection CE + retrieval loss
+
+Run folder: config.resolved.yaml, metrics.jsonl, progress.json, cache/, checkpoints/<phase>/step_*/,
+and at the end kb_final.safetensors (KBLaMPP's kb_ tensors, `kblampp.kb_params` format) and
+kv_encoder.safetensors. With a trained K/V encoder the store is re-encoded and its index rebuilt, so
+the store matches the checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from kblampp import hf_arch
+from kblampp.answer_head import KBCopyGate
+from kblampp.config import KBConfig
+from kblampp.data import QADataset
+from kblampp.kb_params import save_kb_checkpoint
+from kblampp.model import KBLaMPP
+from kblampp.schema import Fact, QARecord
+from kblampp.training.cache import cached_question_states, inject_layer_states
+from kblampp.training.common import StageModules
+from kblampp.training.copy_gate_phase import CopyGateTrainer, answer_position_cache
+from kblampp.training.e2e_phase import E2ETrainer
+from kblampp.training.facts import FactTable, hard_negatives
+from kblampp.training.loop import Trainer, load_kb_state, make_accelerator
+from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer
+from kblampp.training.value_phase import ValueTrainer
+
+PHASES = ("retrieval", "copy_gate", "value", "e2e")
+
+
+@dataclass
+class StageAInputs:
+    """Everything Stage A reads; `load_inputs(cfg)` builds it from the config, tests build it by hand."""
+
+    cfg: KBConfig
+    backbone: torch.nn.Module
+    tokenizer: Any
+    embed: Callable[[list[str]], np.ndarray]  # question/fact text -> normalised float32 (the store's model)
+    d_ctx: int
+    facts: Sequence[Fact]
+    table: FactTable
+    kv: Any  # KVEncoder (a copy; trained here)
+    tail_table: torch.Tensor
+    train_qa: Sequence[QARecord]
+    dev_qa: Sequence[QARecord]
+    store: Any = None  # KBValueStore, re-encoded at the end when the encoder was trained
+
+
+def load_inputs(cfg: KBConfig, progress: bool = True) -> StageAInputs:
+    """Backbone, tokenizer, embedder, the built store (raw embeddings, encoder, tail tokens) and QA."""
+    from kblampp.answer_head import load_or_build_tail_table
+    from kblampp.backbone import load_backbone
+    from kblampp.embedding import load_embedder
+    from kblampp.kb_store import KBValueStore
+    from kblampp.schema import load_facts, load_qa
+
+    backbone, tokenizer = load_backbone(cfg)
+    embedder = load_embedder(cfg.embedding_model)
+    store = KBValueStore.load(cfg.store_dir, embedder=embedder)
+    facts = load_facts(store.root / "facts.jsonl")
+    table = FactTable.from_store(store, facts)
+    tail_table = load_or_build_tail_table(store, [f.tail_name for f in facts], tokenizer)
+    train_qa = load_qa(cfg.train_dataset, num_facts=store.n)
+    dev_qa = load_qa(cfg.eval_dataset, num_facts=store.n) if cfg.eval_dataset else []
+    return StageAInputs(cfg, backbone, tokenizer, lambda texts: embedder.encode(texts, progress=progress),
+                        embedder.dim, facts, table, copy.deepcopy(store.encoder), tail_table, train_qa, dev_qa, store)
+
+
+def build_model(cfg: KBConfig, backbone: torch.nn.Module, d_ctx: int) -> KBLaMPP:
+    """KBLaMPP with the answer head's copy gate registered; everything frozen (phases unfreeze)."""
+    model = KBLaMPP(backbone, cfg, d_ctx=d_ctx)
+    model.register_kb_module("kb_copy_gate", KBCopyGate(hf_arch.hidden_size(backbone)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _subset(records: Sequence[QARecord], limit: int, seed: int) -> list[QARecord]:
+    if limit <= 0 or limit >= len(records):
+        return list(records)
+    keep = np.sort(np.random.default_rng(seed).permutation(len(records))[:limit])
+    return [records[i] for i in keep]
+
+
+def _retrieval_data(ds: QADataset, states: dict[int, torch.Tensor], table: FactTable, n_hard: int) -> RetrievalData:
+    b = ds.batch(range(len(ds)))
+    answers = [ex.answer_fact for ex in ds.examples]
+    return RetrievalData(states, b["e_q"], b["tau"], b["answer_fact"], b["supporting"],
+                         [ex.qtype for ex in ds.examples],
+                         hard_negatives(table, answers, [ex.supporting for ex in ds.examples], n_hard))
+
+
+class StageA:
+    """Holds the model and data of one Stage A run; `run()` trains the phases in order (resumable)."""
+
+    def __init__(self, inp: StageAInputs, run_dir: str | Path | None = None, progress: bool = True):
+        self.inp, self.cfg, self.progress = inp, inp.cfg, progress
+        self.run_dir = Path(run_dir or inp.cfg.output_dir)
+        self.acc = make_accelerator(self.cfg)
+        self.model = build_model(self.cfg, inp.backbone, inp.d_ctx)
+        self.mods = StageModules(self.cfg, self.model, inp.kv, inp.table)
+        for p in inp.kv.parameters():
+            p.requires_grad_(False)
+        self.trainer = Trainer(self.cfg, self.mods.holder, self.run_dir, self.acc, progress)
+        sa = self.cfg.stage_a
+        pad = inp.tokenizer.pad_token_id if inp.tokenizer.pad_token_id is not None else inp.tokenizer.eos_token_id
+        self.pad = int(pad)
+        train = _subset(inp.train_qa, sa.max_train_questions, self.cfg.seed)
+        self.train_ds = QADataset(train, inp.tokenizer, np.zeros((len(train), 1), np.float32), self.cfg.max_seq_len)
+        dev = _subset(inp.dev_qa, sa.dev_max_questions, self.cfg.seed)
+        self.dev_ds = QADataset(dev, inp.tokenizer, np.zeros((len(dev), 1), np.float32), self.cfg.max_seq_len) if dev else None
+        self.timings: dict[str, float] = {}
+
+    # ---- caches ---------------------------------------------------------------------------------
+    def _states(self, ds: QADataset) -> dict[int, torch.Tensor]:
+        """Inject-layer states at the last prompt token (every inject layer, plain backbone) + e_q."""
+        prompts = [ex.input_ids[:ex.prompt_len] for ex in ds.examples]
+        questions = [r.question for r in ds.records]
+        out: dict[int, torch.Tensor] = {}
+        for layer in self.model.inject_layers:
+            cached = cached_question_states(self.run_dir / "cache", self.model.backbone, self.cfg.backbone, prompts,
+                                            questions, layer, self.pad, self.inp.embed, self.cfg.stage_a.cache_batch,
+                                            self.progress)
+            out[layer] = cached["hidden"]
+            ds.set_context(cached["e_q"])
+        return out
+
+    def restore_completed(self) -> None:
+        """On resume: load the KB tensors of the last completed phase's final checkpoint."""
+        done = self.trainer.completed()
+        last = [name for name in PHASES if name in done]
+        if last:
+            folder = self.trainer.latest_checkpoint(last[-1])
+            if folder is not None:
+                from safetensors.torch import load_file
+
+                load_kb_state(self.mods.holder, load_file(str(folder / "kb.safetensors")), str(folder))
+
+    # ---- phases ---------------------------------------------------------------------------------
+    def run(self, resume: bool = True) -> dict[str, Any]:
+        cfg, sa, mods = self.cfg, self.cfg.stage_a, self.mods
+        if resume:
+            self.restore_completed()
+        rank, world = self.acc.process_index, self.acc.num_processes
+        results: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        train_states = self._states(self.train_ds)
+        dev_states = self._states(self.dev_ds) if self.dev_ds is not None else None
+        self.timings["cache_s"] = time.perf_counter() - t0
+        train_data = _retrieval_data(self.train_ds, train_states, mods.table, sa.hard_negatives)
+        dev_data = _retrieval_data(self.dev_ds, dev_states, mods.table, 0) if dev_states is not None else None
+        fixed = None if sa.train_kv_encoder else mods.tensor_kb(grad=False).K.detach()
+        retr = RetrievalTrainer(cfg, mods.layer_modules(), mods.table, train_data, dev_data,
+                                key_encoder=mods.kv if sa.train_kv_encoder else None, fixed_keys=fixed,
+                                rank=rank, world=world)
+        t0 = time.perf_counter()
+        results["retrieval"] = self.trainer.run(retr.phase(mods.layer_names(), "kv"), resume)
+        self.timings["retrieval_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if sa.copy_gate_steps > 0:
+            results["copy_gate"] = self._copy_gate(retr, train_data, resume, rank, world)
+        self.timings["copy_gate_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        value = ValueTrainer(mods, self.train_ds, rank, world).phase()
+        value.params = self._encoder_filter(value.params)
+        results["value"] = self.trainer.run(value, resume)
+        self.timings["value_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        params = self._encoder_filter(mods.params(query=True, value=True, keys=True, gate=True))
+        e2e = E2ETrainer(mods, self.train_ds, self.inp.tail_table, rank, world)
+        results["e2e"] = self.trainer.run(e2e.phase(params, sa.e2e_steps, sa.e2e_lr), resume)
+        self.timings["e2e_s"] = time.perf_counter() - t0
+        if sa.e2e_steps > 0 or sa.value_steps > 0:  # retrieval after the joint phases, as evaluation sees it
+            results["retrieval_final"] = retr.eval_fn(sa.e2e_steps)
+            self.trainer.metrics.write(phase="final", retrieval=results["retrieval_final"])
+        self.finish(results)
+        return results
+
+    def _encoder_filter(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+        if self.cfg.stage_a.train_kv_encoder:
+            return params
+        return {n: p for n, p in params.items() if not n.startswith("kv.")}
+
+    def _copy_gate(self, retr: RetrievalTrainer, data: RetrievalData, resume: bool, rank: int, world: int) -> dict:
+        sa = self.cfg.stage_a
+        n = len(self.train_ds)
+        rows = np.sort(np.random.default_rng(self.cfg.seed + 5).permutation(n)[:min(sa.copy_gate_questions, n)]).tolist()
+        layer = self.mods.first_layer
+        cache = answer_position_cache(self.model.backbone, self.train_ds, rows, layer,
+                                      batch_size=max(1, sa.cache_batch // 2), progress=self.progress)
+        keys = retr.keys().detach()
+        cand, alpha, _ = retr.candidates(layer, data, torch.tensor(rows), keys)
+        gate = CopyGateTrainer(self.cfg, self.model.kb_copy_gate, cache, cand, alpha, self.inp.tail_table,
+                               hf_arch.vocab_size(self.model.backbone), rank, world)
+        return self.trainer.run(gate.phase(self.mods.params(gate=True)), resume)
+
+    # ---- outputs --------------------------------------------------------------------------------
+    def finish(self, results: dict[str, Any]) -> None:
+        """kb_final.safetensors + kv_encoder.safetensors; the store re-encoded if the encoder trained."""
+        if not self.acc.is_main_process:
+            return
+        from kblampp.kv_encoder import save_kv_encoder
+
+        save_kb_checkpoint(self.model, self.cfg, self.run_dir / "kb_final.safetensors")
+        save_kv_encoder(self.mods.kv, self.run_dir / "kv_encoder.safetensors")
+        if self.cfg.stage_a.train_kv_encoder and self.inp.store is not None:
+            results["store"] = reencode_store(self.cfg, self.inp.store, self.run_dir / "kv_encoder.safetensors",
+                                              self.progress)
+        (self.run_dir / "stage_a_summary.json").write_text(
+            json.dumps({"results": results, "timings_s": self.timings}, indent=1, default=float), encoding="utf-8")
+
+
+def reencode_store(cfg: KBConfig, store: Any, encoder_path: Path, progress: bool = True) -> dict:
+    """Recompute K/V with the trained encoder (raw embeddings reused) and rebuild every index of the store."""
+    from kblampp.kb_store import build_store_index, encode_file
+    from kblampp.knowledge_index import DEFAULTS
+
+    source = (store.manifest.get("source") or {}).get("path") or cfg.tuples_path
+    methods = sorted(p.name[len("index_"):] for p in Path(store.root).glob("index_*") if p.is_dir())
+    report = encode_file(source, store.root, store.manifest["embedding_model"], store.d_k, store.d_v,
+                         int(store.manifest.get("d_tau", cfg.d_tau)), store.d_ctx, encoder_path,
+                         store.manifest["dtype"], progress=progress)
+    rebuilt = []
+    for method in methods:
+        params = {k: getattr(cfg.index, k) for k in DEFAULTS[method]}
+        build_store_index(store.root, method, cfg.index.similarity, **params)
+        rebuilt.append(method)
+    return {"reused_raw": report["reused_raw"], "indexes_rebuilt": rebuilt}
