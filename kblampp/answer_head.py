@@ -89,7 +89,8 @@ def load_or_build_tail_table(store: Any, tail_names: Sequence[str], tokenizer: A
 
 # ---------------------------------------------------------------------------------------- the math
 def candidate_tails(tail_table: torch.Tensor, cand_ids: torch.Tensor) -> torch.Tensor:
-    """(B, K, L) tail tokens of the candidates; cand_id -1 (no candidate) gives an all -1 row."""
+    """(B, K, L) tail tokens of the candidates; cand_id -1 (no candidate) gives an all -1 row.
+    Keep `tail_table` on the candidates' device: a table elsewhere is copied on every call."""
     table = tail_table.to(cand_ids.device)
     tails = table[cand_ids.clamp_min(0)]
     return torch.where((cand_ids >= 0).unsqueeze(-1), tails, torch.full_like(tails, PAD))
@@ -247,6 +248,7 @@ class CopyLogitsProcessor(LogitsProcessor):
             prefill = records[-1]
             self._alpha = _field(prefill, "alpha")[:, -1, :]
             self._cands = _field(prefill, "cand_ids")[:, -1, :]
+            self.tail_table = self.tail_table.to(scores.device)  # once, not per generated token
         step = input_ids.shape[1] - self._prompt_len
         if len(records) != self._start + step:
             raise RuntimeError(f"CopyLogitsProcessor: expected {self._start + step} records at layer "
