@@ -362,3 +362,25 @@ def test_refuses_to_start_without_token(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 2
     assert "fact mutations are enabled but no token is set" in out.stderr
+
+
+def test_bounded_load_script_zero_5xx_zero_lost_edits(server, tmp_path):
+    env = {**os.environ, "KBLAMPP_SERVER_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
+    out_json = tmp_path / "load.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench/load_server.py"), "--url", server.url, "--clients", "4",
+                          "--duration", "3", "--edit_fraction", "0.5", "--max_new_tokens", "2", "--json", str(out_json)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads(out_json.read_text())
+    assert summary["5xx"] == 0 and summary["4xx"] == 0 and summary["lost_edits"] == 0
+    assert summary["transport_errors"] == 0 and summary["requests"] > 0
+    assert summary["checked_facts"] == summary.get("add_count", 0)
+    assert {"all_p50_ms", "all_p99_ms", "throughput_rps"} <= set(summary)
+
+
+def test_load_script_refuses_non_loopback():
+    from kblampp.serving.loadgen import check_loopback
+
+    check_loopback("http://127.0.0.1:8000")
+    with pytest.raises(ValueError, match="loopback only"):
+        check_loopback("http://10.0.0.5:8000")
