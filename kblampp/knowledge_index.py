@@ -223,3 +223,25 @@ def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, similarity: str 
     """Brute-force top-k with the index's similarity (reference for recall measurements)."""
     ref = KnowledgeIndex.build(keys, "flat", similarity)
     return ref.search(queries, k, batch_size)
+
+
+def recall_at_k(index: KnowledgeIndex, keys: np.ndarray, queries: np.ndarray, k: int,
+                key_ids: np.ndarray | None = None) -> dict:
+    """Tie-aware recall@k of `index` against brute force over `keys` (rows = fact ids `key_ids`).
+
+    An ANN hit counts when its exact similarity reaches the exact k-th best score (minus 1e-5), so
+    duplicate keys (same head and relation) do not count as misses; `strict` is plain set overlap."""
+    key_ids = np.arange(len(keys)) if key_ids is None else np.asarray(key_ids)
+    ref_scores, ref_rows = exact_search(keys, queries, k, index.similarity)
+    _, got = index.search(queries, k)
+    unit = index._prep(_as_f32(keys, index.dim, "keys"))  # noqa: SLF001 - same similarity as the index
+    q = index._prep(_as_f32(queries, index.dim, "queries"))  # noqa: SLF001
+    row_of = np.full(int(key_ids.max()) + 1, -1, np.int64)
+    row_of[key_ids] = np.arange(len(key_ids))
+    hits = strict = 0
+    for i in range(len(q)):
+        ids = got[i][got[i] >= 0]
+        exact = np.einsum("d,nd->n", q[i], unit[row_of[ids]]) if len(ids) else np.zeros(0)
+        hits += int((exact >= ref_scores[i, k - 1] - 1e-5).sum())
+        strict += len(set(ids.tolist()) & set(key_ids[ref_rows[i][ref_rows[i] >= 0]].tolist()))
+    return {"recall": hits / (k * len(q)), "strict_recall": strict / (k * len(q))}

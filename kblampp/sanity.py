@@ -70,7 +70,37 @@ def check_qa_file(path: Path, options: dict[str, Any]) -> CheckResult:
     return CheckResult("qa", str(path), problems, f"{path}: OK, {len(records)} questions ({counts}){against}")
 
 
-CHECKERS: dict[str, Checker] = {"5tuple": check_5tuple_file, "qa": check_qa_file}
+def check_store(path: Path, options: dict[str, Any]) -> CheckResult:
+    """A built store: manifest vs every array, encoder hash, facts.jsonl, each index_* folder."""
+    from kblampp.kb_store import KBValueStore  # heavy imports only for stores
+    from kblampp.store_io import StoreError
+
+    def problem(err: Exception) -> Problem:
+        where, _, reason = str(err).partition(": ")
+        rel = Path(where).relative_to(path) if Path(where).is_relative_to(path) else Path(where).name
+        return Problem(0, str(rel) if reason else "<store>", reason or str(err))
+
+    try:
+        store = KBValueStore.load(path)
+    except (StoreError, OSError, ValueError, KeyError) as err:
+        return CheckResult("store", str(path), [problem(err)], "")
+    from kblampp.knowledge_index import KnowledgeIndex
+
+    problems, found = [], []
+    for folder in sorted(p for p in path.glob("index_*") if p.is_dir()):
+        try:
+            index = KnowledgeIndex.load(folder, expect_n=store.n, expect_dim=store.d_k, expect_store_id=store.store_id)
+            found.append(f"{folder.name[6:]} ({index.n_live} live)")
+        except (StoreError, OSError, ValueError, RuntimeError) as err:
+            problems.append(problem(err))
+    m = store.manifest
+    summary = (f"{path}: OK, store of {store.n} facts ({int(store.alive.sum())} live), d_k {store.d_k}, "
+               f"d_v {store.d_v}, d_ctx {store.d_ctx}, {m['dtype']}, {m['embedding_model']}, "
+               f"indexes: {', '.join(found) or 'none'}")
+    return CheckResult("store", str(path), problems, summary)
+
+
+CHECKERS: dict[str, Checker] = {"5tuple": check_5tuple_file, "qa": check_qa_file, "store": check_store}
 
 
 def register_checker(kind: str, checker: Checker) -> None:

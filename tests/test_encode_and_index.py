@@ -98,3 +98,24 @@ def test_stated_d_ctx_must_match_the_embedding_model(setup, tmp_path):
     with pytest.raises(ValueError, match="d_ctx: config says 384, the embedding model .* gives 32"):
         _script("encode_kv")(["--config", str(cfg), "--set", "d_ctx=384", "--store_dir", str(tmp_path / "s"),
                               "--no_progress"])
+
+
+def test_sanity_checker_reports_store_and_index_problems(setup, tmp_path):
+    import shutil
+
+    from kblampp.sanity import run_check
+
+    tmp, _, _ = setup
+    store = tmp_path / "store"
+    shutil.copytree(tmp / "store", store)
+    _script("build_index")(["--store_dir", str(store), "--method", "flat"])
+    ok = run_check(store)
+    assert ok.kind == "store" and not ok.problems and "indexes: flat (" in ok.summary
+    m = json.loads((store / "index_flat/params.json").read_text())
+    m["n"] = 5
+    (store / "index_flat/params.json").write_text(json.dumps(m))
+    assert [p.format(store) for p in run_check(store).problems] == [
+        f"{store}:0: index_flat/params.json: n: index covers 5 facts, the store has {ok.summary.split()[4]}"]
+    (store / "K.npy").write_bytes((store / "K.npy").read_bytes()[:-100])
+    (bad,) = run_check(store).problems
+    assert bad.field == "K.npy" and "truncated" in bad.reason

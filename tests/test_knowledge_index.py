@@ -90,3 +90,16 @@ def test_bad_arguments_are_clear_errors():
 def test_exact_search_fills_missing_slots():
     scores, ids = exact_search(_keys(3), _keys(2, seed=1), 5)
     assert (ids[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all() and "faiss" in sys.modules
+
+
+def test_recall_at_k_counts_ties_and_removed_ids():
+    from kblampp.knowledge_index import recall_at_k
+
+    keys = _keys(200)
+    dup = np.concatenate([keys, keys[:50]])  # rows 200..249 repeat rows 0..49: ties everywhere
+    rec = recall_at_k(KnowledgeIndex.build(dup[::-1].copy(), "flat", ids=np.arange(250)[::-1].copy()), dup, dup[:20], 8)
+    assert rec["recall"] == 1.0 and rec["strict_recall"] <= 1.0
+    index = KnowledgeIndex.build(keys, "flat")
+    index.remove([0, 1, 2])
+    rec = recall_at_k(index, keys, keys[:3], 8)  # each query's own key (the top hit) is gone
+    assert rec["recall"] == rec["strict_recall"] <= 7 / 8 and rec["recall"] >= 0.5
