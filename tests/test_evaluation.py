@@ -225,3 +225,87 @@ def test_summarize_and_write_report(tmp_path):
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[2])["row"] == "kblampp"
     assert markdown_table({"x": summarize_row([])}).count("–") >= 10
+
+
+# ---- the whole run on a built tiny world ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from eval_world import build_world
+
+    tmp = tmp_path_factory.mktemp("evalworld")
+    return tmp, build_world(tmp)
+
+
+def test_evaluate_writes_one_table_for_every_row(built):
+    from kblampp.evaluation.runner import ALL_ROWS, evaluate
+
+    tmp, ec = built
+    out = tmp / "eval"
+    payload = evaluate(ec, tmp / "test.jsonl", out, rows=ALL_ROWS, batch_size=3, kb_edit_n=2, progress=False)
+    rows = payload["rows"]
+    assert list(rows) == list(ALL_ROWS) and all(r["n"] == 4 for r in rows.values())
+    # retrieval is decided by the context and time scores: the answer head copies every answer
+    assert rows["kblampp"]["em"] == 1.0 and rows["kblampp"]["recall@1"] == 1.0
+    assert rows["kblampp"]["top_alpha_precision_single-hop"] == 1.0
+    assert rows["kblampp_oracle_value"]["em"] == 1.0
+    assert rows["kblampp"]["time_match_mass"] > 0.99 and rows["kblampp"]["time_mismatch_mass"] < 0.01
+    assert rows["kblampp_eta0"]["recall@1"] < 1.0  # without the time score temporal questions tie
+    assert rows["kblampp_eta0"]["time_mismatch_mass"] > 0.3
+    assert rows["backbone"]["em"] == 0.0 and rows["backbone"]["recall@1"] is None  # random tiny LM
+    assert rows["rag"]["recall@K"] == 1.0 and rows["rag"]["prompt_tokens"] > rows["backbone"]["prompt_tokens"]
+    # test people (2, 3) never appear in training; their cities/employers partly do
+    assert rows["kblampp"]["n_seen"] + rows["kblampp"]["n_unseen"] == 4
+    assert payload["kb_edit"]["follow_new"] == 1.0 and payload["kb_edit"]["n_edits"] == 2
+    assert payload["meta"]["max_new_tokens"] == 8 and payload["meta"]["questions"] == 4
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert md.count("\n| kblampp") == 6 and "KB-edit check (kblampp, 2 single-hop" in md
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(preds) == 4 * len(ALL_ROWS)
+    head = [p for p in preds if p["row"] == "kblampp"]
+    assert all(p["pred"] == p["answer"] and len(p["extra"]["cand_ids"]) == 12 for p in head)
+
+
+def test_rows_without_copy_gate_are_skipped(built):
+    from kblampp.evaluation.runner import EvalContext, usable_rows
+
+    _, ec = built
+    gate = ec.model.kb_copy_gate
+    try:
+        del ec.model.kb_copy_gate
+        assert usable_rows(ec, ["backbone", "kblampp", "kblampp_injection"]) == (
+            ["backbone", "kblampp_injection"], ["kblampp"])
+    finally:
+        ec.model.register_kb_module("kb_copy_gate", gate)
+    assert isinstance(ec, EvalContext)
+
+
+def test_select_questions_stratified(world):
+    from kblampp.evaluation.runner import select_questions
+
+    _, records = world
+    two = select_questions(records, 2, seed=0)
+    assert sorted(r.type for r in two) == ["single-hop", "temporal"]
+    assert [r.qid for r in select_questions(records, 0, types=["temporal"])] == [r.qid for r in records[1::2]]
+    assert [r.qid for r in select_questions(records, qids=["q1b", "q0e"])] == ["q0e", "q1b"]
+    with pytest.raises(ValueError, match="qids not in the QA file: nope"):
+        select_questions(records, qids=["nope"])
+    with pytest.raises(ValueError, match="types: 'yes-no' is not one of"):
+        select_questions(records, types=["yes-no"])
+
+
+def test_run_rows_rejects_unknown_row(built):
+    from kblampp.evaluation.runner import run_rows
+
+    _, ec = built
+    with pytest.raises(ValueError, match="rows: 'gpt' is not one of backbone"):
+        run_rows(ec, [], ["gpt"], set())
+
+
+@pytest.mark.parametrize("script", ["eval/eval_qa.py", "eval/dump_evidence.py"])
+def test_scripts_have_help(repo_root, script):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(repo_root / script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--checkpoint" in proc.stdout and "--config" in proc.stdout

@@ -67,3 +67,24 @@ def test_read_evidence_errors(tmp_path, content, message):
 def test_read_evidence_missing_file(tmp_path):
     with pytest.raises(EvidenceError, match="evidence file not found"):
         read_evidence(tmp_path / "nope.json")
+
+
+def test_collect_evidence_on_built_world(tmp_path):
+    from eval_world import build_world
+    from kblampp.evaluation.runner import collect_evidence
+
+    ec = build_world(tmp_path)
+    from kblampp.schema import load_qa
+
+    records = load_qa(tmp_path / "test.jsonl")
+    entries = collect_evidence(ec, records, "kblampp", batch_size=2, progress=False)
+    assert [e["qid"] for e in entries] == [r.qid for r in records]
+    for e, r in zip(entries, records):
+        assert e["pred_answer"] == r.answer and e["top_k_facts"][0]["index"] == r.supporting_facts[-1]
+        alphas = [f["alpha"] for f in e["top_k_facts"]]
+        assert alphas == sorted(alphas, reverse=True) and abs(sum(alphas) - 1.0) < 1e-4
+        assert e["copy_gate"] > 0.99 and e["layer"] == 1
+    path = write_evidence(tmp_path / "evidence.json", entries)
+    assert read_evidence(path) == json.loads(json.dumps(entries))
+    with pytest.raises(ValueError, match="row: 'backbone' is not a KBLaM"):
+        collect_evidence(ec, records, "backbone")

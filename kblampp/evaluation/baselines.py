@@ -22,21 +22,26 @@ def fact_text(fact: Fact) -> str:
 class FactRetriever:
     """Exact cosine top-k over fact vectors (N, d); rows are normalised here, so any scale works."""
 
-    def __init__(self, fact_vecs: np.ndarray):
+    def __init__(self, fact_vecs: np.ndarray, alive: np.ndarray | None = None):
         vecs = np.asarray(fact_vecs, dtype=np.float32)
         if vecs.ndim != 2 or vecs.shape[0] == 0:
             raise ValueError(f"FactRetriever: fact_vecs: expected a non-empty (N, d) array, got shape {vecs.shape}")
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         self.vecs = vecs / np.maximum(norms, 1e-12)
+        self.alive = None if alive is None else np.asarray(alive, dtype=bool).reshape(-1)
+        if self.alive is not None and self.alive.shape[0] != vecs.shape[0]:
+            raise ValueError(f"FactRetriever: alive: {self.alive.shape[0]} flags for {vecs.shape[0]} facts")
 
     def topk(self, query_vecs: np.ndarray, k: int) -> np.ndarray:
-        """(Q, k) fact ids, best first; ties broken by the lower index (deterministic)."""
+        """(Q, k) fact ids, best first; ties broken by the lower index; deleted facts come last."""
         q = np.asarray(query_vecs, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.vecs.shape[1]:
             raise ValueError(f"FactRetriever: query_vecs: expected (Q, {self.vecs.shape[1]}), got {q.shape}")
         k = min(k, self.vecs.shape[0])
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         scores = q @ self.vecs.T
+        if self.alive is not None:
+            scores[:, ~self.alive] = -np.inf
         return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 

@@ -80,7 +80,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("R@1", "recall@1", "pct"), ("R@K", "recall@K", "pct"), ("R@K single", "recall@K_single-hop", "pct"),
     ("Top-α prec", "top_alpha_precision", "pct"), ("Top-α prec single", "top_alpha_precision_single-hop", "pct"),
     ("α time-match", "time_match_mass", "num"), ("α time-mismatch", "time_mismatch_mass", "num"),
-    ("Prompt tok", "prompt_tokens", "int"),
+    ("Prompt tok", "prompt_tokens", "int"), ("ms/q", "ms_per_question", "int"),
 ]
 
 
@@ -94,7 +94,8 @@ def _cell(value: Any, kind: str) -> str:
     return str(int(round(value)))
 
 
-def markdown_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
+def markdown_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any] | None = None,
+                   notes: Sequence[str] = ()) -> str:
     """The one table (rows in insertion order), with a header naming the run's shared settings."""
     lines = []
     if meta:
@@ -109,7 +110,9 @@ def markdown_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any] | No
                  "seen = the gold answer is also a training answer; R@1 = the answer fact has the top alpha "
                  "at the last prompt token; R@K = share of supporting facts among the K_top candidates; "
                  "α time-(mis)match = alpha mass on same-(head, relation) candidates whose window does "
-                 "(not) overlap the question's (temporal questions).")
+                 "(not) overlap the question's (temporal questions); for RAG the R/precision columns rank "
+                 "its own embedding retrieval.")
+    lines.extend(["", *notes] if notes else [])
     return "\n".join(lines) + "\n"
 
 
@@ -126,13 +129,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_report(out_dir: str | Path, rows: dict[str, Sequence[QuestionResult]],
-                 meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write results.json, results.md and predictions.jsonl into `out_dir`; returns the JSON object."""
+                 meta: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                 notes: Sequence[str] = (), row_stats: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write results.json, results.md and predictions.jsonl into `out_dir`; returns the JSON object.
+    `row_stats` adds per-row values (e.g. ms_per_question) to the summary."""
     out = Path(out_dir)
-    summary = {name: summarize_row(results) for name, results in rows.items()}
+    summary = {name: {**summarize_row(results), **(row_stats or {}).get(name, {})} for name, results in rows.items()}
     payload = {"meta": meta or {}, "rows": summary, **(extra or {})}
     _write_atomic(out / "results.json", json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    _write_atomic(out / "results.md", markdown_table(summary, meta))
+    _write_atomic(out / "results.md", markdown_table(summary, meta, notes))
     preds = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for results in rows.values() for r in results)
     _write_atomic(out / "predictions.jsonl", preds)
     return payload

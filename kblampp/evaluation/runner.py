@@ -1,0 +1,284 @@
+"""eval_qa end to end: load the model, store and questions once, run every row on the same questions
+with the same prompt builder / budget / extraction, score, and write the one table.
+
+`EvalContext` holds what the rows share; `load_eval_context` builds it from a config and a KB
+checkpoint, tests build it by hand with tiny models and stores.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from kblampp.config import ConfigError, KBConfig
+from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
+                                          rag_fact_ids)
+from kblampp.evaluation.generate import Generation, generate_rows
+from kblampp.evaluation.kbqa import KB_VARIANTS, KBRequest, kb_request
+from kblampp.evaluation.report import QuestionResult, is_seen
+from kblampp.evaluation.retrieval_metrics import score_question
+from kblampp.metrics import score_answer
+from kblampp.schema import QA_TYPES, Fact, QARecord
+
+log = logging.getLogger(__name__)
+
+PROMPT_ROWS = ("backbone", "rag", "oracle_context")
+ALL_ROWS = PROMPT_ROWS + tuple(KB_VARIANTS)
+DEFAULT_ROWS = ("backbone", "rag", "oracle_context", "kblampp", "kblampp_injection", "kblampp_gamma0",
+                "kblampp_eta0", "kblampp_oracle_value")
+FINAL_CHECKPOINT = "kb_final.safetensors"
+
+
+@dataclass
+class EvalContext:
+    """Everything the rows share. `embed(texts) -> (n, d_ctx)` is the store's embedding model."""
+
+    cfg: KBConfig
+    model: Any  # KBLaMPP (patched); with no KB request it is the plain backbone
+    tokenizer: Any
+    embed: Any
+    store: Any  # KBValueStore
+    source: Any  # KBSource used by the KBLaMPP rows
+    facts: list[Fact]
+    tail_table: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A KB checkpoint file, or a Stage A/B run folder holding `kb_final.safetensors`."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / FINAL_CHECKPOINT).is_file():
+            return p / FINAL_CHECKPOINT
+        raise FileNotFoundError(f"{p}: no {FINAL_CHECKPOINT} in this run folder (did training finish?)")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: checkpoint not found")
+    return p
+
+
+def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, Any]:
+    """(KBLaMPP with the checkpoint's KB tensors, tokenizer); the copy gate is registered when the
+    checkpoint has one (as the server does)."""
+    from kblampp.answer_head import KBCopyGate
+    from kblampp.backbone import load_backbone
+    from kblampp.kb_params import load_kb_checkpoint, read_kb_checkpoint
+    from kblampp.model import KBLaMPP
+
+    backbone, tokenizer = load_backbone(cfg)
+    model = KBLaMPP(backbone, cfg, d_ctx=d_ctx)
+    tensors, _ = read_kb_checkpoint(checkpoint)
+    if any(".kb_copy_gate." in f".{name}" for name in tensors):
+        model.register_kb_module("kb_copy_gate", KBCopyGate(model.d_model))
+    load_kb_checkpoint(model, checkpoint)
+    return model.to(cfg.device).eval(), tokenizer
+
+
+def build_source(cfg: KBConfig, store: Any) -> tuple[Any, Any]:
+    """(KB source, index or None): the faiss index when cfg.retrieval == 'faiss', else exact top-k."""
+    from kblampp.retrieval import IndexedKB, TensorKB
+
+    if cfg.retrieval == "faiss":
+        from kblampp.knowledge_index import KnowledgeIndex
+
+        index = KnowledgeIndex.load(store.index_dir(cfg.index.method), expect_n=store.n, expect_dim=store.d_k,
+                                    expect_store_id=store.store_id)
+        return IndexedKB(index, store), index
+    if cfg.retrieval != "exact":
+        raise ConfigError(f"retrieval: {cfg.retrieval!r} is not one of exact, faiss")
+    return TensorKB.from_store(store, device=cfg.device, similarity=cfg.index.similarity), None
+
+
+def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = True) -> EvalContext:
+    """Backbone + KB checkpoint, embedder, store (+ index), facts and the answer head's tail table."""
+    from kblampp.answer_head import load_or_build_tail_table
+    from kblampp.embedding import load_embedder
+    from kblampp.kb_store import KBValueStore
+    from kblampp.schema import load_facts
+
+    t0 = time.perf_counter()
+    torch.set_grad_enabled(False)
+    ckpt = resolve_checkpoint(checkpoint)
+    embedder = load_embedder(cfg.embedding_model, device=cfg.device)
+    store = KBValueStore.load(cfg.store_dir, embedder=embedder)
+    model, tokenizer = load_model(cfg, ckpt, embedder.dim)
+    facts = load_facts(store.root / "facts.jsonl")
+    tail_table = load_or_build_tail_table(store, [f.tail_name for f in facts], tokenizer)
+    source, _ = build_source(cfg, store)
+    info = {"checkpoint": str(ckpt), "store_dir": str(store.root), "n_facts": store.n,
+            "answer_head": hasattr(model, "kb_copy_gate"), "load_s": round(time.perf_counter() - t0, 2)}
+    return EvalContext(cfg, model, tokenizer, lambda texts: embedder.encode(texts, progress=progress),
+                       store, source, facts, tail_table, info)
+
+
+def select_questions(records: Sequence[QARecord], max_questions: int = 0, types: Sequence[str] | None = None,
+                     qids: Sequence[str] | None = None, seed: int = 0) -> list[QARecord]:
+    """Filter by qid / type, then a seeded, type-stratified subset of at most `max_questions`
+    (file order kept), so a small run still covers every question type."""
+    out = list(records)
+    if qids:
+        known = {r.qid for r in out}
+        missing = [q for q in qids if q not in known]
+        if missing:
+            raise ValueError(f"qids not in the QA file: {', '.join(missing[:5])}")
+        wanted = set(qids)
+        out = [r for r in out if r.qid in wanted]
+    if types:
+        bad = [t for t in types if t not in QA_TYPES]
+        if bad:
+            raise ValueError(f"types: {bad[0]!r} is not one of {', '.join(QA_TYPES)}")
+        out = [r for r in out if r.type in types]
+    if max_questions <= 0 or len(out) <= max_questions:
+        return out
+    rng = np.random.default_rng(seed)
+    groups = {t: [i for i, r in enumerate(out) if r.type == t] for t in dict.fromkeys(r.type for r in out)}
+    order = {t: list(rng.permutation(idx)) for t, idx in groups.items()}
+    chosen: list[int] = []
+    while len(chosen) < max_questions:  # round robin over types
+        for t in groups:
+            if order[t] and len(chosen) < max_questions:
+                chosen.append(int(order[t].pop(0)))
+    return [out[i] for i in sorted(chosen)]
+
+
+def _results(row: str, records: Sequence[QARecord], gens: Sequence[Generation], seen: set[str],
+             retrieval: Sequence[dict | None] | None = None, extra: Sequence[dict] | None = None) -> list[QuestionResult]:
+    out = []
+    for i, (rec, gen) in enumerate(zip(records, gens)):
+        s = score_answer(gen.output, rec.aliases)
+        out.append(QuestionResult(row=row, qid=rec.qid, type=rec.type, seen=is_seen(rec, seen), answer=rec.answer,
+                                  output=gen.output, pred=str(s["pred"]), em=float(s["em"]), f1=float(s["f1"]),
+                                  contained=float(s["contained"]), prompt_tokens=gen.prompt_tokens,
+                                  retrieval=None if retrieval is None else retrieval[i],
+                                  extra={} if extra is None else extra[i]))
+    return out
+
+
+def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecord], facts: Sequence[Fact]) -> list[dict]:
+    """RAG's own retrieval, scored like the KB rows: rank weights stand in for alpha (best = top);
+    the time masses do not apply to it."""
+    out = []
+    for row, rec in zip(ids, records):
+        best_first = list(row)[::-1]  # rag_fact_ids writes the best last
+        weights = [float(len(best_first) - j) for j in range(len(best_first))]
+        d = score_question(best_first, weights, rec, facts).as_dict()
+        d["time_match_mass"] = d["time_mismatch_mass"] = None
+        out.append(d)
+    return out
+
+
+def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], seen: set[str],
+             batch_size: int = 16, rag_k: int | None = None, progress: bool = True
+             ) -> tuple[dict[str, list[QuestionResult]], dict[str, KBRequest], dict[str, float]]:
+    """Every requested row on the same questions: (results per row, KB requests per KB row, seconds per row)."""
+    unknown = [r for r in rows if r not in ALL_ROWS]
+    if unknown:
+        raise ValueError(f"rows: {unknown[0]!r} is not one of {', '.join(ALL_ROWS)}")
+    if not records:
+        raise ValueError("no questions to evaluate")
+    budget = ec.cfg.max_new_tokens
+    plain = backbone_prompts(ec.tokenizer, records)
+    q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)
+    results: dict[str, list[QuestionResult]] = {}
+    requests: dict[str, KBRequest] = {}
+    seconds: dict[str, float] = {}
+    for row in rows:
+        t0 = time.perf_counter()
+        gen_kwargs = dict(batch_size=batch_size, desc=row, progress=progress)
+        if row == "backbone":
+            gens = generate_rows(ec.model, ec.tokenizer, plain, budget, **gen_kwargs)
+            results[row] = _results(row, records, gens, seen)
+        elif row == "rag":
+            alive = np.asarray(ec.store.alive, dtype=bool)
+            retriever = FactRetriever(np.asarray(ec.store.raw("e_c")), alive=alive)
+            ids = rag_fact_ids(retriever, q_vecs, rag_k or ec.cfg.K_top)
+            prompts = context_prompts(ec.tokenizer, records, ec.facts, ids)
+            gens = generate_rows(ec.model, ec.tokenizer, prompts, budget, **gen_kwargs)
+            results[row] = _results(row, records, gens, seen, rag_retrieval_scores(ids, records, ec.facts),
+                                    [{"context_ids": list(i)} for i in ids])
+        elif row == "oracle_context":
+            prompts = context_prompts(ec.tokenizer, records, ec.facts, oracle_fact_ids(records))
+            gens = generate_rows(ec.model, ec.tokenizer, prompts, budget, **gen_kwargs)
+            results[row] = _results(row, records, gens, seen)
+        else:
+            req = kb_request(ec.model, ec.source, torch.from_numpy(q_vecs), records, KB_VARIANTS[row], ec.tail_table)
+            gens = generate_rows(ec.model, ec.tokenizer, plain, budget, request=req, **gen_kwargs)
+            last = [req.records[i] for i in range(len(records))]
+            ret = [score_question(r.cand_ids, r.alpha, rec, ec.facts).as_dict() for r, rec in zip(last, records)]
+            extra = [{"cand_ids": r.cand_ids, "alpha": [round(a, 4) for a in r.alpha], "beta": round(r.beta, 4),
+                      "copy_gate": None if r.copy_gate is None else round(r.copy_gate, 4)} for r in last]
+            results[row] = _results(row, records, gens, seen, ret, extra)
+            requests[row] = req
+        seconds[row] = round(time.perf_counter() - t0, 2)
+    return results, requests, seconds
+
+
+def usable_rows(ec: EvalContext, rows: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(rows to run, rows skipped): answer-head rows need a checkpoint with a copy gate."""
+    has_gate = getattr(ec.model, "kb_copy_gate", None) is not None
+    keep, skipped = [], []
+    for row in rows:
+        variant = KB_VARIANTS.get(row)
+        (skipped if variant is not None and variant.answer_head and not has_gate else keep).append(row)
+    for row in skipped:
+        log.warning("row %s skipped: the checkpoint has no kb_copy_gate (answer head)", row)
+    return keep, skipped
+
+
+def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, rag_k: int | None) -> dict[str, Any]:
+    """The settings every row shares, printed above the table."""
+    from kblampp.backbone import SHORT_ANSWER_INSTRUCTION
+
+    return {"qa": qa_path, "questions": n_questions, "backbone": ec.cfg.backbone, "max_new_tokens": ec.cfg.max_new_tokens,
+            "K_top": ec.cfg.K_top, "rag_k": rag_k or ec.cfg.K_top, "retrieval": ec.cfg.retrieval,
+            "n_facts": len(ec.facts), "batch_size": batch_size, "instruction": SHORT_ANSWER_INSTRUCTION}
+
+
+
+def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Sequence[str] = DEFAULT_ROWS,
+             max_questions: int = 0, types: Sequence[str] | None = None, batch_size: int = 16,
+             rag_k: int | None = None, kb_edit_n: int = 0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """The whole eval_qa run: questions, every row, the KB-edit check; writes results.json/.md and
+    predictions.jsonl into `out_dir` and returns the JSON payload."""
+    from kblampp.evaluation.kb_edit import markdown_kb_edit, run_kb_edit
+    from kblampp.evaluation.report import seen_answers, write_report
+    from kblampp.schema import load_qa
+
+    records = select_questions(load_qa(qa_path, num_facts=len(ec.facts)), max_questions, types, seed=seed)
+    train_path = Path(ec.cfg.train_dataset) if ec.cfg.train_dataset else None
+    seen = seen_answers(load_qa(train_path)) if train_path is not None and train_path.is_file() else set()
+    notes = [] if seen else [f"No training QA at {train_path}: every answer counts as unseen."]
+    keep, skipped = usable_rows(ec, rows)
+    notes += [f"Row {r} skipped: the checkpoint has no answer-head copy gate." for r in skipped]
+    results, _, seconds = run_rows(ec, records, keep, seen, batch_size, rag_k, progress)
+    extra: dict[str, Any] = {"info": ec.info, "skipped_rows": skipped, "row_seconds": seconds}
+    if kb_edit_n > 0:
+        extra["kb_edit"] = run_kb_edit(ec, records, kb_edit_n, batch_size, seed, progress=progress)
+        notes.append(markdown_kb_edit(extra["kb_edit"]))
+    stats = {row: {"ms_per_question": 1000.0 * s / len(records)} for row, s in seconds.items()}
+    meta = run_meta(ec, str(qa_path), len(records), batch_size, rag_k)
+    return write_report(out_dir, results, meta=meta, extra=extra, notes=notes, row_stats=stats)
+
+
+def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "kblampp", batch_size: int = 16,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """Evidence entries (plan 7.2) of one KBLaM++ row for `records`: answer, candidates, alpha."""
+    from kblampp.evaluation.evidence import evidence_entry
+
+    if row not in KB_VARIANTS:
+        raise ValueError(f"row: {row!r} is not a KBLaM++ row ({', '.join(KB_VARIANTS)})")
+    if not records:
+        raise ValueError("no questions selected")
+    keep, _ = usable_rows(ec, [row])
+    if not keep:
+        raise ValueError(f"row {row!r} needs the answer head, but the checkpoint has no kb_copy_gate")
+    q_vecs = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
+    req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table)
+    gens = generate_rows(ec.model, ec.tokenizer, backbone_prompts(ec.tokenizer, records), ec.cfg.max_new_tokens,
+                         batch_size=batch_size, request=req, desc=row, progress=progress)
+    return [evidence_entry(rec, gen.pred, req.records[i], ec.facts, output=gen.output)
+            for i, (rec, gen) in enumerate(zip(records, gens))]
