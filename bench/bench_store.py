@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--noise", type=float, default=0.3, help="query = key + noise of this relative norm")
     p.add_argument("--reuse", action="store_true", help="reuse an existing store in --out_dir")
+    p.add_argument("--ivfpq_variant", action="append", default=[], metavar="PQ_M:NPROBE",
+                   help="also measure an in-memory IVF-PQ with these parameters (repeatable), e.g. 48:64")
     args = p.parse_args(argv)
     out, res = Path(args.out_dir), {"machine": f"{platform.processor() or platform.machine()}, "
                                     f"{__import__('os').cpu_count()} cores", "date": time.strftime("%Y-%m-%d")}
@@ -107,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         for row in q[:200]:
             index.search(row[None], args.k)
         res[f"{method}_single_query_ms"] = (time.perf_counter() - t0) / 200 * 1000
+    for variant in args.ivfpq_variant:
+        pq_m, nprobe = (int(x) for x in variant.split(":"))
+        t0 = time.perf_counter()
+        index = KnowledgeIndex.build(keys, "ivfpq", "cosine", pq_m=pq_m, nprobe=nprobe)
+        name = f"ivfpq_m{pq_m}_nprobe{nprobe}"
+        res[f"{name}_build_s"] = time.perf_counter() - t0
+        q = queries[f"keys_plus_{args.noise}_noise"]
+        res[f"{name}_recall@{args.k}_keys_plus_{args.noise}_noise"] = recall_at_k(index, keys, q, args.k)["recall"]
+        t0 = time.perf_counter()
+        index.search(q, args.k)
+        res[f"{name}_batched_qps"] = len(q) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     exact = KnowledgeIndex.build(keys, "flat", "cosine")
     exact.search(queries[f"keys_plus_{args.noise}_noise"], args.k)

@@ -141,7 +141,8 @@ def _check_facts_file(path: Path, n: int) -> np.ndarray:
 
 
 class KBValueStore:
-    """A loaded store; see the module doc. Edits need `embedder=` at load time."""
+    """A loaded store; see the module doc. Edits need `embedder=` at load time and are not
+    thread-safe: a server serialises edits with a lock (reads may run alongside)."""
 
     def __init__(self, root: Path, mmap: bool, embedder: Embedder | None):
         self.root, self.mmap, self.embedder = root, mmap, embedder
@@ -178,22 +179,23 @@ class KBValueStore:
                                  f"(expected shape {shape}, dtype {dtype})")
         for name, entry in {**m["arrays"], **{f"extra/{k}.npy": v for k, v in m.get("extra", {}).items()}}.items():
             check_npy(root / name, tuple(entry["shape"]), entry["dtype"])
-        self.arrays = {name: load_npy(root / name, self.mmap) for name in m["arrays"]}
-        self.encoder = load_kv_encoder(root / ENCODER_FILE)
-        enc_hash = weights_hash(self.encoder)
+        arrays = {name: load_npy(root / name, self.mmap) for name in m["arrays"]}
+        encoder = load_kv_encoder(root / ENCODER_FILE)
+        enc_hash = weights_hash(encoder)
         if enc_hash != m["kv_encoder"]["sha256"]:
             raise StoreError(f"{root / ENCODER_FILE}: weights hash {enc_hash[:12]} does not match the "
                              f"manifest's kv_encoder.sha256 {m['kv_encoder']['sha256'][:12]}")
-        cfg = self.encoder.config
+        cfg = encoder.config
         if (cfg.d_ctx, cfg.d_k, cfg.d_v) != (m["d_ctx"], m["d_k"], m["d_v"]):
             raise StoreError(f"{root / ENCODER_FILE}: encoder dims (d_ctx, d_k, d_v) = "
                              f"{(cfg.d_ctx, cfg.d_k, cfg.d_v)}, manifest {(m['d_ctx'], m['d_k'], m['d_v'])}")
         if self.embedder is not None and (self.embedder.name != m["embedding_model"] or self.embedder.dim != m["d_ctx"]):
             raise StoreError(f"{where}: embedding_model: store was encoded with {m['embedding_model']!r} "
                              f"(d_ctx {m['d_ctx']}), the embedder given is {self.embedder.name!r} (dim {self.embedder.dim})")
-        self._offsets = _check_facts_file(root / "facts.jsonl", n)
-        self.id_maps = read_json(root / "meta/id_maps.json", "id maps")
-        self.manifest = m
+        offsets = _check_facts_file(root / "facts.jsonl", n)
+        id_maps = read_json(root / "meta/id_maps.json", "id maps")
+        # assign together, so a reader never mixes an old manifest with new arrays
+        self.arrays, self.encoder, self._offsets, self.id_maps, self.manifest = arrays, encoder, offsets, id_maps, m
 
     # ---- properties --------------------------------------------------------------------------
     n = property(lambda self: int(self.manifest["n"]))
@@ -395,8 +397,7 @@ class KBValueStore:
             for name, write in index.writers().items():
                 writers[f"index_{index.method}/{name}"] = write
         writers["manifest.json"] = lambda p: write_json_atomic(p, manifest)
-        self.arrays = {}  # drop our maps of files about to be replaced
-        try:
+        try:  # the old memory maps stay valid while files are replaced (POSIX rename semantics)
             commit_files(self.root, writers, _crash_after=self._crash_after)
         finally:
             self._open()
