@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_retrieval import cached_index, synthetic_keys  # noqa: E402
+from bench_retrieval import IVFSource, TorchIVF, cached_index, synthetic_keys  # noqa: E402
 from kblampp.config import KBConfig  # noqa: E402
 from kblampp.kb_context import KBContext  # noqa: E402
 from kblampp.model import KBLaMPP  # noqa: E402
@@ -73,8 +73,7 @@ def random_model(name: str, device: str, dtype: torch.dtype, quant4: bool) -> to
     arch, kwargs = SHAPES[name]
     cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     torch.manual_seed(0)
-    build_device = "cpu" if quant4 else device
-    with torch.device(build_device):
+    with torch.device(device):  # random init on the device is fast; 4-bit reloads from a saved copy
         model = model_cls(cfg_cls(**kwargs)).to(dtype)
     if not quant4:
         return model.eval()
@@ -83,8 +82,14 @@ def random_model(name: str, device: str, dtype: torch.dtype, quant4: bool) -> to
     with tempfile.TemporaryDirectory(prefix="kblampp_bench_") as tmp:
         model.save_pretrained(tmp)
         del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
         model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=dtype,
                                                      device_map={"": device})
+    n4 = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    if n4 == 0:
+        raise SystemExit(f"{name}: --quant4 asked, but no Linear4bit module was loaded")
+    print(f"  {name}: {n4} Linear4bit (NF4) modules", flush=True)
     return model.eval()
 
 
@@ -261,7 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quant4", action="store_true", help="4-bit NF4 backbone (bitsandbytes)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    p.add_argument("--retrieval", nargs="+", default=["exact", "hnsw"], choices=["exact", "hnsw"])
+    p.add_argument("--retrieval", nargs="+", default=["exact", "hnsw"], choices=["exact", "hnsw", "ivf"],
+                   help="exact = TensorKB matmul on the device; hnsw = faiss on the host; ivf = TorchIVF on the device")
     p.add_argument("--k_top", type=int, nargs="+", default=[8, 16])
     p.add_argument("--layers", nargs="+", default=None,
                    help="inject layer sets, comma-separated (default: the plan's set and the first layer alone)")
@@ -273,6 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hnsw_m", type=int, default=16)
     p.add_argument("--ef_construction", type=int, default=40)
     p.add_argument("--ef_search", type=int, default=16)
+    p.add_argument("--nlist", type=int, default=0, help="ivf lists (0 = 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=16, help="ivf lists probed per query")
     p.add_argument("--no_decode", action="store_true", help="prefill only")
     p.add_argument("--profile", action="store_true", help="time the parts of the knowledge branch per row")
     p.add_argument("--train_step", type=int, nargs=2, metavar=("BATCH", "SEQ"), default=None,
@@ -315,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     layer_sets = args.layers or _default_layer_sets(args.backbone, n_layers)
     rows: list[dict] = []
+    ivf_cache: dict[int, TorchIVF] = {}
     plain_prefill = lambda: model(input_ids=input_ids, attention_mask=attn)  # noqa: E731
     plain_decode = lambda: model.generate(input_ids=input_ids, attention_mask=attn, do_sample=False,  # noqa: E731
                                           max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
@@ -323,13 +332,23 @@ def main(argv: list[str] | None = None) -> int:
         layers = [int(x) for x in layer_set.split(",")]
         if any(not 0 <= x < n_layers for x in layers):
             raise SystemExit(f"--layers: {layer_set} is out of range for {n_layers} layers")
-        kb = TensorKB(keys_all[:n].to(device), values_all[:n].to(device), ctx_all[:n].to(device),
-                      tmin_all[:n].to(device), tmax_all[:n].to(device))
+        kb = TensorKB(keys_all[:n].to(device, kdt), values_all[:n].to(device, kdt), ctx_all[:n].to(device, kdt),
+                      tmin_all[:n].to(device), tmax_all[:n].to(device))  # days stay float32
         source, build_info = kb, {}
         if kind == "hnsw":
             index, build_info = cached_index(keys_np[:n], "hnsw", "gauss-seed0", hnsw_m=args.hnsw_m,
                                              ef_construction=args.ef_construction, ef_search=args.ef_search)
             source = IndexedKB(index, TensorStore(kb))
+        elif kind == "ivf":
+            nlist = args.nlist or int(4 * n ** 0.5)
+            if n not in ivf_cache:
+                t0 = time.perf_counter()
+                ivf_cache[n] = TorchIVF(kb.K, nlist=nlist, nprobe=args.nprobe)
+                sync(device)
+                build_info = {"build_s": round(time.perf_counter() - t0, 2)}
+                print(f"  TorchIVF N={n:,} nlist {nlist}: {build_info['build_s']} s, longest list {ivf_cache[n].L}",
+                      flush=True)
+            source = IVFSource(ivf_cache[n], kb)
         cfg = KBConfig(inject_layers=layers, K_top=k_top, d_k=args.d_k, d_v=args.d_k, d_ctx=384)
         kbm = make_kb(KBLaMPP(model, cfg, d_ctx=384), device, kdt)
         # the branch runs in full (retrieval, scoring, fusion); its term is zero at init, which costs the same
@@ -354,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         med = {k: statistics.median(v) for k, v in times.items() if v}
         tokens = args.batch * args.seq
         row: dict[str, Any] = {
-            "N": n, "retrieval": kind if kind == "exact" else f"hnsw ef{args.ef_search}", "K_top": k_top,
+            "N": n, "retrieval": _retrieval_name(kind, args, n), "K_top": k_top,
             "layers": layers, "plain_prefill_tok_s": tokens / med["plain_prefill"],
             "kb_prefill_tok_s": tokens / med["kb_prefill"], "prefill_ratio": med["plain_prefill"] / med["kb_prefill"],
             "peak_mem_mb": memory_mb(device), "load_avg": os.getloadavg()[0]}
@@ -378,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = KBConfig(inject_layers=[int(x) for x in layer_sets[0].split(",")], K_top=args.k_top[0], d_k=args.d_k,
                        d_v=args.d_k, d_ctx=384)
         kbm = make_kb(KBLaMPP(model, cfg, d_ctx=384), device, kdt)
-        kb = TensorKB(keys_all.to(device), values_all.to(device), ctx_all.to(device), tmin_all.to(device),
-                      tmax_all.to(device))
+        kb = TensorKB(keys_all.to(device, kdt), values_all.to(device, kdt), ctx_all.to(device, kdt),
+                      tmin_all.to(device), tmax_all.to(device))
         extra = train_step_time(kbm, kb, b, t, vocab, device, args.repeats)
         extra.update(train_batch=b, train_seq=t, train_N=n_max, train_layers=cfg.inject_layers)
         kbm.unpatch()
@@ -393,6 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps({"argv": sys.argv, "device": dev_name, "rows": rows, "train": extra}, indent=1))
         os.replace(tmp, out)
     return 0
+
+
+def _retrieval_name(kind: str, args: argparse.Namespace, n: int) -> str:
+    if kind == "hnsw":
+        return f"hnsw M{args.hnsw_m} ef{args.ef_search}"
+    if kind == "ivf":
+        return f"ivf {args.nlist or int(4 * n ** 0.5)}/{args.nprobe}"
+    return "exact"
 
 
 def _default_layer_sets(backbone: str, n_layers: int) -> list[str]:
