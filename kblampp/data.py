@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from kblampp.backbone import build_prompt, end_of_turn_id
 from kblampp.schema import QARecord
@@ -66,10 +67,13 @@ def answer_fact_of(rec: QARecord) -> int:
 
 
 def encode_record(tokenizer: Any, rec: QARecord, index: int, max_seq_len: int,
-                  instruction: str | None = None) -> Example:
-    """Tokenize prompt + answer + end token; the prompt is cut from the left if it is too long."""
+                  instruction: str | None = None, end_id: int | None = None) -> Example:
+    """Tokenize prompt + answer + end token; the prompt is cut from the left if it is too long.
+
+    Pass `end_id` when encoding many records (looking it up reads the whole vocabulary)."""
     prompt_ids = tokenizer.encode(build_prompt_text(tokenizer, rec.question, instruction), add_special_tokens=False)
-    answer_ids = tokenizer.encode(rec.answer, add_special_tokens=False) + [answer_end_id(tokenizer)]
+    end = answer_end_id(tokenizer) if end_id is None else end_id
+    answer_ids = tokenizer.encode(rec.answer, add_special_tokens=False) + [end]
     if len(answer_ids) >= max_seq_len:
         raise ValueError(f"qid {rec.qid}: answer: {len(answer_ids)} tokens do not fit max_seq_len={max_seq_len}")
     keep = max_seq_len - len(answer_ids)
@@ -90,7 +94,9 @@ class QADataset(torch.utils.data.Dataset):
         if e_q.ndim != 2 or e_q.shape[0] != len(records):
             raise ValueError(f"e_q: expected shape ({len(records)}, d_ctx), got {tuple(e_q.shape)}")
         self.records = list(records)
-        self.examples = [encode_record(tokenizer, r, i, max_seq_len, instruction) for i, r in enumerate(records)]
+        end_id = answer_end_id(tokenizer)
+        self.examples = [encode_record(tokenizer, r, i, max_seq_len, instruction, end_id)
+                         for i, r in enumerate(tqdm(records, desc="tokenize QA", disable=len(records) < 2000))]
         self.e_q = torch.from_numpy(np.ascontiguousarray(e_q, dtype=np.float32))
         self.pad_id = pad_id(tokenizer)
 

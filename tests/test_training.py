@@ -116,6 +116,21 @@ def test_hard_negatives_order(world):
     assert hard_negatives(table, [1], [[1, 2]], limit=1)[0].tolist() == [0]
 
 
+def test_fact_table_from_a_built_store_matches_the_facts(world, tmp_path):
+    from kblampp.kb_store import KBValueStore, write_store
+
+    t = world["table"]
+    raw = {k: getattr(t, k).numpy() for k in ("e_h", "e_r", "e_t", "e_c")}
+    write_store(tmp_path / "store", world["facts"], raw, KVEncoder(D_CTX, 16, 16, 8, 32), "toy:hash-trigram",
+                progress=False)
+    got = FactTable.from_store(KBValueStore.load(tmp_path / "store"), world["facts"])
+    for name in ("e_h", "e_r", "e_t", "e_c", "ctx_vec"):
+        assert torch.equal(getattr(got, name), getattr(t, name))
+    assert torch.equal(got.tau_min, t.tau_min.float().double()) and got.head_keys == t.head_keys
+    with pytest.raises(ValueError, match="store has 18 facts but the 5-tuple file has 3"):
+        FactTable.from_store(KBValueStore.load(tmp_path / "store"), world["facts"][:3])
+
+
 def test_cached_states_are_the_inject_layer_input_at_the_last_prompt_token(world, tmp_path):
     model = tiny_llama()
     ds = QADataset(world["qa"][:5], world["tok"], torch.zeros(5, 1).numpy(), 48)
@@ -138,6 +153,32 @@ def test_cached_states_are_the_inject_layer_input_at_the_last_prompt_token(world
                                    progress=False)  # no backbone needed: read from the file
     assert calls == [5] and torch.equal(first["hidden"], again["hidden"]) and torch.equal(first["e_q"], again["e_q"])
     assert len(list(tmp_path.glob("states_*.safetensors"))) == 1
+
+
+def test_shared_prompt_prefix_is_computed_once_with_the_same_states(world):
+    from kblampp.training.cache import common_prefix_len
+    from kblampp.training.copy_gate_phase import answer_position_cache
+
+    model = tiny_llama()
+    ds = QADataset(world["qa"][:4], world["tok"], torch.zeros(4, 1).numpy(), 512)  # full system prompt
+    prompts = [ex.input_ids[:ex.prompt_len] for ex in ds.examples]
+    plen = common_prefix_len(prompts)
+    assert plen > 100 and all(p[:plen] == prompts[0][:plen] for p in prompts)
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2 and common_prefix_len([[5], [6, 7]]) == 0
+    got = inject_layer_states(model, prompts, 1, pad=0, batch_size=3, progress=False)
+    cache = answer_position_cache(model, ds, [0, 1, 2, 3], 1, batch_size=3, progress=False)
+    for i, ex in enumerate(ds.examples):
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ex.input_ids]), output_hidden_states=True)
+        states = model.model.layers[1].input_layernorm(out.hidden_states[1])[0]
+        assert torch.allclose(got[i], states[ex.prompt_len - 1], atol=1e-5)
+        pos = torch.arange(ex.prompt_len - 1, len(ex.input_ids) - 1)
+        gold = torch.tensor(ex.input_ids[ex.prompt_len:])
+        logp = torch.log_softmax(out.logits[0], -1)[pos, gold]
+        n = len(pos)
+        assert torch.allclose(cache["lm_logp"][i, :n], logp, atol=1e-4)
+        assert torch.allclose(cache["hidden"][i, :n], states[pos], atol=1e-5)
+        assert cache["gold"][i, :n].tolist() == gold.tolist() and (cache["gold"][i, n:] == -1).all()
 
 
 def test_full_scores_give_the_models_own_alpha(world):

@@ -36,6 +36,63 @@ def cache_key(backbone_name: str, layer: int, prompts: Sequence[Sequence[int]], 
     return digest.hexdigest()[:20]
 
 
+def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every prompt shares (the system prompt), leaving each >= 1 own token."""
+    if not prompts:
+        return 0
+    first, n = list(prompts[0]), min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+class PrefixCache:
+    """KV cache of the shared prompt prefix, computed once (up to `stop_layer` when given) and copied
+    per batch, so each question only runs its own tokens. Causal attention makes the states equal
+    (to float tolerance) to a full forward over prefix + suffix."""
+
+    def __init__(self, backbone: torch.nn.Module, prefix: Sequence[int], stop_layer: int | None = None):
+        from transformers import DynamicCache
+
+        self.length = len(prefix)
+        self.cache = DynamicCache() if self.length else None
+        if not self.length:
+            return
+        device = next(backbone.parameters()).device
+        handle = None
+        if stop_layer is not None:
+            def stop(_m: Any, _args: tuple, _kwargs: dict) -> None:
+                raise _StopForward
+            handle = hf_arch.get_attention(backbone, stop_layer).register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            backbone(input_ids=torch.tensor([list(prefix)], device=device), past_key_values=self.cache, use_cache=True)
+        except _StopForward:
+            pass
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def for_batch(self, batch: int) -> Any:
+        if self.cache is None:
+            return None
+        import copy
+
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def run(self, backbone: torch.nn.Module, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> Any:
+        """Forward over right-padded suffixes (B, S) after the shared prefix."""
+        bsz = suffix_ids.shape[0]
+        mask = torch.cat([torch.ones(bsz, self.length, dtype=suffix_mask.dtype, device=suffix_mask.device),
+                          suffix_mask], dim=1)
+        cache = self.for_batch(bsz)
+        return backbone(input_ids=suffix_ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
+
+
 @torch.inference_mode()
 def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[int]], layer: int, pad: int,
                         batch_size: int = 16, positions: Sequence[Sequence[int]] | None = None,
@@ -55,20 +112,23 @@ def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[in
     device = next(backbone.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: torch.Tensor | None = None
+    plen = common_prefix_len(prompts)
+    prefix = PrefixCache(backbone, list(prompts[0][:plen]), stop_layer=layer)
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         bar = tqdm(total=len(prompts), desc=f"cache layer-{layer} states", unit="q", disable=not progress)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in rows)
+            width = max(len(prompts[i]) for i in rows) - plen
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for b, i in enumerate(rows):
-                ids[b, :len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
-                mask[b, :len(prompts[i])] = 1
+                own = list(prompts[i][plen:])
+                ids[b, :len(own)] = torch.tensor(own, dtype=torch.long)
+                mask[b, :len(own)] = 1
             captured.clear()
             try:
-                backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                prefix.run(backbone, ids.to(device), mask.to(device))
             except _StopForward:
                 pass
             if not captured:
@@ -80,9 +140,9 @@ def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[in
                 out = torch.zeros(shape)
             for b, i in enumerate(rows):
                 if positions is None:
-                    out[i] = hidden[b, len(prompts[i]) - 1]
+                    out[i] = hidden[b, len(prompts[i]) - 1 - plen]
                 else:
-                    out[i] = hidden[b, torch.tensor(list(positions[i]), dtype=torch.long)]
+                    out[i] = hidden[b, torch.tensor(list(positions[i]), dtype=torch.long) - plen]
             bar.update(len(rows))
         bar.close()
     finally:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from kblampp import hf_arch
 from kblampp.answer_head import MAX_GATE_MASS, candidate_tails, pointer_at_steps
 from kblampp.data import QADataset, batch_schedule
+from kblampp.training.cache import PrefixCache, common_prefix_len
 from kblampp.training.loop import Phase
 
 
@@ -38,19 +39,25 @@ def answer_position_cache(backbone: torch.nn.Module, dataset: QADataset, rows: S
     lm_logp = torch.zeros(len(exs), P)
     gold = torch.full((len(exs), P), -1, dtype=torch.long)
     device = next(backbone.parameters()).device
+    plen = common_prefix_len([ex.input_ids[:ex.prompt_len] for ex in exs])
+    handle.remove()  # the shared prefix runs without the hook
+    prefix = PrefixCache(backbone, exs[0].input_ids[:plen])
+    handle = attn.register_forward_pre_hook(
+        lambda _m, args, kwargs: grabbed.append(hf_arch.attention_hidden_states(args, kwargs)), with_kwargs=True)
     try:
         for start in tqdm(range(0, len(exs), batch_size), desc="cache answer positions", disable=not progress):
             chunk = list(rows[start:start + batch_size])
             batch = dataset.batch(chunk)
             grabbed.clear()
-            out = backbone(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           use_cache=False)
+            out = prefix.run(backbone, batch["input_ids"][:, plen:].to(device),
+                             batch["attention_mask"][:, plen:].to(device))
             logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
             h = grabbed[0].float().cpu()
             for b in range(len(chunk)):
                 ex = exs[start + b]
-                pos = torch.arange(ex.prompt_len - 1, len(ex.input_ids) - 1)
+                pos = torch.arange(ex.prompt_len - 1, len(ex.input_ids) - 1) - plen
                 tok = torch.tensor(ex.input_ids[ex.prompt_len:])
+                pos = pos.to(torch.long)
                 n = len(pos)
                 hidden[start + b, :n] = h[b, pos]
                 lm_logp[start + b, :n] = logp[b, pos, tok]

@@ -57,9 +57,8 @@ class FactTable:
     @classmethod
     def from_store(cls, store: Any, facts: Sequence[Fact]) -> "FactTable":
         """Raw embeddings and meta arrays of a built store (engineer B's `KBValueStore`), facts for ids."""
-        raw = store.raw_embeddings() if hasattr(store, "raw_embeddings") else {
-            k: store.raw(k) for k in ("e_h", "e_r", "e_t", "e_c")}
-        meta = {k: np.asarray(store.meta(k)) for k in ("ctx_vec", "tau_min", "tau_max")}
+        raw = {k: store.raw(k) for k in ("e_h", "e_r", "e_t", "e_c")}
+        meta = {k: np.asarray(store.arrays[f"meta/{k}.npy"]) for k in ("ctx_vec", "tau_min", "tau_max")}
         if len(facts) != len(raw["e_h"]):
             raise ValueError(f"store has {len(raw['e_h'])} facts but the 5-tuple file has {len(facts)}")
         t = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in raw.items()}
