@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--noise", type=float, default=0.3, help="query = key + noise of this relative norm")
     p.add_argument("--reuse", action="store_true", help="reuse an existing store in --out_dir")
+    p.add_argument("--methods", default="hnsw,ivfpq", help="indexes built into the store and measured ('' = none)")
     p.add_argument("--ivfpq_variant", action="append", default=[], metavar="PQ_M:NPROBE",
                    help="also measure an in-memory IVF-PQ with these parameters (repeatable), e.g. 48:64")
     args = p.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     base = keys[pick]
     noise *= args.noise * np.linalg.norm(base, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1, keepdims=True)
     queries = {"stored_keys": base, f"keys_plus_{args.noise}_noise": base + noise}
-    for method in ("hnsw", "ivfpq"):
+    for method in [m for m in args.methods.split(",") if m]:
         rep = build_store_index(store_dir, method, "cosine")
         res[f"{method}_build_s"], res[f"{method}_params"] = rep["build_s"], rep["params"]
         index = KnowledgeIndex.load(store.index_dir(method), expect_n=store.n, expect_store_id=store.store_id)

@@ -164,6 +164,10 @@ class KBValueStore:
         where = root / "manifest.json"
         if m.get("format") != FORMAT:
             raise StoreError(f"{where}: format: not a KBLaM++ store manifest")
+        for key in ("n", "d_k", "d_v", "d_ctx", "dtype", "arrays", "kv_encoder", "embedding_model", "store_uid",
+                    "keys_version"):
+            if key not in m:
+                raise StoreError(f"{where}: {key}: missing field")
         n = m["n"]
         expect = {"K.npy": ([n, m["d_k"]], m["dtype"]), "V.npy": ([n, m["d_v"]], m["dtype"]),
                   "meta/ctx_vec.npy": ([n, m["d_ctx"]], m["dtype"]), "meta/tau_min.npy": ([n], "float32"),
@@ -417,7 +421,7 @@ def encode_file(tuples_path: str | Path, store_dir: str | Path, embedding_model:
     t0 = time.perf_counter()
     facts = load_facts(tuples_path)
     if not facts:
-        raise SchemaError(tuples_path, [])
+        raise ValueError(f"{tuples_path}: no facts (an empty store is not useful)")
     source_sha = sha256_file(tuples_path)
     raw, reused = None, False
     if kv_encoder is not None and (Path(store_dir) / "manifest.json").is_file():
