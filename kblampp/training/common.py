@@ -30,6 +30,14 @@ class StageModules:
         self.holder = nn.ModuleDict({"model": self.model, "kv": self.kv})
 
     @property
+    def device(self) -> torch.device:
+        return self.table.e_h.device
+
+    def batch(self, dataset: Any, rows: list[int]) -> dict[str, torch.Tensor]:
+        """A collated batch of `dataset` rows on the model's device."""
+        return {k: v.to(self.device) for k, v in dataset.batch(rows).items()}
+
+    @property
     def first_layer(self) -> int:
         return int(self.model.inject_layers[0])
 

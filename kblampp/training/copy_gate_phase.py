@@ -71,7 +71,8 @@ def answer_position_cache(backbone: torch.nn.Module, dataset: QADataset, rows: S
 def pointer_at_gold(tail_table: torch.Tensor, cand_ids: torch.Tensor, alpha: torch.Tensor, gold: torch.Tensor,
                     vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(p_copy of the gold token, pointer mass), both (n, P), with the answer head's own pointer."""
-    steps = torch.where(gold >= 0, torch.arange(gold.shape[1]).expand_as(gold), torch.full_like(gold, -1))
+    steps = torch.where(gold >= 0, torch.arange(gold.shape[1], device=gold.device).expand_as(gold),
+                        torch.full_like(gold, -1))
     p_gold, masses = [], []
     for s in range(0, gold.shape[0], 64):
         e = slice(s, s + 64)
@@ -97,6 +98,9 @@ class CopyGateTrainer:
     def __init__(self, cfg: Any, gate: torch.nn.Module, cache: dict[str, torch.Tensor], cand_ids: torch.Tensor,
                  alpha: torch.Tensor, tail_table: torch.Tensor, vocab: int, rank: int = 0, world: int = 1):
         self.cfg, self.gate, self.rank, self.world = cfg, gate, rank, world
+        device = gate.proj.weight.device
+        cache = {k: v.to(device) for k, v in cache.items()}
+        cand_ids, alpha, tail_table = cand_ids.to(device), alpha.to(device), tail_table.to(device)
         self.hidden, self.lm_logp, gold = cache["hidden"], cache["lm_logp"], cache["gold"]
         self.valid = (gold >= 0).float()
         self.p_copy, self.mass = pointer_at_gold(tail_table, cand_ids, alpha, gold, vocab)
@@ -108,13 +112,14 @@ class CopyGateTrainer:
 
     def step(self, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         n = self.hidden.shape[0]
-        rows = torch.tensor(batch_schedule(n, min(64, n), micro, self.cfg.seed + 2, self.rank, self.world))
+        rows = torch.tensor(batch_schedule(n, min(64, n), micro, self.cfg.seed + 2, self.rank, self.world),
+                            device=self.hidden.device)
         return self.loss(rows), {}, len(rows)
 
     @torch.no_grad()
     def evaluate(self, step: int = 0) -> dict[str, float]:
         """Mixture NLL with the gate as is, against the plain LM (g = 0) and always-copy (g = 1)."""
-        rows = torch.arange(self.hidden.shape[0])
+        rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)
         ones = torch.ones_like(self.mass[rows])
         return {"nll_gate": float(self.loss(rows)),
                 "nll_lm_only": float(mixture_gold_nll(0 * ones, self.mass, self.lm_logp, self.p_copy, self.valid)),

@@ -32,11 +32,11 @@ def mixture_nll(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def last_prompt_retrieval_loss(mods: StageModules, batch: dict[str, torch.Tensor], ctx: Any,
                                keys: torch.Tensor, positives: str) -> torch.Tensor:
     """InfoNCE of s / temperature over all keys for each inject layer, at each row's last prompt token."""
-    rows = torch.arange(batch["input_ids"].shape[0])
+    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
     table = mods.table
     sup = batch["supporting"] if positives == "all" else batch["answer_fact"].unsqueeze(1)
     pos = positive_mask(table.num_facts, sup)
-    total = torch.zeros(())
+    total: torch.Tensor | float = 0.0
     for layer, kb in mods.layer_modules().items():
         h = ctx.records[layer][0].hidden[rows, batch["last_prompt_pos"]]
         _, s = full_scores(kb, h, batch["e_q"], batch["tau"], keys, table.ctx_vec, table.tau_min, table.tau_max)
@@ -64,7 +64,7 @@ class E2ETrainer:
 
     def step(self, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         rows = batch_schedule(len(self.train), self.cfg.batch_size, micro, self.cfg.seed + 3, self.rank, self.world)
-        batch = self.train.batch(rows)
+        batch = self.mods.batch(self.train, rows)
         parts = self.losses(batch)
         sa = self.cfg.stage_a
         loss = parts["mixture"] + sa.e2e_injection_weight * parts["injection"] + sa.e2e_retrieval_weight * parts["retrieval"]

@@ -4,7 +4,7 @@ mining needs (head, relation, head-name parts).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -34,6 +34,12 @@ class FactTable:
     @property
     def num_facts(self) -> int:
         return int(self.e_h.shape[0])
+
+    def to(self, device: torch.device | str) -> "FactTable":
+        """A copy with every tensor on `device` (the id lists are shared)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
     @classmethod
     def from_facts(cls, facts: Sequence[Fact], embed: Embed) -> "FactTable":

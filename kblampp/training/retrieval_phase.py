@@ -40,6 +40,11 @@ class RetrievalData:
     def __len__(self) -> int:
         return int(self.e_q.shape[0])
 
+    def to(self, device: torch.device | str) -> "RetrievalData":
+        return RetrievalData({k: v.to(device) for k, v in self.hidden.items()}, self.e_q.to(device),
+                             self.tau.to(device), self.answer.to(device), self.supporting.to(device), self.qtypes,
+                             self.hard.to(device))
+
 
 def full_scores(kb: KBInjection, h: torch.Tensor, e_q: torch.Tensor, tau: torch.Tensor, keys: torch.Tensor,
                 ctx_vec: torch.Tensor, tau_min: torch.Tensor, tau_max: torch.Tensor
@@ -94,7 +99,7 @@ class RetrievalTrainer:
 
     def step(self, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         rows = torch.tensor(batch_schedule(len(self.train), self.sa.retrieval_batch, micro, self.cfg.seed,
-                                           self.rank, self.world), dtype=torch.long)
+                                           self.rank, self.world), dtype=torch.long, device=self.train.e_q.device)
         keys = self.keys()
         d, n = self.train, self.table.num_facts
         if self.sa.retrieval_positives == "all":
@@ -103,7 +108,7 @@ class RetrievalTrainer:
             pos = positive_mask(n, d.answer[rows].unsqueeze(1))
         else:
             raise ValueError(f"stage_a.retrieval_positives: {self.sa.retrieval_positives!r} is not answer|all")
-        total = torch.zeros(())
+        total: torch.Tensor | float = 0.0
         hits1 = 0
         for layer in self.layers:
             sem, s = self.scores(layer, d, rows, keys)
@@ -123,7 +128,7 @@ class RetrievalTrainer:
             t = self.table
             groups: dict[tuple[str, str], int] = {}
             self._hr_group = torch.tensor([groups.setdefault((h, r), len(groups))
-                                           for h, r in zip(t.head_keys, t.relation_keys)])
+                                           for h, r in zip(t.head_keys, t.relation_keys)], device=facts.device)
         return self._hr_group[facts].unsqueeze(1) == self._hr_group.unsqueeze(0)
 
     @torch.no_grad()
@@ -148,7 +153,7 @@ class RetrievalTrainer:
         k = min(self.cfg.K_top, self.table.num_facts)
         per_row = []
         for start in range(0, n, chunk):
-            rows = torch.arange(start, min(n, start + chunk))
+            rows = torch.arange(start, min(n, start + chunk), device=data.e_q.device)
             cand, alpha, s = self.candidates(layer, data, rows, keys)
             gold, sup = data.answer[rows], data.supporting[rows]
             rank_all = (s > s.gather(1, gold.unsqueeze(1))).sum(dim=1)
@@ -159,7 +164,7 @@ class RetrievalTrainer:
             per_row.append(torch.stack([
                 (top.squeeze(1) == gold).float(), (cand == gold.unsqueeze(1)).any(1).float(), recall.float(),
                 top_is_sup.float(), (rank_all < 1).float()], dim=1))
-        table = torch.cat(per_row) if per_row else torch.zeros(0, 5)
+        table = torch.cat(per_row).cpu() if per_row else torch.zeros(0, 5)
         names = ["top1", f"answer@{k}", f"recall@{k}", "top_alpha_precision", "top1_all"]
         out: dict[str, float] = {}
         for group in ["all"] + sorted(set(data.qtypes[:n])):

@@ -111,7 +111,10 @@ class StageA:
         self.run_dir = Path(run_dir or inp.cfg.output_dir)
         self.acc = make_accelerator(self.cfg)
         self.model = build_model(self.cfg, inp.backbone, inp.d_ctx)
-        self.mods = StageModules(self.cfg, self.model, inp.kv, inp.table)
+        device = next(inp.backbone.parameters()).device  # KB modules, encoder and facts live beside it
+        for mod in (self.model.kb_layers, self.model.kb_copy_gate, inp.kv):
+            mod.to(device)
+        self.mods = StageModules(self.cfg, self.model, inp.kv, inp.table.to(device))
         for p in inp.kv.parameters():
             p.requires_grad_(False)
         self.trainer = Trainer(self.cfg, self.mods.holder, self.run_dir, self.acc, progress)
@@ -160,8 +163,9 @@ class StageA:
         train_states = self._states(self.train_ds)
         dev_states = self._states(self.dev_ds) if self.dev_ds is not None else None
         self.timings["cache_s"] = time.perf_counter() - t0
-        train_data = _retrieval_data(self.train_ds, train_states, mods.table, sa.hard_negatives)
-        dev_data = _retrieval_data(self.dev_ds, dev_states, mods.table, 0) if dev_states is not None else None
+        train_data = _retrieval_data(self.train_ds, train_states, mods.table, sa.hard_negatives).to(mods.device)
+        dev_data = (_retrieval_data(self.dev_ds, dev_states, mods.table, 0).to(mods.device)
+                    if dev_states is not None else None)
         fixed = None if sa.train_kv_encoder else mods.tensor_kb(grad=False).K.detach()
         retr = RetrievalTrainer(cfg, mods.layer_modules(), mods.table, train_data, dev_data,
                                 key_encoder=mods.kv if sa.train_kv_encoder else None, fixed_keys=fixed,
@@ -205,7 +209,7 @@ class StageA:
         cache = answer_position_cache(self.model.backbone, self.train_ds, rows, layer,
                                       batch_size=max(1, sa.cache_batch // 2), progress=self.progress)
         keys = retr.keys().detach()
-        cand, alpha, _ = retr.candidates(layer, data, torch.tensor(rows), keys)
+        cand, alpha, _ = retr.candidates(layer, data, torch.tensor(rows, device=data.e_q.device), keys)
         gate = CopyGateTrainer(self.cfg, self.model.kb_copy_gate, cache, cand, alpha, self.inp.tail_table,
                                hf_arch.vocab_size(self.model.backbone), rank, world)
         return self.trainer.run(gate.phase(self.mods.params(gate=True)), resume)

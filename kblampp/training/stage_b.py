@@ -76,7 +76,7 @@ class StageBTrainer:
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha (B, K) with grad, cand_ids (B, K)) at each row's last prompt token, first inject layer."""
         layer = self.mods.first_layer
-        rows = torch.arange(batch["input_ids"].shape[0])
+        rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
         h = ctx.records[layer][0].hidden[rows, batch["last_prompt_pos"]].unsqueeze(1)  # (B, 1, d_model)
         sub = KBContext(source=kb_source, e_q=batch["e_q"], tau=batch["tau"])
         sel, _ = self.mods.layer_modules()[layer].select(h, sub)
@@ -101,7 +101,7 @@ class StageBTrainer:
 
     def step(self, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         rows = batch_schedule(len(self.train), self.cfg.batch_size, micro, self.cfg.seed + 7, self.rank, self.world)
-        batch = self.train.batch(rows)
+        batch = self.mods.batch(self.train, rows)
         parts = self.losses(batch)
         sb = self.cfg.stage_b
         loss = (parts["mixture"] + parts["injection"] + sb.aux_alpha_weight * parts["aux_alpha"]
@@ -179,7 +179,10 @@ def run_stage_b(inp: Any, run_dir: str | Path | None = None, resume: bool = True
         extra = {f"model.backbone.{n}" for n in unfreeze_names(model.backbone, sb.lora_layers)}
     for p in list(model.parameters()) + list(kv.parameters()):
         p.requires_grad_(False)
-    mods = StageModules(cfg, model, kv, inp.table)
+    device = next(inp.backbone.parameters()).device
+    for mod in (model.kb_layers, model.kb_copy_gate, kv):
+        mod.to(device)
+    mods = StageModules(cfg, model, kv, inp.table.to(device))
     acc = make_accelerator(cfg)
     trainer = Trainer(cfg, mods.holder, out_dir, acc, progress, select=is_stage_b_name(extra))
     train = _subset(inp.train_qa, cfg.stage_a.max_train_questions, cfg.seed)

@@ -22,7 +22,7 @@ class ValueTrainer:
 
     def step(self, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         rows = batch_schedule(len(self.train), self.cfg.batch_size, micro, self.cfg.seed + 1, self.rank, self.world)
-        batch = self.train.batch(rows)
+        batch = self.mods.batch(self.train, rows)
         out, _ = self.mods.forward(batch, self.mods.tensor_kb(grad=True), forced=True)
         loss = answer_ce(out.logits, batch["labels"])
         return loss, {}, int(batch["attention_mask"].sum())
