@@ -331,3 +331,30 @@ def test_stage_b_lora_trains_adapters_and_alpha_losses(world, tmp_path):
     ids = torch.tensor([[3, 4, 5]])
     with fresh.kb_request(ctx), torch.no_grad():
         assert torch.isfinite(fresh(input_ids=ids).logits).all()
+
+
+def test_trained_encoder_rewrites_the_store_and_rebuilds_its_index(world, tmp_path):
+    from kblampp.kb_store import KBValueStore, build_store_index, encode_file, open_kb
+    from kblampp.training.toy import write_jsonl
+
+    src = write_jsonl(toy_facts(6), tmp_path / "facts.jsonl")
+    encode_file(src, tmp_path / "store", "toy:hash-trigram", 16, 16, d_tau=8, embedder=world["emb"], hidden=32,
+                progress=False)
+    build_store_index(tmp_path / "store", "flat", "ip")
+    store = KBValueStore.load(tmp_path / "store")
+    old_id = store.store_id
+    cfg = make_cfg("stage_a.retrieval_steps=5", "stage_a.copy_gate_steps=0", "stage_a.value_steps=0",
+                   "stage_a.e2e_steps=0", "index.method=flat")
+    inp = inputs(world, cfg)
+    inp.store, inp.kv = store, store.encoder
+    inp.table = FactTable.from_store(store, world["facts"])
+    result = StageA(inp, tmp_path / "run", progress=False).run()
+    assert result["store"] == {"reused_raw": True, "indexes_rebuilt": ["flat"]}
+    new, index = open_kb(tmp_path / "store")  # checks the index against the re-encoded store
+    assert new.store_id != old_id and index is not None
+    trained = load_file(str(tmp_path / "run" / "kv_encoder.safetensors"))
+    enc = KVEncoder(D_CTX, 16, 16, 8, 32)
+    enc.load_state_dict(trained)
+    with torch.no_grad():
+        keys = enc.encode_keys(torch.from_numpy(new.raw("e_h").copy()), torch.from_numpy(new.raw("e_r").copy()))
+    assert torch.allclose(new.keys_tensor(), keys, atol=1e-6)

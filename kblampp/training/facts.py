@@ -98,6 +98,7 @@ def hard_negatives(table: FactTable, answer_facts: Sequence[int], supporting: Se
         same_h = [i for i in by_head[head] if table.relation_keys[i] != rel]
         parts = {p.lower() for p in table.head_names[ans].split() if len(p) > 1}
         namesakes = sorted({i for p in parts for i in by_part_rel.get((p, rel), []) if table.head_keys[i] != head})
+        namesakes = [namesakes[j] for j in np.random.default_rng(ans).permutation(len(namesakes))]  # varied, fixed
         picked: list[int] = []
         for i in same_hr + same_h + namesakes:
             if i not in banned and i not in picked:
