@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -91,11 +90,8 @@ def load_tokenizer(source: str) -> Any:
 
 def check_backbone(cfg: KBConfig, model_or_config: Any, source: str = "") -> None:
     """d_model and inject layers against the backbone (a model, or an HF config before the load)."""
-    holder = model_or_config
-    if not isinstance(holder, nn.Module):  # a bare HF config: hf_arch reads `<obj>.config`
-        holder = types.SimpleNamespace(config=model_or_config)
     name = source or cfg.backbone
-    d_model, n_layers = hf_arch.hidden_size(holder), hf_arch.num_layers(holder)
+    d_model, n_layers = hf_arch.hidden_size(model_or_config), hf_arch.num_layers(model_or_config)
     if cfg.d_model is not None and cfg.d_model != d_model:
         raise ConfigError(
             f"d_model: config says {cfg.d_model} but backbone {name!r} has hidden size {d_model}; "

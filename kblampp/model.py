@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kblampp import hf_arch
+from kblampp.backbone import check_backbone
 from kblampp.config import ConfigError, KBConfig
 from kblampp.injection_wrapper import KBInjection, is_patched, patch_layers, unpatch_layers
 from kblampp.kb_context import ContextHolder, KBContext
@@ -28,25 +29,15 @@ class KBLaMPP(nn.Module):
     def __init__(self, backbone: nn.Module, cfg: KBConfig, d_ctx: int | None = None, patch: bool = True):
         super().__init__()
         hf_arch.check_supported(backbone)
+        check_backbone(cfg, backbone)  # d_model and inject layers, one wording everywhere
         d_model = hf_arch.hidden_size(backbone)
-        if cfg.d_model is not None and cfg.d_model != d_model:
-            raise ConfigError(f"d_model: config says {cfg.d_model} but the backbone's hidden_size is {d_model}")
         if d_ctx is None:
             d_ctx = cfg.d_ctx
         if d_ctx is None:
             raise ConfigError("d_ctx: not set in the config and not given (use the embedding model's dimension)")
         if cfg.d_ctx is not None and cfg.d_ctx != d_ctx:
             raise ConfigError(f"d_ctx: config says {cfg.d_ctx} but the embedding dimension is {d_ctx}")
-        n_layers = hf_arch.num_layers(backbone)
         layers = list(cfg.inject_layers)
-        if not layers:
-            raise ConfigError("inject_layers: empty; name at least one decoder layer")
-        for idx in layers:
-            if not 0 <= idx < n_layers:
-                raise ConfigError(f"inject_layers: layer {idx} is out of range (the backbone has {n_layers} "
-                                  f"layers: 0..{n_layers - 1})")
-        if len(set(layers)) != len(layers):
-            raise ConfigError(f"inject_layers: duplicate layer in {layers}")
         if cfg.K_top < 1:
             raise ConfigError(f"K_top: must be >= 1, got {cfg.K_top}")
         self.backbone = backbone

@@ -78,7 +78,7 @@ def read_json(path: str | Path, what: str = "file") -> dict:
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     """np.save without pickle into an already-temporary location (callers handle atomicity)."""
     with open(path, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        np.save(handle, np.asarray(array, order="C"), allow_pickle=False)  # keeps 0-d arrays 0-d
 
 
 def npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:

@@ -76,7 +76,7 @@ def test_cls_pooling_read_from_sentence_transformers_config(tmp_path):
 
 
 def test_unknown_embedded_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown embedded embedding model 'embedded:nope'"):
+    with pytest.raises(ValueError, match=r"embedding_model: unknown embedded model 'embedded:nope' \(known: embedded:all-minilm-l6-v2\)"):
         load_embedder("embedded:nope")
 
 

@@ -197,9 +197,9 @@ def test_config_errors():
     tiny_gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100))
     with pytest.raises(ConfigError, match=r"model_type 'gpt2' .*not supported.*\(supported: llama, qwen2\)"):
         KBLaMPP(tiny_gpt2, cfg, d_ctx=D_CTX)
-    with pytest.raises(ConfigError, match="d_model: config says 2048 but the backbone's hidden_size is 64"):
+    with pytest.raises(ConfigError, match="d_model: config says 2048 but backbone '.*' has hidden size 64; remove d_model"):
         KBLaMPP(TINY_MODELS["llama"](), KBConfig(d_model=2048, inject_layers=[1]), d_ctx=D_CTX)
-    with pytest.raises(ConfigError, match=r"inject_layers: layer 8 is out of range \(the backbone has 2 layers"):
+    with pytest.raises(ConfigError, match=r"inject_layers\[0\]: layer 8 is out of range for backbone '.*' with 2 layers \(valid: 0..1\)"):
         KBLaMPP(TINY_MODELS["qwen2"](), KBConfig(inject_layers=[8]), d_ctx=D_CTX)
     with pytest.raises(ConfigError, match="d_ctx: not set"):
         KBLaMPP(TINY_MODELS["qwen2"](), KBConfig(inject_layers=[1]))
