@@ -159,6 +159,12 @@ class KnowledgeIndex:
             self.index.hnsw.efSearch = max(int(self.params["ef_search"]), fetch)
         for start in range(0, len(queries), batch_size):
             d, lab = self.index.search(queries[start:start + batch_size], fetch)
+            if not hidden:  # nothing dead in the index: map labels to fact ids in one vectorised step
+                found = lab >= 0
+                rows = slice(start, start + len(lab))
+                ids[rows, :fetch] = np.where(found, self.labels[np.where(found, lab, 0)], -1)
+                scores[rows, :fetch] = np.where(found, d, -np.inf)
+                continue
             for row, (drow, lrow) in enumerate(zip(d, lab), start=start):
                 keep = lrow >= 0
                 keep[keep] = ~self.dead[lrow[keep]]
