@@ -19,6 +19,16 @@ _LEAD_INS = re.compile(
 _WRAPPERS = "\"'`*_ "
 # A sentence end: a period after 3+ lowercase letters/digits (so "St. Louis", "J. R." survive).
 _SENTENCE_END = re.compile(r"(?<=[a-z0-9]{3})[.!?](?:\s|$)")
+# A name or number: capitalised/numeric words, joined by a few lowercase connectors ("University of
+# Oslo", "Bank of the West", "Jean de la Fontaine") or hyphens.
+_CAP = r"(?:[A-Z][\w'’.-]*|\d[\d.,:/-]*)"
+_NAME_RUN = re.compile(rf"{_CAP}(?:\s+(?:(?:of|the|de|la|le|du|van|von|der|and|&|y|da|di)\s+)*{_CAP})*")
+_LEADING_ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
+_YEAR_SUFFIX = re.compile(r",\s*\d{4}\b")
+_MONTH_DAY = re.compile(r"\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)\w*\.?\s+\d{1,2}$", re.IGNORECASE)
+_FUNCTION_WORDS = {"the", "a", "an", "of", "and", "de", "la", "le", "du", "van", "von", "der", "y", "da", "di",
+                   "he", "she", "it", "they", "his", "her", "its", "their", "this", "that", "there", "i",
+                   "we", "you", "in", "on", "at", "as", "yes", "no"}
 
 
 def normalize_answer(text: str) -> str:
@@ -65,9 +75,30 @@ def contains_gold(output: str, golds: str | Sequence[str]) -> float:
     return float(any(g and f" {g} " in out for g in map(normalize_answer, _golds(golds))))
 
 
-def extract_answer(output: str) -> str:
+def _restates(run: str, question_words: set[str]) -> bool:
+    """True when every content word of `run` already occurs in the question."""
+    words = [w for w in re.findall(r"\w+", run.lower()) if w not in _FUNCTION_WORDS]
+    return all(w in question_words for w in words)
+
+
+def _answer_span(line: str, question: str) -> str | None:
+    """In a sentence-like answer, the first name/number run that does not restate the question
+    ("The CEO of X in 2004 was Kelly Garrett" -> "Kelly Garrett"); None if there is none."""
+    question_words = set(re.findall(r"\w+", question.lower()))
+    for match in _NAME_RUN.finditer(line):
+        run = _LEADING_ARTICLE.sub("", match.group(0)).strip()
+        if run and not _restates(run, question_words):
+            year = _YEAR_SUFFIX.match(line, match.end())  # "March 2, 2019"
+            return run + year.group(0) if year and _MONTH_DAY.search(run) else run
+    return None
+
+
+def extract_answer(output: str, question: str | None = None) -> str:
     """The short answer in a generation: its first non-empty line, without lead-ins such as
-    "The answer is", wrapping quotes/asterisks, or a trailing explanation sentence."""
+    "The answer is", wrapping quotes/asterisks, or a trailing explanation sentence. Given the
+    question, a sentence-like line (4+ words) is cut to its first name/number run that does not
+    restate the question, so "Luke Glenn was a member of the Hidden Thistle Tennis Club" scores as
+    "Hidden Thistle Tennis Club". Every evaluation row uses this same function."""
     line = next((ln for ln in output.splitlines() if ln.strip(_WRAPPERS + "\t")), "")
     prev = None
     while prev != line:  # "Answer: The answer is X" -> X
@@ -76,12 +107,17 @@ def extract_answer(output: str) -> str:
     match = _SENTENCE_END.search(line)
     if match:
         line = line[:match.start()]
-    return line.strip(_WRAPPERS + "\t.,;:")
+    line = line.strip(_WRAPPERS + "\t.,;:")
+    if question and len(line.split()) >= 4:
+        span = _answer_span(line, question)
+        if span:
+            return span.strip(_WRAPPERS + "\t.,;:")
+    return line
 
 
-def score_answer(output: str, golds: str | Sequence[str]) -> dict[str, float | str]:
+def score_answer(output: str, golds: str | Sequence[str], question: str | None = None) -> dict[str, float | str]:
     """All answer metrics of one raw generation: the extracted answer, em, f1, contained."""
-    pred = extract_answer(output)
+    pred = extract_answer(output, question)
     return {"pred": pred, "em": exact_match(pred, golds), "f1": f1_score(pred, golds),
             "contained": contains_gold(output, golds)}
 

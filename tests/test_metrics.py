@@ -73,3 +73,29 @@ def test_train_metrics_reexport():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.exact_match is exact_match and module.extract_answer is extract_answer
+
+
+@pytest.mark.parametrize("raw, question, expected", [
+    ("The CEO of Rivera Systems before 2004 was Kelly Garrett.", "Who was the CEO of Rivera Systems before 2004?",
+     "Kelly Garrett"),
+    ("Luke Glenn was a member of the Hidden Thistle Tennis Club.", "Which club was Luke Glenn a member of in 1997?",
+     "Hidden Thistle Tennis Club"),
+    ("John Green studied at the University of Mendez, a prestigious institution", "Where did John Green study?",
+     "University of Mendez"),
+    ("Isaiah Green, the CEO of Carter-Baker, played a role", "Who led Carter-Baker as chief executive in 2019?",
+     "Isaiah Green"),
+    ("She joined on March 2, 2019 as CEO", "When did Alice Zhang join BrightSky?", "March 2, 2019"),
+    ("Kelly Garrett", "Who led Rivera Systems?", "Kelly Garrett"),  # short lines stay as they are
+    ("Rivera Holdings Group", "Who owns Rivera Systems?", "Rivera Holdings Group"),
+    ("The Williams Institute of Technology is a non-profit", "Which city is home to Williams Institute of Technology?",
+     "The Williams Institute of Technology is a non-profit"),  # nothing new: the line is kept
+])
+def test_extract_answer_with_question(raw, question, expected):
+    assert extract_answer(raw, question) == expected
+
+
+def test_score_answer_uses_question():
+    q = "Which club was Luke Glenn a member of in 1997?"
+    out = score_answer("Luke Glenn was a member of the Hidden Thistle Tennis Club.", "Hidden Thistle Tennis Club", q)
+    assert out["em"] == 1.0 and out["pred"] == "Hidden Thistle Tennis Club"
+    assert score_answer("Luke Glenn was a member of the Hidden Thistle Tennis Club.", "Hidden Thistle Tennis Club")["em"] == 0.0

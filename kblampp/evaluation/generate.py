@@ -70,9 +70,12 @@ def tokenize_left(tokenizer: Any, prompts: Sequence[str], device: torch.device |
 @torch.inference_mode()
 def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                   batch_size: int = 16, request: RequestHook | None = None, desc: str = "generate",
-                  progress: bool = True) -> list[Generation]:
+                  progress: bool = True, questions: Sequence[str] | None = None) -> list[Generation]:
     """Greedy answers for `prompts` (input order kept). Prompts are batched by length to cut padding;
-    `request(indices, batch)` wraps each generate() call (KB context, logits processors)."""
+    `request(indices, batch)` wraps each generate() call (KB context, logits processors); with
+    `questions`, the answer extraction may cut a sentence-like output to its answer span."""
+    if questions is not None and len(questions) != len(prompts):
+        raise ValueError(f"questions: {len(questions)} for {len(prompts)} prompts")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -93,7 +96,8 @@ def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             text = tokenizer.decode(new[row], skip_special_tokens=True)
-            results[i] = Generation(output=text, pred=extract_answer(text), prompt_tokens=lengths[i])
+            question = None if questions is None else questions[i]
+            results[i] = Generation(output=text, pred=extract_answer(text, question), prompt_tokens=lengths[i])
         bar.update(len(idx))
     bar.close()
     return [r for r in results if r is not None]

@@ -122,7 +122,8 @@ def run_kb_edit(ec: Any, records: Sequence[QARecord], n: int, batch_size: int = 
     def answer(source: Any, tail_table: torch.Tensor | None, desc: str) -> list[str]:
         req = kb_request(ec.model, source, e_q, chosen, variant, tail_table)
         return [g.pred for g in generate_rows(ec.model, ec.tokenizer, prompts, ec.cfg.max_new_tokens,
-                                              batch_size=batch_size, request=req, desc=desc, progress=progress)]
+                                              batch_size=batch_size, request=req, desc=desc, progress=progress,
+                                              questions=[r.question for r in chosen])]
 
     before = answer(ec.source, ec.tail_table, "kb_edit before")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

@@ -149,7 +149,7 @@ def _results(row: str, records: Sequence[QARecord], gens: Sequence[Generation], 
              retrieval: Sequence[dict | None] | None = None, extra: Sequence[dict] | None = None) -> list[QuestionResult]:
     out = []
     for i, (rec, gen) in enumerate(zip(records, gens)):
-        s = score_answer(gen.output, rec.aliases)
+        s = score_answer(gen.output, rec.aliases, rec.question)
         out.append(QuestionResult(row=row, qid=rec.qid, type=rec.type, seen=is_seen(rec, seen), answer=rec.answer,
                                   output=gen.output, pred=str(s["pred"]), em=float(s["em"]), f1=float(s["f1"]),
                                   contained=float(s["contained"]), prompt_tokens=gen.prompt_tokens,
@@ -279,6 +279,7 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
     q_vecs = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
     req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table)
     gens = generate_rows(ec.model, ec.tokenizer, backbone_prompts(ec.tokenizer, records), ec.cfg.max_new_tokens,
-                         batch_size=batch_size, request=req, desc=row, progress=progress)
+                         batch_size=batch_size, request=req, desc=row, progress=progress,
+                         questions=[r.question for r in records])
     return [evidence_entry(rec, gen.pred, req.records[i], ec.facts, output=gen.output)
             for i, (rec, gen) in enumerate(zip(records, gens))]
