@@ -253,6 +253,8 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     resumed = _Toy()  # a fresh process: initial weights, state comes from checkpoints/toy/step_0000003
     Trainer(cfg, resumed, tmp_path / "b", progress=False).run(_toy_phase(resumed, 6))
     assert torch.equal(resumed.kb_w, straight.kb_w)
+    resumed_rows = read_metrics(tmp_path / "b" / "metrics.jsonl")  # rows past the checkpoint were rewritten
+    assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5, 6]
     assert not torch.equal(resumed.kb_w, _Toy().kb_w)
     rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["phase"] == "toy"

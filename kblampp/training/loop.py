@@ -81,6 +81,15 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = path, enabled
 
+    def drop_after(self, phase: str, step: int) -> None:
+        """Forget this phase's rows past `step` (a restarted or resumed phase writes them again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = read_metrics(self.path)
+        keep = [r for r in rows if r.get("phase") != phase or int(r.get("step", 0)) <= step]
+        if len(keep) != len(rows):
+            _atomic_text(self.path, "".join(json.dumps(r, default=float) + "\n" for r in keep))
+
     def write(self, **row: Any) -> None:
         if not self.enabled:
             return
@@ -197,6 +206,7 @@ class Trainer:
         latest = self.latest_checkpoint(phase.name) if resume else None
         if latest is not None:
             start = self.restore(phase, opt, latest)
+        self.metrics.drop_after(phase.name, start)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, phase.steps, ocfg.warmup_steps, ocfg.schedule), last_epoch=-1)
         with warnings.catch_warnings():  # fast-forward the schedule to the resumed step

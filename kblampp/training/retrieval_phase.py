@@ -61,9 +61,12 @@ def full_scores(kb: KBInjection, h: torch.Tensor, e_q: torch.Tensor, tau: torch.
     scorer = kb.kb_context_scorer
     u = F.normalize(e_q.to(scorer.weight.dtype), dim=-1) @ scorer.weight
     phi = u @ F.normalize(ctx_vec.to(scorer.weight.dtype), dim=-1).T  # (B, N)
-    f_min = tau_min.to(h.device).view(1, 1, N).expand(B, 1, N)
-    f_max = tau_max.to(h.device).view(1, 1, N).expand(B, 1, N)
-    g = kb.kb_time_scorer(tau, f_min, f_max).squeeze(1)  # (B, N)
+    timed = torch.nonzero(~torch.isnan(tau).any(dim=1)).squeeze(1)  # g_time is exactly 0 for the others
+    g = phi.new_zeros(B, N)
+    if len(timed):
+        f_min = tau_min.to(h.device).view(1, 1, N).expand(len(timed), 1, N)
+        f_max = tau_max.to(h.device).view(1, 1, N).expand(len(timed), 1, N)
+        g = g.index_copy(0, timed, kb.kb_time_scorer(tau[timed], f_min, f_max).squeeze(1).to(g.dtype))
     sel = kb.kb_selector
     return sem, sem + sel.gamma * phi + sel.eta * g
 
