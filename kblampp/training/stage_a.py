@@ -110,6 +110,8 @@ class StageA:
         self.inp, self.cfg, self.progress = inp, inp.cfg, progress
         self.run_dir = Path(run_dir or inp.cfg.output_dir)
         self.acc = make_accelerator(self.cfg)
+        if self.acc.device.type == "cuda" and self.cfg.quantization is None:  # one GPU per process
+            inp.backbone.to(self.acc.device)
         self.model = build_model(self.cfg, inp.backbone, inp.d_ctx)
         device = next(inp.backbone.parameters()).device  # KB modules, encoder and facts live beside it
         for mod in (self.model.kb_layers, self.model.kb_copy_gate, inp.kv):
@@ -203,6 +205,9 @@ class StageA:
 
     def _copy_gate(self, retr: RetrievalTrainer, data: RetrievalData, resume: bool, rank: int, world: int) -> dict:
         sa = self.cfg.stage_a
+        done = self.trainer.completed()
+        if resume and "copy_gate" in done:  # nothing to train: skip the LM pass that builds the cache
+            return done["copy_gate"]
         n = len(self.train_ds)
         rows = np.sort(np.random.default_rng(self.cfg.seed + 5).permutation(n)[:min(sa.copy_gate_questions, n)]).tolist()
         layer = self.mods.first_layer

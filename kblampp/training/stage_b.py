@@ -166,6 +166,9 @@ def run_stage_b(inp: Any, run_dir: str | Path | None = None, resume: bool = True
     out_dir = Path(run_dir or Path(cfg.output_dir) / "stage_b")
     if sb.mode not in ("lora", "unfreeze"):
         raise ValueError(f"stage_b.mode: {sb.mode!r} is not one of lora, unfreeze")
+    acc = make_accelerator(cfg)
+    if acc.device.type == "cuda" and cfg.quantization is None:  # one GPU per process
+        inp.backbone.to(acc.device)
     model = build_model(cfg, inp.backbone, inp.d_ctx)
     load_stage_a(model, init)
     kv = inp.kv
@@ -183,7 +186,6 @@ def run_stage_b(inp: Any, run_dir: str | Path | None = None, resume: bool = True
     for mod in (model.kb_layers, model.kb_copy_gate, kv):
         mod.to(device)
     mods = StageModules(cfg, model, kv, inp.table.to(device))
-    acc = make_accelerator(cfg)
     trainer = Trainer(cfg, mods.holder, out_dir, acc, progress, select=is_stage_b_name(extra))
     train = _subset(inp.train_qa, cfg.stage_a.max_train_questions, cfg.seed)
     ds = QADataset(train, inp.tokenizer, np.zeros((len(train), 1), np.float32), cfg.max_seq_len)
