@@ -53,10 +53,12 @@ class StageAConfig:
     retrieval_steps: int = 1500  # contrastive query/key training on cached states
     retrieval_lr: float = 2e-3
     retrieval_batch: int = 64
-    retrieval_positives: str = "answer"  # answer (the answer fact) | all (every supporting fact)
+    retrieval_positives: str = "all"  # all (every supporting fact: a multi-hop chain's first hop too) | answer
     hard_negatives: int = 16  # mined per question (shared name part, same head, same head+relation)
     hard_negative_weight: float = 0.5  # weight of the extra softmax over positive + hard negatives
     sem_weight: float = 1.0  # InfoNCE of sem alone (what the ANN search ranks by) onto the answer's (head, relation)
+    negatives: str = "train_worlds"  # train_worlds (softmax over the training worlds' facts) | all
+    query_init_scale: float = 200.0  # start Q = scale * key map of e_q (zero-shot match); 0 = random init
     retrieval_eval_interval: int = 250
     train_kv_encoder: bool = True  # train the K/V MLPs too (store re-encoded and index rebuilt at the end)
     value_steps: int = 60  # teacher-forced gold facts, CE through the injection path

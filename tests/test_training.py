@@ -131,6 +131,30 @@ def test_fact_table_from_a_built_store_matches_the_facts(world, tmp_path):
         FactTable.from_store(KBValueStore.load(tmp_path / "store"), world["facts"][:3])
 
 
+def test_world_tags_restrict_the_training_softmax(world):
+    from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer
+
+    raw = toy_facts(4)
+    for i, f in enumerate(raw):
+        f["context"]["disamb"] = {"world": "w0" if i < 6 else "w1"}  # persons 0-1 vs 2-3
+    facts = [fact_from_dict(f) for f in raw]
+    table = FactTable.from_facts(facts, world["emb"].encode)
+    assert table.world_mask({"w0"}).tolist() == [True] * 6 + [False] * 6
+    assert world["table"].world_mask({"w0"}) is None  # untagged facts: no restriction
+    n = 3
+    data = RetrievalData({1: torch.zeros(n, 64)}, torch.zeros(n, D_CTX), torch.full((n, 2), math.nan),
+                         torch.tensor([0, 4, 7]), torch.tensor([[0], [4], [7]]), ["single-hop"] * n,
+                         torch.full((n, 0), -1))
+    cfg = make_cfg()
+    model = build_model(cfg, tiny_llama(), D_CTX)
+    rt = RetrievalTrainer(cfg, {1: model.kb_layers["1"]}, table, data, key_encoder=KVEncoder(D_CTX, 16, 16, 8, 32))
+    with pytest.raises(ValueError, match="a training positive lies outside the training columns"):
+        rt.restrict_negatives(table.world_mask({"w0"}))
+    rt.restrict_negatives(table.world_mask({"w0", "w1"}))
+    loss, _, count = rt.step(0)
+    assert count == 8 and torch.isfinite(loss)  # retrieval_batch rows, the 3 questions cycled
+
+
 def test_cached_states_are_the_inject_layer_input_at_the_last_prompt_token(world, tmp_path):
     model = tiny_llama()
     ds = QADataset(world["qa"][:5], world["tok"], torch.zeros(5, 1).numpy(), 48)

@@ -30,6 +30,7 @@ class FactTable:
     relation_keys: list[str]
     head_names: list[str]
     tail_names: list[str]
+    worlds: list[str | None] | None = None  # context.disamb.world of each fact, when the facts carry it
 
     @property
     def num_facts(self) -> int:
@@ -58,7 +59,8 @@ class FactTable:
             tau_max=torch.tensor([f.tau_max for f in facts], dtype=torch.float64),
             head_keys=[f.head_id or f.head_name for f in facts],
             relation_keys=[f.relation_id or f.relation_name for f in facts],
-            head_names=[f.head_name for f in facts], tail_names=[f.tail_name for f in facts])
+            head_names=[f.head_name for f in facts], tail_names=[f.tail_name for f in facts],
+            worlds=fact_worlds(facts))
 
     @classmethod
     def from_store(cls, store: Any, facts: Sequence[Fact]) -> "FactTable":
@@ -74,7 +76,23 @@ class FactTable:
                    tau_max=torch.from_numpy(np.array(meta["tau_max"], dtype=np.float64)),
                    head_keys=[f.head_id or f.head_name for f in facts],
                    relation_keys=[f.relation_id or f.relation_name for f in facts],
-                   head_names=[f.head_name for f in facts], tail_names=[f.tail_name for f in facts])
+                   head_names=[f.head_name for f in facts], tail_names=[f.tail_name for f in facts],
+                   worlds=fact_worlds(facts))
+
+    def world_mask(self, worlds: set[str]) -> torch.Tensor | None:
+        """(N,) bool: facts of the given worlds; None when the facts carry no world tags."""
+        if not self.worlds or not worlds or all(w is None for w in self.worlds):
+            return None
+        return torch.tensor([w in worlds for w in self.worlds], device=self.e_h.device)
+
+
+def fact_worlds(facts: Sequence[Fact]) -> list[str | None]:
+    """The synthetic generator's world tag (context.disamb.world) of each fact, None where absent."""
+    out: list[str | None] = []
+    for f in facts:
+        disamb = (f.raw.get("context") or {}).get("disamb") if isinstance(f.raw, dict) else None
+        out.append(disamb.get("world") if isinstance(disamb, dict) else None)
+    return out
 
 
 def hard_negatives(table: FactTable, answer_facts: Sequence[int], supporting: Sequence[Sequence[int]],

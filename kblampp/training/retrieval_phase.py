@@ -71,6 +71,19 @@ def full_scores(kb: KBInjection, h: torch.Tensor, e_q: torch.Tensor, tau: torch.
     return sem, sem + sel.gamma * phi + sel.eta * g
 
 
+@torch.no_grad()
+def init_query_from_keys(kb: KBInjection, key_encoder: Any, scale: float) -> None:
+    """Start the query where the keys start: kb_query_ctx(e_q) = scale * (the key MLP's linear map of a
+    sentence embedding), kb_linear_q(h) = 0. The first retrieval is then the sentence-embedding match of
+    the question with each fact's head and relation (zero-shot, so it holds for unseen entities), and
+    training refines it instead of starting from a random projection."""
+    base = key_encoder.kb_key_mlp.base.weight  # (d_k, 2 d_ctx) = [proj, proj] / 2 at init
+    d_ctx = base.shape[1] // 2
+    kb.kb_query_ctx.weight.copy_((base[:, :d_ctx] + base[:, d_ctx:]) * scale)
+    kb.kb_linear_q.weight.zero_()
+    kb.kb_linear_q.bias.zero_()
+
+
 def query_parameters(kb: KBInjection, prefix: str) -> dict[str, torch.nn.Parameter]:
     """The query/scorer side of one inject layer (not the value path), by holder name."""
     return {f"{prefix}.{n}": p for n, p in kb.named_parameters() if n.split(".")[0] in QUERY_PARTS}
@@ -88,6 +101,16 @@ class RetrievalTrainer:
         self.layers, self.table, self.train, self.dev = layers, table, train, dev
         self.key_encoder, self.fixed_keys, self.rank, self.world = key_encoder, fixed_keys, rank, world
         self.temperature = cfg.temperature
+        self.columns: torch.Tensor | None = None  # (N,) bool: facts the training softmax runs over
+
+    def restrict_negatives(self, mask: torch.Tensor | None) -> None:
+        """Train the softmax over these facts only. A trainable key MLP would otherwise learn that
+        facts no training question ever asks about (a held-out world) are always wrong."""
+        if mask is not None:
+            need = self.train.answer if self.sa.retrieval_positives == "answer" else self.train.supporting[self.train.supporting >= 0]
+            if not bool(mask[need].all()):
+                raise ValueError("restrict_negatives: a training positive lies outside the training columns")
+        self.columns = mask
 
     def keys(self) -> torch.Tensor:
         if self.key_encoder is not None:
@@ -115,10 +138,13 @@ class RetrievalTrainer:
         hits1 = 0
         for layer in self.layers:
             sem, s = self.scores(layer, d, rows, keys)
-            logits = s / self.temperature
+            logits, sem_logits = s / self.temperature, sem / self.temperature
+            if self.columns is not None:
+                logits = logits.masked_fill(~self.columns, float("-inf"))
+                sem_logits = sem_logits.masked_fill(~self.columns, float("-inf"))
             loss = info_nce(logits, pos)
             if self.sa.sem_weight > 0:  # the search must put the answer's (head, relation) group in the top-K
-                loss = loss + self.sa.sem_weight * info_nce(sem / self.temperature, self.same_hr(d.answer[rows]) | pos)
+                loss = loss + self.sa.sem_weight * info_nce(sem_logits, self.same_hr(d.answer[rows]) | pos)
             if self.sa.hard_negative_weight > 0 and d.hard.shape[1] > 0:
                 loss = loss + self.sa.hard_negative_weight * hard_negative_nce(logits, d.answer[rows], d.hard[rows])
             total = total + loss

@@ -35,7 +35,7 @@ from kblampp.training.copy_gate_phase import CopyGateTrainer, answer_position_ca
 from kblampp.training.e2e_phase import E2ETrainer
 from kblampp.training.facts import FactTable, hard_negatives
 from kblampp.training.loop import Trainer, load_kb_state, make_accelerator
-from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer
+from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer, init_query_from_keys
 from kblampp.training.value_phase import ValueTrainer
 
 PHASES = ("retrieval", "copy_gate", "value", "e2e")
@@ -172,6 +172,16 @@ class StageA:
         retr = RetrievalTrainer(cfg, mods.layer_modules(), mods.table, train_data, dev_data,
                                 key_encoder=mods.kv if sa.train_kv_encoder else None, fixed_keys=fixed,
                                 rank=rank, world=world)
+        if sa.negatives == "train_worlds":
+            retr.restrict_negatives(mods.table.world_mask({r.raw.get("world") for r in self.train_ds.records} - {None}))
+        elif sa.negatives != "all":
+            raise ValueError(f"stage_a.negatives: {sa.negatives!r} is not one of train_worlds, all")
+        fresh = "retrieval" not in self.trainer.completed() and self.trainer.latest_checkpoint("retrieval") is None
+        if sa.query_init_scale > 0 and (fresh or not resume):
+            for kb in mods.layer_modules().values():
+                init_query_from_keys(kb, mods.kv, sa.query_init_scale)
+            results["retrieval_init"] = retr.eval_fn(0)
+            self.trainer.metrics.write(phase="retrieval", step=0, eval=results["retrieval_init"])
         t0 = time.perf_counter()
         results["retrieval"] = self.trainer.run(retr.phase(mods.layer_names(), "kv"), resume)
         self.timings["retrieval_s"] = time.perf_counter() - t0
