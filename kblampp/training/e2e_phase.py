@@ -30,8 +30,9 @@ def mixture_nll(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def last_prompt_retrieval_loss(mods: StageModules, batch: dict[str, torch.Tensor], ctx: Any,
-                               keys: torch.Tensor, positives: str) -> torch.Tensor:
-    """InfoNCE of s / temperature over all keys for each inject layer, at each row's last prompt token."""
+                               keys: torch.Tensor, positives: str, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE of s / temperature over all keys (or the `columns` facts) for each inject layer, at each
+    row's last prompt token."""
     rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
     table = mods.table
     sup = batch["supporting"] if positives == "all" else batch["answer_fact"].unsqueeze(1)
@@ -40,7 +41,10 @@ def last_prompt_retrieval_loss(mods: StageModules, batch: dict[str, torch.Tensor
     for layer, kb in mods.layer_modules().items():
         h = ctx.records[layer][0].hidden[rows, batch["last_prompt_pos"]]
         _, s = full_scores(kb, h, batch["e_q"], batch["tau"], keys, table.ctx_vec, table.tau_min, table.tau_max)
-        total = total + info_nce(s / mods.cfg.temperature, pos)
+        logits = s / mods.cfg.temperature
+        if columns is not None:
+            logits = logits.masked_fill(~columns, float("-inf"))
+        total = total + info_nce(logits, pos)
     return total
 
 
@@ -49,6 +53,7 @@ class E2ETrainer:
                  name: str = "e2e"):
         self.mods, self.train, self.tail_table, self.rank, self.world = mods, train, tail_table, rank, world
         self.cfg, self.name = mods.cfg, name
+        self.columns: torch.Tensor | None = None  # the retrieval phase's training columns, if restricted
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """mixture, injection and retrieval losses of one batch (plus the forward's context)."""
@@ -60,7 +65,7 @@ class E2ETrainer:
         logp = teacher_forced_copy_log_probs(out.logits, record, batch["last_prompt_pos"], targets,
                                              self.tail_table, mods.model.kb_copy_gate)
         return {"mixture": mixture_nll(logp, targets), "injection": answer_ce(out.logits, batch["labels"]),
-                "retrieval": last_prompt_retrieval_loss(mods, batch, ctx, kb.K, sa.retrieval_positives)}
+                "retrieval": last_prompt_retrieval_loss(mods, batch, ctx, kb.K, sa.retrieval_positives, self.columns)}
 
     def step(self, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         rows = batch_schedule(len(self.train), self.cfg.batch_size, micro, self.cfg.seed + 3, self.rank, self.world)

@@ -200,6 +200,7 @@ class StageA:
         t0 = time.perf_counter()
         params = self._encoder_filter(mods.params(query=True, value=True, keys=True, gate=True))
         e2e = E2ETrainer(mods, self.train_ds, self.inp.tail_table, rank, world)
+        e2e.columns = retr.columns
         results["e2e"] = self.trainer.run(e2e.phase(params, sa.e2e_steps, sa.e2e_lr), resume)
         self.timings["e2e_s"] = time.perf_counter() - t0
         if sa.e2e_steps > 0 or sa.value_steps > 0:  # retrieval after the joint phases, as evaluation sees it
