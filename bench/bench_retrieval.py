@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pq_m", type=int, default=48)
     p.add_argument("--nlist", type=int, default=0, help="ivf_torch lists (0 = 4 sqrt(N))")
     p.add_argument("--device", default="cpu", help="device of the torch methods (exact, ivf_torch)")
+    p.add_argument("--torch_dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="key dtype of the torch methods (float16 on a GPU, as the issue's H100 figures)")
     p.add_argument("--self_check", action="store_true", help="check TorchIVF against exact search, then exit")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch/faiss threads (0 = leave as is)")
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(keys) < n:
             raise SystemExit(f"--sizes: {n} is larger than the {len(keys)} keys available")
         q, src = planted_queries(keys, args.queries, args.noise)
-        keys_t = torch.from_numpy(keys).to(args.device)
+        keys_t = torch.from_numpy(keys).to(args.device, getattr(torch, args.torch_dtype))
         for k in args.k:
             ref = _exact_torch(keys_t, torch.from_numpy(q[:args.ref_queries]).to(args.device), k)
             base = {"N": n, "k": k}

@@ -94,9 +94,10 @@ HAVE_FAISS=0; $PY -c "import faiss" 2>/dev/null && HAVE_FAISS=1
 } 2>&1 | tee -a "$LOG"
 
 # ---- retrieval on the device: exact matmul vs TorchIVF ---------------------------------------------
+KEY_DTYPE=float16; [ "$DEVICE" = cpu ] && KEY_DTYPE=float32
 step ivf_self_check 60 $PY bench/bench_retrieval.py --self_check --device "$DEVICE"
 step retrieval 90 $PY bench/bench_retrieval.py --device "$DEVICE" --sizes $(( N / 10 )) "$N" \
-  --methods exact ivf_torch --k 8 --queries $(( BATCH * SEQ )) --single 50 --ref_queries 256 --nprobe 8 16 32 \
+  --methods exact ivf_torch --torch_dtype "$KEY_DTYPE" --k 8 --queries $(( BATCH * SEQ )) --single 50 --ref_queries 256 --nprobe 8 16 32 \
   --repeats 5 --out "$OUTDIR/retrieval.json"
 
 # ---- injection overhead and one Stage A step per backbone and precision ---------------------------
@@ -109,7 +110,7 @@ for shape in $SHAPES; do
     fi
     dtype=bfloat16; [ "$DEVICE" = cpu ] && dtype=float32
     # shellcheck disable=SC2046
-    step "inject_${shape}_${quant}" 200 $PY bench/bench_injection.py --backbone "$shape" --device "$DEVICE" \
+    step "inject_${shape}_${quant}" 240 $PY bench/bench_injection.py --backbone "$shape" --device "$DEVICE" \
       --dtype $dtype $extra --sizes "$N" --retrieval $RETRIEVAL $(plan_args "$shape") --batch "$BATCH" \
       --seq "$SEQ" --gen_tokens "$GEN" --repeats "$REPEATS" --profile --train_step $TRAIN \
       --out "$OUTDIR/inject_${shape}_${quant}.json"
