@@ -2,8 +2,8 @@
 
 Same inputs, interleaved runs (plain, patched, plain, patched, ...), reported as ratios, for stores of
 N random facts (synthetic keys are fine for speed), exact top-k (matmul) and faiss HNSW, several K_top
-and inject-layer sets. Prefill = one forward over B x T prompt tokens; decode = greedy generate() with
-the KV cache, every new token retrieving. Peak memory: the process' max RSS (CPU) or the CUDA peak of
+and inject-layer sets. Prefill = one forward over B x T prompt tokens; decode = greedy single-token steps
+with the KV cache after an untimed prefill (generate()'s loop), every new token retrieving. Peak memory: the process' max RSS (CPU) or the CUDA peak of
 the row. `--profile` splits the knowledge branch of one patched prefill into query / search / fetch /
 scoring / selector / fusion; `--train_step B T` times one Stage A end-to-end step (frozen backbone,
 CE on the last answer tokens, gradients into the kb_ modules only, AdamW).
@@ -177,6 +177,21 @@ def timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - t0
 
 
+def decode_steps(model: torch.nn.Module, input_ids: torch.Tensor, attn: torch.Tensor, steps: int, device: str) -> float:
+    """Seconds of `steps` greedy single-token forwards with the KV cache after an (untimed) prefill:
+    the loop generate() runs, without its prefill (which the prefill columns already measure)."""
+    out = model(input_ids=input_ids, attention_mask=attn, use_cache=True)
+    past, nxt, mask = out.past_key_values, out.logits[:, -1:].argmax(-1), attn
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def memory_mb(device: str) -> float:
     """CUDA: peak allocated since the last reset; CPU: the process' max RSS so far."""
     if device.startswith("cuda"):
@@ -325,9 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     ivf_cache: dict[int, TorchIVF] = {}
     plain_prefill = lambda: model(input_ids=input_ids, attention_mask=attn)  # noqa: E731
-    plain_decode = lambda: model.generate(input_ids=input_ids, attention_mask=attn, do_sample=False,  # noqa: E731
-                                          max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
-                                          pad_token_id=0)
+    plain_decode = lambda: decode_steps(model, input_ids, attn, args.gen_tokens, device)  # noqa: E731
     for n, kind, k_top, layer_set in itertools.product(args.sizes, args.retrieval, args.k_top, layer_sets):
         layers = [int(x) for x in layer_set.split(",")]
         if any(not 0 <= x < n_layers for x in layers):
@@ -367,9 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):  # interleaved
             times["plain_prefill"].append(timed(plain_prefill, device))
             times["kb_prefill"].append(timed(patched(plain_prefill), device))
-            if not args.no_decode:
-                times["plain_decode"].append(timed(plain_decode, device))
-                times["kb_decode"].append(timed(patched(plain_decode), device))
+            if not args.no_decode:  # decode_steps times the cached steps only, not their prefill
+                with torch.no_grad():
+                    times["plain_decode"].append(plain_decode())
+                    times["kb_decode"].append(patched(plain_decode)())
         med = {k: statistics.median(v) for k, v in times.items() if v}
         tokens = args.batch * args.seq
         row: dict[str, Any] = {
