@@ -2,12 +2,16 @@
 
     python scripts/main_job.py [--config configs/embedded_default.yaml] [--num_worlds 5 --persons 80]
 
-Now: synthetic world -> sanity check -> QA splits -> sanity check (indices against the world file).
+Steps: synthetic worlds -> sanity check -> QA splits -> sanity check -> K/V encode (store) -> faiss
+index -> Stage A (retrieval, copy gate, value warm-up, end to end) -> evaluation table (every baseline
+row, KB-edit check) -> evidence JSON -> alpha plots and training curves.
 Each step calls the `kblampp` package (no subprocesses) and prints what it wrote, sizes and times.
+`--until STEP` stops after a step; a rerun resumes Stage A from its last checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ class Job:
     cfg: KBConfig
     args: argparse.Namespace
     files: dict[str, Path] = field(default_factory=dict)
+    cache_eval: object = None  # the loaded evaluation context, shared by eval and evidence
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -72,7 +77,86 @@ def step_check_qa(job: Job) -> None:
         print(result.summary)
 
 
-STEPS = [("world", step_world), ("check world", step_check_world), ("qa", step_qa), ("check qa", step_check_qa)]
+def step_encode(job: Job) -> None:
+    from kblampp.kb_store import encode_file
+
+    cfg = job.cfg
+    report = encode_file(ROOT / cfg.tuples_path, ROOT / cfg.store_dir, cfg.embedding_model, cfg.d_k, cfg.d_v,
+                         d_tau=cfg.d_tau, d_ctx=cfg.d_ctx, seed=cfg.seed)
+    print(f"encoded {report['n']} facts in {report['total_s']:.1f} s -> {cfg.store_dir}")
+    job.files["store"] = ROOT / cfg.store_dir
+
+
+def step_index(job: Job) -> None:
+    from kblampp.kb_store import build_store_index
+
+    ix = job.cfg.index
+    params = {"hnsw": dict(hnsw_m=ix.hnsw_m, ef_construction=ix.ef_construction, ef_search=ix.ef_search),
+              "ivfpq": dict(ivf_nlist=ix.ivf_nlist, pq_m=ix.pq_m, pq_bits=ix.pq_bits, nprobe=ix.nprobe),
+              "flat": {}}[ix.method]
+    report = build_store_index(ROOT / job.cfg.store_dir, ix.method, ix.similarity, **params)
+    print(f"{ix.method} index over {report['ntotal']} keys in {report['build_s']:.1f} s -> {report['path']}")
+
+
+def step_stage_a(job: Job) -> None:
+    from kblampp.training.stage_a import StageA, load_inputs
+
+    stage = StageA(load_inputs(job.cfg), job.cfg.output_dir)
+    results = stage.run(resume=True)
+    retrieval = results.get("retrieval_final") or results.get("retrieval") or {}
+    print("retrieval:", {k: v for k, v in retrieval.items() if not isinstance(v, dict)} if isinstance(retrieval, dict) else retrieval)
+    job.files["run"] = ROOT / job.cfg.output_dir
+
+
+def _eval_context(job: Job):
+    from kblampp.evaluation.runner import load_eval_context, resolve_checkpoint
+
+    if job.cache_eval is None:
+        job.files["checkpoint"] = resolve_checkpoint(ROOT / job.cfg.output_dir)
+        # evaluation retrieves through the faiss index (SPEC section 6); training used exact top-k
+        job.cache_eval = load_eval_context(dataclasses.replace(job.cfg, retrieval="faiss"), job.files["checkpoint"])
+    return job.cache_eval
+
+
+def step_eval(job: Job) -> None:
+    from kblampp.evaluation.runner import evaluate
+
+    out_dir = ROOT / job.cfg.output_dir / "eval"
+    qa = ROOT / (job.cfg.test_dataset or job.cfg.eval_dataset)
+    evaluate(_eval_context(job), qa, out_dir, max_questions=job.args.eval_questions, kb_edit_n=job.args.kb_edit,
+             batch_size=16)
+    print((out_dir / "results.md").read_text(encoding="utf-8"))
+    job.files["results"] = out_dir / "results.md"
+
+
+def step_evidence(job: Job) -> None:
+    from kblampp.evaluation.evidence import write_evidence
+    from kblampp.evaluation.runner import collect_evidence, select_questions
+    from kblampp.schema import load_qa
+
+    ec = _eval_context(job)
+    qa = ROOT / (job.cfg.test_dataset or job.cfg.eval_dataset)
+    records = select_questions(load_qa(qa, num_facts=len(ec.facts)), job.args.evidence_questions, None, None, 0)
+    out = ROOT / job.cfg.output_dir / "eval" / "evidence.json"
+    write_evidence(out, collect_evidence(ec, records))
+    print(f"wrote {len(records)} evidence entries to {out}")
+    job.files["evidence"] = out
+
+
+def step_plots(job: Job) -> None:
+    from kblampp.evaluation.evidence import read_evidence
+    from kblampp.evaluation.plots import plot_evidence, plot_training_curves, read_metrics_jsonl
+
+    out_dir = ROOT / job.cfg.output_dir / "plots"
+    written = plot_evidence(read_evidence(job.files["evidence"]), out_dir)
+    written += plot_training_curves(read_metrics_jsonl(ROOT / job.cfg.output_dir / "metrics.jsonl"), out_dir)
+    print(f"wrote {len(written)} PNG files to {out_dir}")
+    job.files["plots"] = out_dir
+
+
+STEPS = [("world", step_world), ("check_world", step_check_world), ("qa", step_qa), ("check_qa", step_check_qa),
+         ("encode", step_encode), ("index", step_index), ("stage_a", step_stage_a), ("eval", step_eval),
+         ("evidence", step_evidence), ("plots", step_plots)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +170,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev_worlds", type=int, default=1)
     p.add_argument("--test_worlds", type=int, default=1)
     p.add_argument("--train_variants", type=int, default=1, help="training phrasings per question")
+    p.add_argument("--eval_questions", type=int, default=300, help="test questions in the table (0 = all)")
+    p.add_argument("--kb_edit", type=int, default=50, help="facts edited in the KB-edit check (0 = off)")
+    p.add_argument("--evidence_questions", type=int, default=12, help="questions in evidence.json")
+    p.add_argument("--until", choices=[name for name, _ in STEPS], help="stop after this step")
     return p.parse_args(argv)
 
 
@@ -98,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         step(job)
         job.timings[name] = time.perf_counter() - t0
+        if name == args.until:
+            break
     print("== done: " + ", ".join(f"{k} {v:.1f}s" for k, v in job.timings.items()))
     for key, path in job.files.items():
         print(f"  {key}: {path}")
