@@ -101,7 +101,6 @@ def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = Tr
     from kblampp.schema import load_facts
 
     t0 = time.perf_counter()
-    torch.set_grad_enabled(False)
     ckpt = resolve_checkpoint(checkpoint)
     embedder = load_embedder(cfg.embedding_model, device=cfg.device)
     store = KBValueStore.load(cfg.store_dir, embedder=embedder)
@@ -171,6 +170,7 @@ def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecor
     return out
 
 
+@torch.no_grad()
 def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], seen: set[str],
              batch_size: int = 16, rag_k: int | None = None, progress: bool = True
              ) -> tuple[dict[str, list[QuestionResult]], dict[str, KBRequest], dict[str, float]]:
@@ -239,6 +239,7 @@ def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, r
 
 
 
+@torch.no_grad()
 def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Sequence[str] = DEFAULT_ROWS,
              max_questions: int = 0, types: Sequence[str] | None = None, batch_size: int = 16,
              rag_k: int | None = None, kb_edit_n: int = 0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -264,6 +265,7 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
     return write_report(out_dir, results, meta=meta, extra=extra, notes=notes, row_stats=stats)
 
 
+@torch.no_grad()
 def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "kblampp", batch_size: int = 16,
                      progress: bool = True) -> list[dict[str, Any]]:
     """Evidence entries (plan 7.2) of one KBLaM++ row for `records`: answer, candidates, alpha."""
