@@ -113,7 +113,7 @@ class KBConfig:
     retrieval: str = "exact"  # exact (on-device matmul) | faiss
 
     tuples_path: str = "data/5tuple/synth_world.jsonl"
-    store_dir: str = "store"
+    store_dir: str = "store/default"
     index: IndexConfig = field(default_factory=IndexConfig)
     train_dataset: str = "data/qa/synth_world_train.jsonl"
     eval_dataset: str = "data/qa/synth_world_dev.jsonl"

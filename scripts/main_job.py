@@ -170,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev_worlds", type=int, default=1)
     p.add_argument("--test_worlds", type=int, default=1)
     p.add_argument("--train_variants", type=int, default=1, help="training phrasings per question")
-    p.add_argument("--eval_questions", type=int, default=300, help="test questions in the table (0 = all)")
+    p.add_argument("--eval_questions", type=int, default=240, help="test questions in the table (0 = all)")
     p.add_argument("--kb_edit", type=int, default=50, help="facts edited in the KB-edit check (0 = off)")
     p.add_argument("--evidence_questions", type=int, default=12, help="questions in evidence.json")
     p.add_argument("--until", choices=[name for name, _ in STEPS], help="stop after this step")

@@ -357,6 +357,15 @@ def test_stage_b_lora_trains_adapters_and_alpha_losses(world, tmp_path):
     ids = torch.tensor([[3, 4, 5]])
     with fresh.kb_request(ctx), torch.no_grad():
         assert torch.isfinite(fresh(input_ids=ids).logits).all()
+    # the evaluation's loader (also the server's) rebuilds the same Stage B model from the run folder
+    from kblampp.evaluation.runner import load_model
+
+    tiny_llama().save_pretrained(tmp_path / "backbone")
+    world["tok"].save_pretrained(tmp_path / "backbone")
+    cfg.backbone = str(tmp_path / "backbone")
+    loaded, _ = load_model(cfg, tmp_path / "b" / "kb_final.safetensors", D_CTX)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[n], saved[n]) for n in saved)
 
 
 def test_trained_encoder_rewrites_the_store_and_rebuilds_its_index(world, tmp_path):

@@ -63,7 +63,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, Any]:
     """(KBLaMPP with the checkpoint's KB tensors, tokenizer); the copy gate is registered when the
-    checkpoint has one (as the server does)."""
+    checkpoint has one, and a Stage B run (stage_b_adapter.json beside it) gets its LoRA adapters."""
     from kblampp.answer_head import KBCopyGate
     from kblampp.backbone import load_backbone
     from kblampp.kb_params import load_kb_checkpoint, read_kb_checkpoint
@@ -74,7 +74,12 @@ def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, 
     tensors, _ = read_kb_checkpoint(checkpoint)
     if any(".kb_copy_gate." in f".{name}" for name in tensors):
         model.register_kb_module("kb_copy_gate", KBCopyGate(model.d_model))
-    load_kb_checkpoint(model, checkpoint)
+    if (Path(checkpoint).parent / "stage_b_adapter.json").is_file():  # a Stage B run: LoRA / top layers too
+        from kblampp.training.stage_b import load_stage_b
+
+        load_stage_b(model, Path(checkpoint).parent)
+    else:
+        load_kb_checkpoint(model, checkpoint)
     return model.to(cfg.device).eval(), tokenizer
 
 
