@@ -48,6 +48,18 @@ def last_prompt_retrieval_loss(mods: StageModules, batch: dict[str, torch.Tensor
     return total
 
 
+def answer_losses(mods: StageModules, batch: dict[str, torch.Tensor], kb: Any,
+                  tail_table: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+    """One teacher-forced forward with real retrieval: the answer head's mixture NLL and the pure
+    injection CE on the answer tokens, plus the forward's KBContext (records) for further losses."""
+    out, ctx = mods.forward(batch, kb, record=True)
+    targets = answer_tokens(batch["labels"])
+    record = ctx.records[mods.first_layer][0]
+    logp = teacher_forced_copy_log_probs(out.logits, record, batch["last_prompt_pos"], targets, tail_table,
+                                         mods.model.kb_copy_gate)
+    return {"mixture": mixture_nll(logp, targets), "injection": answer_ce(out.logits, batch["labels"])}, ctx
+
+
 class E2ETrainer:
     def __init__(self, mods: StageModules, train: QADataset, tail_table: torch.Tensor, rank: int = 0, world: int = 1,
                  name: str = "e2e"):
@@ -59,13 +71,9 @@ class E2ETrainer:
         """mixture, injection and retrieval losses of one batch (plus the forward's context)."""
         mods, sa = self.mods, self.cfg.stage_a
         kb = mods.tensor_kb(grad=True)
-        out, ctx = mods.forward(batch, kb, record=True)
-        targets = answer_tokens(batch["labels"])
-        record = ctx.records[mods.first_layer][0]
-        logp = teacher_forced_copy_log_probs(out.logits, record, batch["last_prompt_pos"], targets,
-                                             self.tail_table, mods.model.kb_copy_gate)
-        return {"mixture": mixture_nll(logp, targets), "injection": answer_ce(out.logits, batch["labels"]),
-                "retrieval": last_prompt_retrieval_loss(mods, batch, ctx, kb.K, sa.retrieval_positives, self.columns)}
+        parts, ctx = answer_losses(mods, batch, kb, self.tail_table)
+        parts["retrieval"] = last_prompt_retrieval_loss(mods, batch, ctx, kb.K, sa.retrieval_positives, self.columns)
+        return parts
 
     def step(self, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         rows = batch_schedule(len(self.train), self.cfg.batch_size, micro, self.cfg.seed + 3, self.rank, self.world)

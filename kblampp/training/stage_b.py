@@ -23,9 +23,9 @@ from kblampp import hf_arch
 from kblampp.data import QADataset, batch_schedule
 from kblampp.kb_context import KBContext
 from kblampp.kb_params import is_kb_name, load_kb_checkpoint, save_kb_checkpoint
-from kblampp.training.common import StageModules, answer_tokens
-from kblampp.training.e2e_phase import mixture_nll
-from kblampp.training.losses import alpha_support_loss, answer_ce, time_penalty
+from kblampp.training.common import StageModules
+from kblampp.training.e2e_phase import answer_losses
+from kblampp.training.losses import alpha_support_loss, time_penalty
 from kblampp.training.loop import Phase
 
 ADAPTER = "kb_lora"
@@ -83,21 +83,14 @@ class StageBTrainer:
         return sel.alpha[:, 0], sel.cand_ids[:, 0]
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from kblampp.answer_head import teacher_forced_copy_log_probs
-
-        mods, sb = self.mods, self.cfg.stage_b
+        mods = self.mods
         kb = mods.tensor_kb(grad=True)
-        out, ctx = mods.forward(batch, kb, record=True)
-        targets = answer_tokens(batch["labels"])
-        record = ctx.records[mods.first_layer][0]
-        logp = teacher_forced_copy_log_probs(out.logits, record, batch["last_prompt_pos"], targets,
-                                             self.tail_table, mods.model.kb_copy_gate)
+        parts, ctx = answer_losses(mods, batch, kb, self.tail_table)
         alpha, cand = self.alpha_at_last_prompt(batch, ctx, kb)
         aux, _ = alpha_support_loss(alpha, cand, batch["supporting"])
         safe = cand.clamp(min=0)
         penalty = time_penalty(alpha, kb.tau_min[safe], kb.tau_max[safe], batch["tau"], cand, batch["supporting"])
-        return {"mixture": mixture_nll(logp, targets), "injection": answer_ce(out.logits, batch["labels"]),
-                "aux_alpha": aux, "time_penalty": penalty}
+        return {**parts, "aux_alpha": aux, "time_penalty": penalty}
 
     def step(self, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         rows = batch_schedule(len(self.train), self.cfg.batch_size, micro, self.cfg.seed + 7, self.rank, self.world)
