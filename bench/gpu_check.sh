@@ -10,7 +10,7 @@
 #   usage: bash bench/gpu_check.sh [WHEEL_DIR]        (WHEEL_DIR default .whl; may be empty or absent)
 #   env:   DEVICE=cuda|cpu  SHAPES="llama1b-shape qwen3b-shape"  QUANTS="bf16 nf4"  N=1000000
 #          BATCH=4 SEQ=512 GEN=32 REPEATS=3 TRAIN="2 512" RETRIEVAL="exact ivf" BUDGET_S=450
-#          OUTDIR (default $OUT, else /tmp/kblampp_gpu_check)  DRY_RUN=1 (print the commands only)
+#          OUTDIR (default /tmp/kblampp_gpu_check; copied to $OUT as one .tar.gz)  DRY_RUN=1 (commands only)
 #   CPU test of every step: DEVICE=cpu SHAPES=tiny-shape N=5000 SEQ=32 GEN=4 TRAIN="2 32" bash bench/gpu_check.sh
 #
 # Wheels (this machine has no network; torch/transformers are there, faiss and bitsandbytes are not):
@@ -33,7 +33,7 @@ REPEATS=${REPEATS:-3}
 TRAIN=${TRAIN:-"2 512"}
 RETRIEVAL=${RETRIEVAL:-"exact ivf"}
 BUDGET_S=${BUDGET_S:-450}
-OUTDIR=${OUTDIR:-${OUT:-/tmp/kblampp_gpu_check}}
+OUTDIR=${OUTDIR:-/tmp/kblampp_gpu_check}  # logs + JSON; bundled into $OUT (<= 8 files come back) at the end
 PY=${PYTHON:-python3}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
@@ -118,6 +118,9 @@ for shape in $SHAPES; do
 done
 
 say "done in $(( $(date +%s) - START )) s; results in $OUTDIR"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then  # the device tool returns at most 8 files from $OUT
+  tar czf "$OUT/gpu_check.tar.gz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" && cp "$LOG" "$OUT/"
+fi
 for f in "$OUTDIR"/retrieval.log "$OUTDIR"/inject_*.log; do
   [ -f "$f" ] || continue
   echo "## $(basename "$f" .log)"
