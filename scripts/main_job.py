@@ -104,7 +104,11 @@ def step_stage_a(job: Job) -> None:
     stage = StageA(load_inputs(job.cfg), job.cfg.output_dir)
     results = stage.run(resume=True)
     retrieval = results.get("retrieval_final") or results.get("retrieval") or {}
-    print("retrieval:", {k: v for k, v in retrieval.items() if not isinstance(v, dict)} if isinstance(retrieval, dict) else retrieval)
+    for split, scores in retrieval.items():  # train / dev (held-out world) retrieval at the last prompt token
+        if isinstance(scores, dict):
+            shown = {k: round(v, 3) for k, v in scores.items() if k in ("top1", "recall@8", "single-hop/recall@8",
+                                                                        "single-hop/top_alpha_precision")}
+            print(f"retrieval {split}: {shown}")
     job.files["run"] = ROOT / job.cfg.output_dir
 
 

@@ -205,7 +205,7 @@ class StageA:
         self.timings["e2e_s"] = time.perf_counter() - t0
         if sa.e2e_steps > 0 or sa.value_steps > 0:  # retrieval after the joint phases, as evaluation sees it
             results["retrieval_final"] = retr.eval_fn(sa.e2e_steps)
-            self.trainer.metrics.write(phase="final", retrieval=results["retrieval_final"])
+            self.trainer.metrics.write(phase="final", step=sa.e2e_steps, retrieval=results["retrieval_final"])
         self.finish(results)
         return results
 
