@@ -61,6 +61,20 @@ def build_tail_token_table(tail_names: Sequence[str], tokenizer: Any, max_len: i
     return table
 
 
+def tail_rows_builder(tokenizer: Any, max_len: int = 16):
+    """Rows of the tail table for newly added or replaced 5-tuple dicts (a store's `extra_builders`)."""
+    return lambda raw_facts: build_tail_token_table([f["tail"]["name"] for f in raw_facts], tokenizer,
+                                                    max_len).numpy()
+
+
+def tail_builders(manifest: dict, tokenizer: Any) -> dict:
+    """Row builders for every per-fact tail table a store manifest lists (rebuilt with `tokenizer`), so
+    that edits by the server or the KB-edit check give those tables rows for the edited facts."""
+    return {name: tail_rows_builder(tokenizer, int(entry["shape"][1]))
+            for name, entry in manifest.get("extra", {}).items()
+            if entry.get("per_fact") and name.startswith("tail_tokens_")}
+
+
 def load_or_build_tail_table(store: Any, tail_names: Sequence[str], tokenizer: Any,
                              max_len: int = 16) -> torch.Tensor:
     """The store's tail table for this tokenizer, built and written with the store on first use.
@@ -70,8 +84,7 @@ def load_or_build_tail_table(store: Any, tail_names: Sequence[str], tokenizer: A
     name = tail_table_name(tokenizer, max_len)
     builders = getattr(store, "extra_builders", None)
     if isinstance(builders, dict):
-        builders[name] = lambda raw_facts: build_tail_token_table(
-            [f["tail"]["name"] for f in raw_facts], tokenizer, max_len).numpy()
+        builders[name] = tail_rows_builder(tokenizer, max_len)
     try:
         cached = store.read_extra(name)
     except (KeyError, FileNotFoundError):

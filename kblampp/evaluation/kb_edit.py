@@ -23,7 +23,6 @@ from kblampp.evaluation.retrieval_metrics import answer_fact_of
 from kblampp.metrics import exact_match, mean, normalize_answer
 from kblampp.schema import Fact, QARecord, load_facts
 
-TAIL_TABLE_PREFIX = "tail_tokens_"
 
 
 @dataclass(frozen=True)
@@ -86,13 +85,9 @@ def copy_store(store_root: str | Path, target: str | Path) -> Path:
 def apply_edits(store: Any, edits: Sequence[Edit], tokenizer: Any, index: Any = None) -> None:
     """Replace each edited fact in `store` (a KBValueStore loaded WITH an embedder, on a copy); every
     per-fact tail token table is rebuilt for the new rows with `tokenizer`."""
-    from kblampp.answer_head import build_tail_token_table
+    from kblampp.answer_head import tail_builders
 
-    for name, entry in store.manifest.get("extra", {}).items():
-        if entry.get("per_fact") and name.startswith(TAIL_TABLE_PREFIX):
-            width = int(entry["shape"][1])
-            store.extra_builders[name] = lambda objs, width=width: build_tail_token_table(
-                [o["tail"]["name"] for o in objs], tokenizer, width).numpy()
+    store.extra_builders.update(tail_builders(store.manifest, tokenizer))
     for edit in edits:
         store.replace_fact(edit.fact_index, edited_fact(store.fact(edit.fact_index), edit.new_tail), index=index)
 

@@ -4,6 +4,7 @@ Why here and not in the script: tests and the load benchmark build the same engi
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from kblampp.serving.engine import Engine
 def build_engine(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings,
                  wal_path: str | Path | None = None) -> Engine:
     """The engine for `cfg` (backbone, embedding model, store_dir, index.method) and a KB checkpoint."""
+    from kblampp.answer_head import tail_builders
     from kblampp.embedding import load_embedder
     from kblampp.evaluation.runner import load_model
     from kblampp.serving.live_kb import StoreLiveKB
@@ -25,7 +27,9 @@ def build_engine(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings
     model, tokenizer = load_model(cfg, checkpoint, embedder.dim)  # the evaluation's loader: same model
     store_dir = Path(cfg.store_dir)
     method = cfg.index.method if (store_dir / f"index_{cfg.index.method}").is_dir() else None
-    kb = StoreLiveKB(store_dir, embedder, method=method)
+    # the store may carry tail tables (written by training/evaluation): give edits their rows
+    manifest = json.loads((store_dir / "manifest.json").read_text(encoding="utf-8"))
+    kb = StoreLiveKB(store_dir, embedder, method=method, extra_builders=tail_builders(manifest, tokenizer))
     answerer = KBModelAnswerer(model, tokenizer, kb)
     info = {"model": cfg.backbone, "checkpoint": str(checkpoint), "inject_layers": list(cfg.inject_layers),
             "K_top": cfg.K_top, "answer_head": answerer.answer_head, "load_s": round(time.perf_counter() - t0, 3)}
