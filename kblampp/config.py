@@ -255,5 +255,12 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> N
                         help="override a config key, dotted for nested keys (e.g. optimizer.lr=1e-4); repeatable")
 
 
+def add_run_args(parser: argparse.ArgumentParser, output_help: str) -> None:
+    """--output_dir / --no_resume / --no_progress, shared by the training scripts."""
+    parser.add_argument("--output_dir", help=output_help)
+    parser.add_argument("--no_resume", action="store_true", help="ignore checkpoints already in the run folder")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
 def config_from_args(args: argparse.Namespace) -> KBConfig:
     return load_config(args.config, args.overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kblampp.builders.common import BuildError, add_common_args, finish
+from kblampp.builders.common import add_common_args, run_builder
 from kblampp.builders.hotpot import build_hotpot
 
 RULE = """extraction rule, one fact per supporting sentence [title, sent_id]:
@@ -27,12 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", help="HotpotQA JSON / JSONL files (.gz allowed)")
     add_common_args(parser, "data/5tuple/hotpot.jsonl", "data/qa/hotpot.jsonl")
     args = parser.parse_args(argv)
-    try:
-        result = build_hotpot(args.inputs, max_samples=args.max_samples)
-        return finish(result, args.out_facts, args.out_qa, args.strict)
-    except (BuildError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_builder(lambda: build_hotpot(args.inputs, max_samples=args.max_samples), args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kblampp.builders.common import BuildError, add_common_args, finish
+from kblampp.builders.common import add_common_args, run_builder
 from kblampp.builders.timeqa import build_timeqa, load_timeqa_relations
 
 
@@ -21,14 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep_unanswerable", action="store_true", help="write unanswerable questions too")
     add_common_args(parser, "data/5tuple/timeqa.jsonl", "data/qa/timeqa.jsonl")
     args = parser.parse_args(argv)
-    try:
-        labels = load_timeqa_relations(args.relations) if args.relations else None
-        result = build_timeqa(args.inputs, max_samples=args.max_samples, relation_labels=labels,
-                              keep_unanswerable=args.keep_unanswerable)
-        return finish(result, args.out_facts, args.out_qa, args.strict)
-    except (BuildError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_builder(lambda: build_timeqa(
+        args.inputs, max_samples=args.max_samples, keep_unanswerable=args.keep_unanswerable,
+        relation_labels=load_timeqa_relations(args.relations) if args.relations else None), args)
 
 
 if __name__ == "__main__":

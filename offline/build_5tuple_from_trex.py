@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kblampp.builders.common import BuildError, add_common_args, finish
+from kblampp.builders.common import add_common_args, run_builder
 from kblampp.builders.trex import build_trex, load_lama_relations
 
 
@@ -20,13 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relations", default=None, help="LAMA relations.jsonl: labels that override the built-in table")
     add_common_args(parser, "data/5tuple/trex.jsonl", None)
     args = parser.parse_args(argv)
-    try:
-        labels = load_lama_relations(args.relations) if args.relations else None
-        result = build_trex(args.inputs, max_samples=args.max_samples, relation_labels=labels)
-        return finish(result, args.out_facts, None, args.strict)
-    except (BuildError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_builder(lambda: build_trex(args.inputs, max_samples=args.max_samples, relation_labels=(
+        load_lama_relations(args.relations) if args.relations else None)), args, qa=False)
 
 
 if __name__ == "__main__":

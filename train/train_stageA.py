@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from kblampp.config import add_config_args, config_from_args
+from kblampp.config import add_config_args, add_run_args, config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
-    parser.add_argument("--output_dir", help="run folder (default: the config's output_dir)")
-    parser.add_argument("--no_resume", action="store_true", help="ignore checkpoints already in the run folder")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_run_args(parser, "run folder (default: the config's output_dir)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     if args.output_dir:

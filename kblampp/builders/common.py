@@ -240,6 +240,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def run_builder(build, args, qa: bool = True) -> int:
+    """The body every builder script shares: `build()` -> BuildResult, then report and write it;
+    a bad input file (BuildError, ValueError, OSError) is one clear error line and exit 1."""
+    try:
+        return finish(build(), args.out_facts, args.out_qa if qa else None, args.strict)
+    except (BuildError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
 def add_common_args(parser, default_facts: str, default_qa: str | None) -> None:
     """--out_facts/--out_qa/--max_samples/--strict, the same in every builder script."""
     parser.add_argument("--out_facts", default=default_facts, help=f"5-tuple JSONL to write (default {default_facts})")
