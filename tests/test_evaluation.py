@@ -221,7 +221,8 @@ def test_summarize_and_write_report(tmp_path):
     payload = write_report(tmp_path, rows, meta={"max_new_tokens": 16})
     assert json.loads((tmp_path / "results.json").read_text()) == payload
     md = (tmp_path / "results.md").read_text()
-    assert "| backbone | 2 | 50.0 |" in md and "| kblampp | 2 | 100.0 |" in md and "max_new_tokens = 16" in md
+    assert "| backbone | 2 | 50.0 [0.0, 100.0] |" in md and "| kblampp | 2 | 100.0 [100.0, 100.0] |" in md
+    assert "max_new_tokens = 16" in md and "| single-hop (n=1) | multi-hop (n=0) | temporal (n=1) |" in md
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[2])["row"] == "kblampp"
     assert markdown_table({"x": summarize_row([])}).count("–") >= 10
@@ -259,7 +260,10 @@ def test_evaluate_writes_one_table_for_every_row(built):
     assert payload["kb_edit"]["follow_new"] == 1.0 and payload["kb_edit"]["n_edits"] == 2
     assert payload["meta"]["max_new_tokens"] == 8 and payload["meta"]["questions"] == 4
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert md.count("\n| kblampp") == 6 and "KB-edit check (kblampp, 2 single-hop" in md
+    assert md.count("\n| kblampp") == 6 * 4 and "KB-edit check (kblampp, 2 single-hop" in md  # 4 tables
+    assert rows["lookup"]["em"] == 1.0 and rows["lookup_chain"]["em"] == 1.0  # the toy world is single-hop
+    assert rows["lookup"]["abstain_precision"] is None and rows["lookup"]["em_answerable"] == 1.0
+    assert "EM per question family:" in md and "lookup rows not tuned (no dev split)" in md
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(preds) == 4 * len(ALL_ROWS)
     head = [p for p in preds if p["row"] == "kblampp"]
