@@ -313,3 +313,26 @@ def test_scripts_have_help(repo_root, script):
 
     proc = subprocess.run([sys.executable, str(repo_root / script), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout and "--config" in proc.stdout
+
+
+class _PieceTokenizer:
+    """decode([i]) = PIECES[i]: enough for the first-line stop rule."""
+
+    PIECES = ["", "Ann", " Lee", "\n", ".\n", "  ", "\n\n", "x"]
+
+    def __len__(self):
+        return len(self.PIECES)
+
+    def decode(self, ids):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_first_line_stop_ends_each_sequence_after_its_answer_line():
+    from kblampp.evaluation.generate import FirstLineStop
+
+    stop = FirstLineStop(_PieceTokenizer(), prompt_len=1)
+    assert stop(torch.tensor([[7], [7]])).tolist() == [False, False]  # nothing generated yet
+    steps = [[6, 1], [1, 2], [2, 4], [3, 7]]  # row 0: "\n\nAnn Lee\n"; row 1: "Ann Lee.\n..."
+    seen = [stop(torch.tensor([[7] + [s[r] for s in steps[:k + 1]] for r in range(2)])).tolist()
+            for k in range(len(steps))]
+    assert seen == [[False, False], [False, False], [False, True], [True, False]]
