@@ -240,3 +240,23 @@ def test_cli_help_documents_the_rule_and_strict_fails(tmp_path: Path) -> None:
                            "--out_qa", str(tmp_path / "q.jsonl")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "kb: answerable share: 0.571" in proc.stderr and "kb: bridge chains linked: 1.0" in proc.stderr
+
+
+def test_hotpot_job_builds_splits_and_checks(tmp_path: Path) -> None:
+    """configs/hotpot.yaml through scripts/hotpot_job.py up to the sanity checks (no model needed):
+    train/dev hold answerable questions only, test holds every question, split in two by answerable."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import hotpot_job
+
+    out = tmp_path / "qa"
+    assert hotpot_job.main([str(DISTRACTOR), "--until", "check", "--set", f"tuples_path={tmp_path / 'facts.jsonl'}",
+                            "--set", f"train_dataset={out / 'hp_train.jsonl'}"]) == 0
+    split = {name: load_qa(out / f"hp_{name}.jsonl") for name in
+             ("all", "train", "dev", "test", "test_answerable", "test_not_answerable")}
+    assert len(split["all"]) == 14 and len(load_facts(tmp_path / "facts.jsonl")) == 88
+    assert all(r.raw["answerable"] for name in ("train", "dev", "test_answerable") for r in split[name])
+    assert not any(r.raw["answerable"] for r in split["test_not_answerable"])
+    test_ids = {r.qid for r in split["test"]}
+    assert test_ids == {r.qid for r in split["test_answerable"] + split["test_not_answerable"]}
+    assert len(test_ids) == round(0.3 * 14) and not test_ids & {r.qid for r in split["train"] + split["dev"]}
+    assert {r.qid for r in split["all"] if r.raw["answerable"]} - test_ids == {r.qid for r in split["train"] + split["dev"]}
