@@ -110,7 +110,7 @@ def test_facts_never_read_the_answer(tmp_path: Path) -> None:
             else:
                 rec["answer"] = blank
         assert _facts_bytes(changed, tmp_path) == original
-    assert len(build_hotpot([DISTRACTOR]).facts) == 88
+    assert len(build_hotpot([DISTRACTOR]).facts) == 87
 
 
 def test_distractor_fixture_qa_records() -> None:
@@ -154,7 +154,7 @@ def test_distractor_fixture_qa_records() -> None:
 
 def test_reachability_report() -> None:
     assert reachability(build_hotpot([DISTRACTOR])) == {
-        "questions": 14, "supporting sentences": 30, "facts": 88, "facts per supporting sentence": 2.933,
+        "questions": 14, "supporting sentences": 30, "facts": 87, "facts per supporting sentence": 2.9,
         "sentences without a fact": 0, "relation vocabulary": 46, "relations used once": 30,
         "families": {"hotpot_bridge": 9, "hotpot_comparison": 3, "hotpot_yesno": 2},
         "answerable": 8, "answerable share": 0.571, "bridge answers reachable": 0.889, "bridge chains linked": 1.0}
@@ -172,12 +172,12 @@ def test_list_and_dict_of_lists_shapes() -> None:
         ("Helen Marsh", "born in", "Duluth", None, "name"),
         ("Helen Marsh", "born in", "Minnesota", None, "name"),
         ("Oskar Lind", "was", "Swedish", None, "name"),
-        ("Larkspur Tower", "designed by", "Helen Marsh", None, "name"),  # Helen Marsh's page is not in that context
         ("Brandt House", "completed in", "1902", None, "date"),
-        ("Brandt House", "completed in", "Racine", None, "name"),
+        # first met where the Racine page was not in the context; linked when a later context has it
         ("Brandt House", "completed in", "Racine", "enwiki:Racine", "title"),
         ("Racine", "flows through (inverse)", "Root River", None, "name"),
     ]
+    assert result.notes["facts linked by another question's context"] == 1
     first = result.facts[0]
     assert first["head"]["id"] == "enwiki:Larkspur_Tower"
     assert first["context"]["sent_span"] == "It was designed by Helen Marsh and completed in 1974."
@@ -186,8 +186,8 @@ def test_list_and_dict_of_lists_shapes() -> None:
             for q in result.qa] == [
         ("hp-bridge-1", "Duluth", [0, 1, 2, 3, 5, 4], 4, True, "hotpot_bridge"),
         ("hp-comparison-1", "no", [2, 3, 4, 5, 6], None, False, "hotpot_yesno"),
-        ("hp-comparison-2", "Brandt House", [7, 1, 8, 9], None, False, "hotpot_comparison"),
-        ("hf-1", "Root River", [8, 10, 11], 11, True, "hotpot_bridge"),
+        ("hp-comparison-2", "Brandt House", [0, 1, 7, 8], None, False, "hotpot_comparison"),
+        ("hf-1", "Root River", [7, 8, 9], 9, True, "hotpot_bridge"),
     ]
     assert [p.format() for p in result.problems] == [
         f"{LIST}:record 3: supporting_facts[0]: sentence 3 out of range (paragraph 'Brandt House' has 1)",
@@ -208,6 +208,7 @@ def test_outputs_validate_and_supporting_facts_point_at_the_sentences(tmp_path: 
     qa = {r.qid: r for r in load_qa(qa_path, num_facts=len(facts))}
     assert [facts[i].sentence for i in qa["hf-1"].supporting_facts] == [
         "Brandt House was completed in 1902 in Racine."] * 2 + ["The Root River flows through Racine."]
+    assert facts[qa["hf-1"].supporting_facts[1]].tail_id == "enwiki:Racine"
     assert facts[qa["hp-bridge-1"].raw["answer_fact"]].tail_name == "Duluth"
 
 
@@ -253,7 +254,7 @@ def test_hotpot_job_builds_splits_and_checks(tmp_path: Path) -> None:
                             "--set", f"train_dataset={out / 'hp_train.jsonl'}"]) == 0
     split = {name: load_qa(out / f"hp_{name}.jsonl") for name in
              ("all", "train", "dev", "test", "test_answerable", "test_not_answerable")}
-    assert len(split["all"]) == 14 and len(load_facts(tmp_path / "facts.jsonl")) == 88
+    assert len(split["all"]) == 14 and len(load_facts(tmp_path / "facts.jsonl")) == 87
     assert all(r.raw["answerable"] for name in ("train", "dev", "test_answerable") for r in split[name])
     assert not any(r.raw["answerable"] for r in split["test_not_answerable"])
     test_ids = {r.qid for r in split["test"]}

@@ -20,6 +20,7 @@ QA records (one per question that has an answer; records without one still give 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ def build_hotpot(paths: list[str | Path], max_samples: int | None = None) -> Bui
     """5-tuples + QA from HotpotQA files; supporting_facts index the facts of this run."""
     result = BuildResult()
     seen: dict[str, str] = {}
+    known: dict[str, int] = {}  # a fact's text (tail id aside) -> its index, across questions
     for path in map(Path, paths):
         for where, rec in iter_records(path, result, max_samples):
             result.records_read += 1
@@ -105,7 +107,7 @@ def build_hotpot(paths: list[str | Path], max_samples: int | None = None) -> Bui
                 result.bad(path, where, "_id/id", f"duplicate id {qid!r} (first at {position(seen[qid])})")
                 continue
             seen[qid] = where
-            facts = _facts(support, paragraphs, result)
+            facts = _facts(support, paragraphs, result, known)
             if isinstance(rec.get("answer"), str) and rec["answer"].strip():
                 result.qa.append(qa_record(rec, qid, facts, result.facts))
             else:
@@ -113,9 +115,12 @@ def build_hotpot(paths: list[str | Path], max_samples: int | None = None) -> Bui
     return result
 
 
-def _facts(support: list, paragraphs: dict[str, list], result: BuildResult) -> list[tuple[str, int]]:
+def _facts(support: list, paragraphs: dict[str, list], result: BuildResult,
+           known: dict[str, int]) -> list[tuple[str, int]]:
     """Add the facts of the supporting sentences; (paragraph title, fact index) in sentence order.
-    Reads only the titles and sentences: the answer never reaches this function."""
+    Reads only the titles and sentences: the answer never reaches this function. A sentence seen in
+    another question's context is the same fact; if only one context held the tail's page, the
+    fact keeps that link (so a fact does not depend on which distractors came with it)."""
     titles = list(paragraphs)
     out: list[tuple[str, int]] = []
     for title, sent_id in support:
@@ -137,10 +142,24 @@ def _facts(support: list, paragraphs: dict[str, list], result: BuildResult) -> l
                 url="https://en.wikipedia.org/wiki/" + full.replace(" ", "_"), extra_context=extra)
             if base != full:
                 fact["context"]["disamb"] = {"wikipedia_title": full}
-            index = result.add_fact(fact)
+            index = _add_once(result, known, fact)
             if (title, index) not in out:
                 out.append((title, index))
     return out
+
+
+def _add_once(result: BuildResult, known: dict[str, int], fact: dict) -> int:
+    key = json.dumps([fact["head"]["id"], fact["relation"]["name"], fact["tail"]["name"], fact["context"]["sent_span"]],
+                     ensure_ascii=False)
+    if key not in known:
+        known[key] = result.add_fact(fact)
+        return known[key]
+    kept = result.facts[known[key]]
+    result.notes["duplicate facts merged"] += 1
+    if kept["tail"]["id"] is None and fact["tail"]["id"] is not None:
+        kept["tail"], kept["context"]["tail_kind"] = fact["tail"], fact["context"]["tail_kind"]
+        result.notes["facts linked by another question's context"] += 1
+    return known[key]
 
 
 def _family(rec: dict) -> str:
