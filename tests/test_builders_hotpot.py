@@ -68,6 +68,7 @@ def _said(title: str, sentence: str, titles: list[str]) -> list[tuple[str, str, 
      [("from", "1844", "date"), ("until", "1846", "date"), ("was", "American", "name")]),
     ("Racine, Wisconsin", "The Root River flows through Racine.", [], [("flows through (inverse)", "Root River", "name")]),
     ("Helen Marsh", "In 1990, she retired.", [], [("retired in", "1990", "date")]),
+    ("Helen Marsh", "In March 1931, she moved to Paris.", [], [("moved in", "March 1931", "date"), ("moved to", "Paris", "name")]),
     # numbers; an abbreviation-suffixed title mentioned without it
     ("Leicester City F.C.", "Leicester City Football Club had 32,312 seats in 2011.", [],
      [("had", "32,312", "number"), ("had in", "2011", "date")]),

@@ -61,7 +61,7 @@ _MONTH = "(?:" + "|".join(_MONTHS) + ")"
 _DATES = [  # (pattern, kind); tried in this order, longest forms first
     (re.compile(rf"(?<!\w)({_MONTH})\s+(\d{{1,2}}),\s+(\d{{3,4}})(?!\d)"), "mdy"),
     (re.compile(rf"(?<![\w,])(\d{{1,2}})\s+({_MONTH})\s+(\d{{3,4}})(?!\d)"), "dmy"),
-    (re.compile(rf"(?<!\w)({_MONTH})\s+(\d{{3,4}})(?![\d,])"), "my"),
+    (re.compile(rf"(?<!\w)({_MONTH})\s+(\d{{3,4}})(?!\d|,\d)"), "my"),
     (re.compile(r"(?<![\w$.,])(1\d{2}0|20\d0)s(?!\w)"), "decade"),
     (re.compile(r"(?<![\w$.,])(1\d{3}|20\d{2})(?![\w]|[.,]\d)"), "year"),
 ]
@@ -73,7 +73,7 @@ _SUFFIX = re.compile(r"\s*\([^()]*\)\s*$")
 _CONNECTORS = {"of", "the", "de", "del", "der", "la", "le", "von", "van", "da", "di", "du", "y", "&", "St"}
 _SKIP_NAMES = {"The", "A", "An", "It", "He", "She", "They", "His", "Her", "Its", "Their", "This", "These", "Those",
                "In", "On", "At", "As", "By", "For", "From", "After", "Before", "During", "Since", "With", "When",
-               "While", "Although", "However", "Following", "Its", "There", "Some", "Many", "Both", "After"}
+               "While", "Although", "However", "Following", "There", "Some", "Many", "Both"}
 _DETERMINERS = {"a", "an", "the", "its", "his", "her", "their", "this", "that", "these", "those", "also", "and",
                 "or", "but", "which", "who", "whom", "whose", "where", "then", "first", "later", "both"}
 _PREPOSITIONS = {"by", "in", "on", "at", "of", "for", "from", "to", "with", "as", "into", "near", "under", "over",
