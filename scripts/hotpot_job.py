@@ -6,7 +6,7 @@ Steps: build (answer-blind facts, QA with `answerable`) -> split by qid (seeded)
 K/V encode -> index -> Stage A (answerable training questions) -> evaluation of the test split, the
 answerable and the non-answerable questions in separate tables (eval/answerable, eval/not_answerable).
 On non-answerable questions the KB holds no fact whose tail is the answer: EM there is what the
-model gets right without the KB's answer (the abstention rows of the evaluation score them too).
+model gets right without the KB's answer; they are the questions an abstaining model should refuse.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def step_check(job: main_job.Job) -> None:
 
 
 def step_eval(job: main_job.Job) -> None:
-    from kblampp.evaluation.runner import evaluate
+    from kblampp.evaluation.runner import DEFAULT_ROWS, evaluate
 
     for part in ("answerable", "not_answerable"):
         qa = job.files[f"qa_test_{part}"]
@@ -87,7 +87,8 @@ def step_eval(job: main_job.Job) -> None:
             print(f"== eval {part}: no test questions")
             continue
         out_dir = ROOT / job.cfg.output_dir / "eval" / part
-        evaluate(main_job._eval_context(job), qa, out_dir, max_questions=job.args.eval_questions,
+        rows = job.args.rows.split(",") if job.args.rows else DEFAULT_ROWS
+        evaluate(main_job._eval_context(job), qa, out_dir, rows=rows, max_questions=job.args.eval_questions,
                  kb_edit_n=job.args.kb_edit if part == "answerable" else 0, batch_size=16)
         print(f"== eval {part} ({qa})")
         print((out_dir / "results.md").read_text(encoding="utf-8"))
@@ -107,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev_fraction", type=float, default=0.1)
     p.add_argument("--test_fraction", type=float, default=0.3)
     p.add_argument("--eval_questions", type=int, default=0, help="test questions per table (0 = all)")
+    p.add_argument("--rows", default="", help="comma-separated evaluation rows (default: every default row)")
     p.add_argument("--kb_edit", type=int, default=0, help="facts edited in the KB-edit check (0 = off)")
     p.add_argument("--until", choices=[name for name, _ in STEPS], help="stop after this step")
     return p.parse_args(argv)
