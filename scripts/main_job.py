@@ -181,21 +181,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    job = Job(config_from_args(args), args)
-    print(f"config: {args.config} (backbone {job.cfg.backbone}, embedding {job.cfg.embedding_model})")
-    for name, step in STEPS:
+def run_steps(job: Job, steps: list) -> int:
+    """Run `steps` in order (until `job.args.until`), timing each; print what was written."""
+    print(f"config: {job.args.config} (backbone {job.cfg.backbone}, embedding {job.cfg.embedding_model})")
+    for name, step in steps:
         print(f"== {name}")
         t0 = time.perf_counter()
         step(job)
         job.timings[name] = time.perf_counter() - t0
-        if name == args.until:
+        if name == job.args.until:
             break
     print("== done: " + ", ".join(f"{k} {v:.1f}s" for k, v in job.timings.items()))
     for key, path in job.files.items():
         print(f"  {key}: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_steps(Job(config_from_args(args), args), STEPS)
 
 
 if __name__ == "__main__":

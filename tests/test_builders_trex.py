@@ -16,7 +16,8 @@ from kblampp.schema import load_facts, scan_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "real_shapes"
-REAL = ROOT.parent / "shared" / "data" / "real"
+REAL = next((p / "shared" / "data" / "real" for p in (ROOT.parent, ROOT.parents[1]) if (p / "shared").is_dir()),
+            ROOT.parent / "shared" / "data" / "real")  # beside the checkout, or beside its worktree folder
 DT = "^^http://www.w3.org/2001/XMLSchema#dateTime"
 
 
@@ -152,3 +153,24 @@ def test_cli_help_and_bad_arguments(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "expected a positive integer, got 0" in proc.stderr
     proc = _cli(str(tmp_path / "missing.json"), "--out_facts", str(tmp_path / "f.jsonl"))
     assert proc.returncode == 1 and "missing.json: input file not found" in proc.stderr
+
+
+def test_tails_come_from_the_alignment_never_from_a_text_search(tmp_path: Path) -> None:
+    """No answer is read or searched for: a T-REx tail is the aligned object at its offsets (the same
+    string earlier in the text is not taken), and LAMA probe-only fields change nothing."""
+    text = "Ostrava is a city. Marta Vell moved to Ostrava."
+    triple = {"sentence_id": 1, "predicate": {"uri": "http://www.wikidata.org/prop/direct/P551"},
+              "subject": {"boundaries": [19, 29], "surfaceform": "Marta Vell", "uri": "http://www.wikidata.org/entity/Q1"},
+              "object": {"boundaries": [39, 46], "surfaceform": "Ostrava", "uri": "http://www.wikidata.org/entity/Q2"}}
+    doc = {"docid": "d", "title": "Marta Vell", "uri": "http://www.wikidata.org/entity/Q1", "text": text,
+           "sentences_boundaries": [[0, 18], [19, 47]], "triples": [triple]}
+    path = tmp_path / "docs.json"
+    path.write_text(json.dumps([doc]), encoding="utf-8")
+    assert _rows(build_trex([path])) == [("Q1", "Marta Vell", "P551", "residence", "Q2", "Ostrava",
+                                          "Marta Vell moved to Ostrava.", None, None)]
+    lama = [json.loads(line) for line in (FIX / "lama_trex.jsonl").read_text(encoding="utf-8").splitlines()[:2]]
+    plain, probed = tmp_path / "plain.jsonl", tmp_path / "probed.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in lama), encoding="utf-8")
+    probed.write_text("".join(json.dumps({**r, "masked_sentences": ["[MASK] is the answer."], "template": "[X] [Y]"})
+                              + "\n" for r in lama), encoding="utf-8")
+    assert build_trex([probed]).facts == build_trex([plain]).facts

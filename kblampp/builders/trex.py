@@ -7,6 +7,9 @@ form (Q-id kept) or a literal (Wikidata dates normalised to ISO at their precisi
 evidence = the sentence of `sentence_id` (character offsets, end-exclusive). A date-valued object
 becomes a time window where the property implies one (DATE_WINDOWS); otherwise the window is open.
 The same 5-tuple found by several aligners is written once (counted as "duplicate facts merged").
+No answer is read or searched for when writing facts: a tail is the aligned object at its offsets (a
+LAMA record's object is the Wikidata triple's, so a LAMA-built KB holds every probe's answer by
+construction: probes over it measure retrieval and copying, not extraction).
 """
 from __future__ import annotations
 
