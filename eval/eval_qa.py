@@ -13,8 +13,8 @@ from pathlib import Path
 from kblampp.config import add_config_args, config_from_args
 
 ROWS_HELP = ("comma-separated rows (default: %(default)s); known: backbone, rag, oracle_context, kblampp, "
-             "kblampp_injection, kblampp_gamma0, kblampp_eta0, kblampp_oracle_value, kblampp_oracle_value_injection")
-DEFAULT_ROWS = "backbone,rag,oracle_context,kblampp,kblampp_injection,kblampp_gamma0,kblampp_eta0,kblampp_oracle_value"
+             "kblampp_no_abstention, kblampp_injection, kblampp_gamma0, kblampp_eta0, kblampp_oracle_value, kblampp_oracle_value_injection")
+DEFAULT_ROWS = "backbone,rag,oracle_context,kblampp,kblampp_no_abstention,kblampp_injection,kblampp_gamma0,kblampp_eta0,kblampp_oracle_value"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -259,7 +259,7 @@ def test_evaluate_writes_one_table_for_every_row(built):
     assert payload["kb_edit"]["follow_new"] == 1.0 and payload["kb_edit"]["n_edits"] == 2
     assert payload["meta"]["max_new_tokens"] == 8 and payload["meta"]["questions"] == 4
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert md.count("\n| kblampp") == 6 and "KB-edit check (kblampp, 2 single-hop" in md
+    assert md.count("\n| kblampp") == 7 and "KB-edit check (kblampp, 2 single-hop" in md
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(preds) == 4 * len(ALL_ROWS)
     head = [p for p in preds if p["row"] == "kblampp"]

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from kblampp.backbone import answer_instruction
 from kblampp.config import ConfigError, KBConfig
 from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
                                           rag_fact_ids)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_ROWS = ("backbone", "rag", "oracle_context")
 ALL_ROWS = PROMPT_ROWS + tuple(KB_VARIANTS)
-DEFAULT_ROWS = ("backbone", "rag", "oracle_context", "kblampp", "kblampp_injection", "kblampp_gamma0",
+DEFAULT_ROWS = ("backbone", "rag", "oracle_context", "kblampp", "kblampp_no_abstention", "kblampp_injection", "kblampp_gamma0",
                 "kblampp_eta0", "kblampp_oracle_value")
 FINAL_CHECKPOINT = "kb_final.safetensors"
 
@@ -47,6 +48,16 @@ class EvalContext:
     facts: list[Fact]
     tail_table: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    abstainer: Any = None  # kblampp.abstention.Abstainer when the checkpoint has the decision
+
+    def kb_request(self, q_vecs: torch.Tensor, records: Sequence[QARecord], row: str) -> KBRequest:
+        """The KB request of one KBLaM++ row; rows that abstain write `cfg.abstain_answer`."""
+        from kblampp.abstention import answer_token_ids
+        from kblampp.evaluation.generate import stop_token_id
+
+        ids = answer_token_ids(self.tokenizer, self.cfg.abstain_answer) if self.abstainer is not None else None
+        return kb_request(self.model, self.source, q_vecs, records, KB_VARIANTS[row], self.tail_table,
+                          self.abstainer, ids, stop_token_id(self.tokenizer))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -64,6 +75,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, Any]:
     """(KBLaMPP with the checkpoint's KB tensors, tokenizer); the copy gate is registered when the
     checkpoint has one, and a Stage B run (stage_b_adapter.json beside it) gets its LoRA adapters."""
+    from kblampp.abstention import head_from_tensors
     from kblampp.answer_head import KBCopyGate
     from kblampp.backbone import load_backbone
     from kblampp.kb_params import load_kb_checkpoint, read_kb_checkpoint
@@ -74,6 +86,9 @@ def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, 
     tensors, _ = read_kb_checkpoint(checkpoint)
     if any(".kb_copy_gate." in f".{name}" for name in tensors):
         model.register_kb_module("kb_copy_gate", KBCopyGate(model.d_model))
+    abstain = head_from_tensors(tensors)
+    if abstain is not None:  # a run with the trained abstention decision
+        model.register_kb_module("kb_abstain", abstain)
     if (Path(checkpoint).parent / "stage_b_adapter.json").is_file():  # a Stage B run: LoRA / top layers too
         from kblampp.training.stage_b import load_stage_b
 
@@ -100,6 +115,7 @@ def build_source(cfg: KBConfig, store: Any) -> tuple[Any, Any]:
 
 def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = True) -> EvalContext:
     """Backbone + KB checkpoint, embedder, store (+ index), facts and the answer head's tail table."""
+    from kblampp.abstention import model_abstainer
     from kblampp.answer_head import load_or_build_tail_table
     from kblampp.embedding import load_embedder
     from kblampp.kb_store import KBValueStore
@@ -113,10 +129,12 @@ def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = Tr
     facts = load_facts(store.root / "facts.jsonl")
     tail_table = load_or_build_tail_table(store, [f.tail_name for f in facts], tokenizer)
     source, _ = build_source(cfg, store)
+    abstainer = model_abstainer(model, cfg.abstention.threshold)
     info = {"checkpoint": str(ckpt), "store_dir": str(store.root), "n_facts": store.n,
-            "answer_head": hasattr(model, "kb_copy_gate"), "load_s": round(time.perf_counter() - t0, 2)}
+            "answer_head": hasattr(model, "kb_copy_gate"), "load_s": round(time.perf_counter() - t0, 2),
+            "abstain_threshold": None if abstainer is None else abstainer.threshold}
     return EvalContext(cfg, model, tokenizer, lambda texts: embedder.encode(texts, progress=progress),
-                       store, source, facts, tail_table, info)
+                       store, source, facts, tail_table, info, abstainer)
 
 
 def select_questions(records: Sequence[QARecord], max_questions: int = 0, types: Sequence[str] | None = None,
@@ -186,7 +204,8 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     if not records:
         raise ValueError("no questions to evaluate")
     budget = ec.cfg.max_new_tokens
-    plain = backbone_prompts(ec.tokenizer, records)
+    instruction = answer_instruction(ec.cfg.abstain_answer)
+    plain = backbone_prompts(ec.tokenizer, records, instruction)
     q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)
     results: dict[str, list[QuestionResult]] = {}
     requests: dict[str, KBRequest] = {}
@@ -201,21 +220,24 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             alive = np.asarray(ec.store.alive, dtype=bool)
             retriever = FactRetriever(np.asarray(ec.store.raw("e_c")), alive=alive)
             ids = rag_fact_ids(retriever, q_vecs, rag_k or ec.cfg.K_top)
-            prompts = context_prompts(ec.tokenizer, records, ec.facts, ids)
+            prompts = context_prompts(ec.tokenizer, records, ec.facts, ids, instruction)
             gens = generate_rows(ec.model, ec.tokenizer, prompts, budget, **gen_kwargs)
             results[row] = _results(row, records, gens, seen, rag_retrieval_scores(ids, records, ec.facts),
                                     [{"context_ids": list(i)} for i in ids])
         elif row == "oracle_context":
-            prompts = context_prompts(ec.tokenizer, records, ec.facts, oracle_fact_ids(records))
+            prompts = context_prompts(ec.tokenizer, records, ec.facts, oracle_fact_ids(records), instruction)
             gens = generate_rows(ec.model, ec.tokenizer, prompts, budget, **gen_kwargs)
             results[row] = _results(row, records, gens, seen)
         else:
-            req = kb_request(ec.model, ec.source, torch.from_numpy(q_vecs), records, KB_VARIANTS[row], ec.tail_table)
+            req = ec.kb_request(torch.from_numpy(q_vecs), records, row)
             gens = generate_rows(ec.model, ec.tokenizer, plain, budget, request=req, **gen_kwargs)
             last = [req.records[i] for i in range(len(records))]
             ret = [score_question(r.cand_ids, r.alpha, rec, ec.facts).as_dict() for r, rec in zip(last, records)]
             extra = [{"cand_ids": r.cand_ids, "alpha": [round(a, 4) for a in r.alpha], "beta": round(r.beta, 4),
-                      "copy_gate": None if r.copy_gate is None else round(r.copy_gate, 4)} for r in last]
+                      "copy_gate": None if r.copy_gate is None else round(r.copy_gate, 4),
+                      "abstained": r.abstained,
+                      "p_unanswerable": None if r.p_unanswerable is None else round(r.p_unanswerable, 4)}
+                     for r in last]
             results[row] = _results(row, records, gens, seen, ret, extra)
             requests[row] = req
         seconds[row] = round(time.perf_counter() - t0, 2)
@@ -236,11 +258,10 @@ def usable_rows(ec: EvalContext, rows: Sequence[str]) -> tuple[list[str], list[s
 
 def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, rag_k: int | None) -> dict[str, Any]:
     """The settings every row shares, printed above the table."""
-    from kblampp.backbone import SHORT_ANSWER_INSTRUCTION
 
     return {"qa": qa_path, "questions": n_questions, "backbone": ec.cfg.backbone, "max_new_tokens": ec.cfg.max_new_tokens,
             "K_top": ec.cfg.K_top, "rag_k": rag_k or ec.cfg.K_top, "retrieval": ec.cfg.retrieval,
-            "n_facts": len(ec.facts), "batch_size": batch_size, "instruction": SHORT_ANSWER_INSTRUCTION}
+            "n_facts": len(ec.facts), "batch_size": batch_size, "instruction": answer_instruction(ec.cfg.abstain_answer)}
 
 
 
@@ -284,8 +305,9 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
     if not keep:
         raise ValueError(f"row {row!r} needs the answer head, but the checkpoint has no kb_copy_gate")
     q_vecs = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
-    req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table)
-    gens = generate_rows(ec.model, ec.tokenizer, backbone_prompts(ec.tokenizer, records), ec.cfg.max_new_tokens,
+    req = ec.kb_request(q_vecs, records, row)
+    prompts = backbone_prompts(ec.tokenizer, records, answer_instruction(ec.cfg.abstain_answer))
+    gens = generate_rows(ec.model, ec.tokenizer, prompts, ec.cfg.max_new_tokens,
                          batch_size=batch_size, request=req, desc=row, progress=progress,
                          questions=[r.question for r in records])
     return [evidence_entry(rec, gen.pred, req.records[i], ec.facts, output=gen.output)

@@ -4,6 +4,8 @@
   2. copy_gate  - the answer head's gate on cached plain-LM log-probs and the trained retrieval
   3. value      - teacher-forced gold facts, answer CE through the injection path
   4. e2e        - real retrieval: mixture CE + injection CE + retrieval loss
+  5. abstention - the `kb_abstain` decision on cached signals, threshold calibrated on dev (runs when
+                  the training questions include unanswerable ones)
 
 Run folder: config.resolved.yaml, metrics.jsonl, progress.json, cache/, checkpoints/<phase>/step_*/,
 and at the end kb_final.safetensors (KBLaMPP's kb_ tensors, `kblampp.kb_params` format) and
@@ -24,11 +26,12 @@ import torch
 
 from kblampp import hf_arch
 from kblampp.answer_head import KBCopyGate
-from kblampp.config import KBConfig
+from kblampp.config import KBConfig, save_resolved
 from kblampp.data import QADataset
 from kblampp.kb_params import save_kb_checkpoint
 from kblampp.model import KBLaMPP
 from kblampp.schema import Fact, QARecord
+from kblampp.training.abstention_phase import is_answerable, train_abstention
 from kblampp.training.cache import cached_question_states, inject_layer_states
 from kblampp.training.common import StageModules
 from kblampp.training.copy_gate_phase import CopyGateTrainer, answer_position_cache
@@ -123,9 +126,10 @@ class StageA:
         sa = self.cfg.stage_a
         pad = inp.tokenizer.pad_token_id if inp.tokenizer.pad_token_id is not None else inp.tokenizer.eos_token_id
         self.pad = int(pad)
-        train = _subset(inp.train_qa, sa.max_train_questions, self.cfg.seed)
+        answerable = [r for r in inp.train_qa if is_answerable(r)]  # unanswerable ones train the abstention
+        train = _subset(answerable, sa.max_train_questions, self.cfg.seed)
         self.train_ds = QADataset(train, inp.tokenizer, np.zeros((len(train), 1), np.float32), self.cfg.max_seq_len)
-        dev = _subset(inp.dev_qa, sa.dev_max_questions, self.cfg.seed)
+        dev = _subset([r for r in inp.dev_qa if is_answerable(r)], sa.dev_max_questions, self.cfg.seed)
         self.dev_ds = QADataset(dev, inp.tokenizer, np.zeros((len(dev), 1), np.float32), self.cfg.max_seq_len) if dev else None
         self.timings: dict[str, float] = {}
 
@@ -206,6 +210,10 @@ class StageA:
         if sa.e2e_steps > 0 or sa.value_steps > 0:  # retrieval after the joint phases, as evaluation sees it
             results["retrieval_final"] = retr.eval_fn(sa.e2e_steps)
             self.trainer.metrics.write(phase="final", step=sa.e2e_steps, retrieval=results["retrieval_final"])
+        t0 = time.perf_counter()
+        if cfg.abstention.steps > 0 and any(not is_answerable(r) for r in self.inp.train_qa):
+            results["abstention"] = self._abstention()
+        self.timings["abstention_s"] = time.perf_counter() - t0
         self.finish(results)
         return results
 
@@ -229,6 +237,17 @@ class StageA:
         gate = CopyGateTrainer(self.cfg, self.model.kb_copy_gate, cache, cand, alpha, self.inp.tail_table,
                                hf_arch.vocab_size(self.model.backbone), rank, world)
         return self.trainer.run(gate.phase(self.mods.params(gate=True)), resume)
+
+    def _abstention(self) -> dict[str, Any]:
+        """The abstention decision on cached signals (the KB modules as trained); threshold from dev."""
+        report = train_abstention(self.model, self.inp.tokenizer, self.cfg, self.mods.tensor_kb(grad=False),
+                                  self.inp.train_qa, self.inp.dev_qa, self.inp.embed, self.run_dir / "cache",
+                                  self.progress)
+        self.cfg.abstention.threshold = report["threshold"]  # saved with the checkpoint and the run's config
+        if self.acc.is_main_process:
+            save_resolved(self.cfg, self.run_dir)
+        self.trainer.metrics.write(phase="abstention", step=self.cfg.abstention.steps, eval=report)
+        return report
 
     # ---- outputs --------------------------------------------------------------------------------
     def finish(self, results: dict[str, Any]) -> None:
