@@ -145,7 +145,6 @@ class KBConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     stage_a: StageAConfig = field(default_factory=StageAConfig)
     stage_b: StageBConfig = field(default_factory=StageBConfig)
-    abstain_answer: str = "unknown"  # what an abstaining row outputs (scored right only on unanswerable questions)
     abstention: AbstentionConfig = field(default_factory=AbstentionConfig)
     batch_size: int = 1
     max_steps: int = 5000
