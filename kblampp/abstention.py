@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import LogitsProcessor
@@ -185,6 +186,37 @@ def answer_token_ids(tokenizer: Any, abstain_answer: str) -> list[int]:
     if not abstain_answer.strip():
         raise ValueError("abstain_answer: empty string")
     return list(tokenizer(abstain_answer, add_special_tokens=False)["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------- calibration
+def prf(abstained: np.ndarray, unanswerable: np.ndarray) -> dict[str, float]:
+    """Abstention precision / recall / F1 (positives = unanswerable questions)."""
+    tp = float((abstained & unanswerable).sum())
+    p = tp / max(float(abstained.sum()), 1.0)
+    r = tp / max(float(unanswerable.sum()), 1.0)
+    return {"precision": p, "recall": r, "f1": 0.0 if p + r == 0 else 2 * p * r / (p + r)}
+
+
+def calibrate_threshold(score: np.ndarray, unanswerable: np.ndarray, answer_ok: np.ndarray,
+                        max_answerable_loss: float) -> tuple[float, dict[str, float]]:
+    """Abstain where score >= t: the t with the best abstention F1 among those that abstain on at most
+    `max_answerable_loss` (a share of the answerable questions) of the answerable questions answered
+    right (`answer_ok`); ties go to the lower t. No admissible t with abstentions: a t above every score."""
+    unanswerable = np.asarray(unanswerable, bool)
+    ok = np.asarray(answer_ok, bool) & ~unanswerable
+    n_ans = max(int((~unanswerable).sum()), 1)
+    never = float(np.max(score)) + 1.0 if len(score) else 1.0
+    best_t, best = never, {"precision": 0.0, "recall": 0.0, "f1": -1.0}
+    for t in np.unique(np.concatenate([score, [never]])):
+        abst = score >= t
+        if (abst & ok).sum() / n_ans > max_answerable_loss:
+            continue
+        m = prf(abst, unanswerable)
+        if m["f1"] > best["f1"]:  # unique() is ascending: the first best is the lowest t
+            best_t, best = float(t), m
+    abst = score >= best_t
+    return best_t, {**best, "abstained_answerable_right": float((abst & ok).sum() / n_ans),
+                    "abstained_answerable": float((abst & ~unanswerable).sum() / n_ans)}
 
 
 # ---------------------------------------------------------------------------------------- explanations

@@ -13,9 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kblampp.abstention import (ABSTAIN_FEATURES, Abstainer, AbstainSignals, KBAbstainHead, abstain_reason,  # noqa: E402
-                                abstention_features, head_from_tensors, miss_reason, model_abstainer,
-                                near_misses, windows_overlap)
-from kblampp.training.abstention_phase import AbstentionData, calibrate, fit_head, prf  # noqa: E402
+                                abstention_features, calibrate_threshold, head_from_tensors, miss_reason,
+                                model_abstainer, near_misses, prf, windows_overlap)
+from kblampp.training.abstention_phase import AbstentionData, calibrate, fit_head  # noqa: E402
 
 INF = math.inf
 F = {name: i for i, name in enumerate(ABSTAIN_FEATURES)}
@@ -78,6 +78,9 @@ def test_prf_and_calibration_respect_the_answerable_budget():
     assert t == pytest.approx(0.9) and m["recall"] == pytest.approx(1 / 3) and m["abstained_answerable_right"] == 0.0
     t, m = calibrate(p, data, max_answerable_loss=0.2)
     assert t == pytest.approx(0.4) and m["recall"] == 1.0 and m["precision"] == pytest.approx(0.75)
+    # unanswerable scored below every answerable question answered right: no threshold is admissible
+    t, m = calibrate_threshold(np.array([0.1, 0.9]), np.array([True, False]), np.array([False, True]), 0.0)
+    assert t > 0.9 and m["f1"] == 0.0 and m["abstained_answerable"] == 0.0
 
 
 def test_fit_head_learns_separable_signals():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kblampp.abstention import AbstainSignals, KBAbstainHead, abstention_features
+from kblampp.abstention import AbstainSignals, KBAbstainHead, abstention_features, calibrate_threshold
 from kblampp.config import KBConfig
 from kblampp.kb_context import KBContext
 from kblampp.schema import QARecord
@@ -113,32 +113,9 @@ def fit_head(head: KBAbstainHead, data: AbstentionData, steps: int, lr: float, b
     return {"train_loss": float(full), "train_n": len(y), "train_unanswerable": int(y.sum())}
 
 
-def prf(abstained: np.ndarray, unanswerable: np.ndarray) -> dict[str, float]:
-    """Abstention precision / recall / F1 (positives = unanswerable questions)."""
-    tp = float((abstained & unanswerable).sum())
-    p = tp / max(float(abstained.sum()), 1.0)
-    r = tp / max(float(unanswerable.sum()), 1.0)
-    return {"precision": p, "recall": r, "f1": 0.0 if p + r == 0 else 2 * p * r / (p + r)}
-
-
 def calibrate(p: np.ndarray, data: AbstentionData, max_answerable_loss: float) -> tuple[float, dict[str, float]]:
-    """The threshold with the best abstention F1 among those that abstain on at most
-    `max_answerable_loss` (share of answerable questions) of the answerable questions answered right."""
-    unans = data.labels.numpy() > 0
-    ok = data.answer_ok.numpy() & ~unans
-    n_ans = max(int((~unans).sum()), 1)
-    best_t, best = 1.5, {"precision": 0.0, "recall": 0.0, "f1": -1.0}
-    for t in np.unique(np.concatenate([p, [1.5]])):
-        abst = p >= t
-        if (abst & ok).sum() / n_ans > max_answerable_loss:
-            continue
-        m = prf(abst, unans)
-        if m["f1"] > best["f1"] or (m["f1"] == best["f1"] and t < best_t):
-            best_t, best = float(t), m
-    abst = p >= best_t
-    best = {**best, "abstained_answerable_right": float((abst & ok).sum() / n_ans),
-            "abstained_answerable": float((abst & ~unans).sum() / n_ans)}
-    return best_t, best
+    """`calibrate_threshold` on a phase's data (answer_ok: the top-alpha candidate is the answer fact)."""
+    return calibrate_threshold(p, data.labels.numpy() > 0, data.answer_ok.numpy(), max_answerable_loss)
 
 
 def per_family_abstention(p: np.ndarray, data: AbstentionData, threshold: float) -> dict[str, float]:
