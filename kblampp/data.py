@@ -66,6 +66,12 @@ def answer_fact_of(rec: QARecord) -> int:
     return int(rec.supporting_facts[-1])
 
 
+def answerable_records(records: Sequence[QARecord]) -> list[QARecord]:
+    """The records retrieval, the copy gate and the answer CE train on: unanswerable questions have no
+    answer fact (supporting_facts empty, answer_fact null), so they are left to the abstention decision."""
+    return [r for r in records if r.answerable]
+
+
 def encode_record(tokenizer: Any, rec: QARecord, index: int, max_seq_len: int,
                   instruction: str | None = None, end_id: int | None = None) -> Example:
     """Tokenize prompt + answer + end token; the prompt is cut from the left if it is too long.

@@ -22,7 +22,7 @@ and common typos such as "befor", "betwen", "Decmber" tolerated). X is `YYYY`, `
 When a question holds several dated expressions, the one that constrains the answer is picked:
 expressions right after a describing verb ("born in 1136", "founded in 1991") lose to any other;
 closed windows beat open ones; among equals the last one wins (questions put the constraint at the
-end). A dated expression outside a relative clause beats the clause.
+end). Any dated expression beats a relative clause ("when X joined Y in 1995" reads as 1995).
 """
 from __future__ import annotations
 
@@ -70,17 +70,19 @@ _POINT_BARE = re.compile(rf"{_B}(?P<a>{_DATED}){_E}", re.I)
 _DESCRIBING = re.compile(
     r"\b(?:born|died|founded|established|built|chartered|created|formed|opened|launched|relocated|began|started"
     r"|appointed|constructed|completed|incorporated|introduced|released|published|named)\b(?:\s+\S+){0,4}\s*$", re.I)
-_LAST_BEFORE = re.compile(r"\b(?:last|latest|most\s+recent)\b[^,;?]*$", re.I)
-_FIRST_AFTER = re.compile(r"\b(?:first|earliest|next)\b[^,;?]*$", re.I)
+_LAST_BEFORE = re.compile(r"\b(?:last|latest|most\s+recent)\b[^;?]*$", re.I)
+_FIRST_AFTER = re.compile(r"\b(?:first|earliest|next)\b[^;?]*$", re.I)
 
 _AUX = r"(?!(?:was|were|is|are|did|does|do|has|have|had|will|would|can|could|should)\b)"
 # A clause runs to the main question (", who ...") or to the end; names may hold commas ("Miller, Oconnell and Mitchell").
-_CLAUSE = (r"(?P<anchor>[^?;]*?[^,?;\s])(?=\s*,\s*(?:who|whom|whose|what|where|which|when|how|in\s+which|at\s+which"
-           r"|for\s+which)\b|\s*[?;]|\s*$)")
+_CLAUSE_END = (r"(?=\s*,\s*(?:who|whom|whose|what|where|which|when|how|in\s+which|at\s+which|for\s+which)\b"
+               r"|\s*[?;]|\s*$)")
+_CLAUSE = rf"(?P<anchor>[^?;]*?[^,?;\s]){_CLAUSE_END}"
 _RELATIVE = (
     re.compile(rf"\b(?:when|while|whilst|(?:during|at|by)\s+the\s+time)\s+(?!of\b)(?:that\s+)?{_AUX}{_CLAUSE}", re.I),
     re.compile(rf"\bat\s+the\s+time\s+of\s+{_CLAUSE}", re.I),
-    re.compile(rf"\bduring\s+(?P<anchor>[^,?;]*\b(?:tenure|term|time|presidency|membership)\b[^,?;]*[^,?;\s])", re.I),
+    re.compile(rf"\bduring\s+(?P<anchor>[^?;]*?\b(?:tenure|term|time|presidency|membership)\b(?:[^?;]*?[^,?;\s])?)"
+               rf"{_CLAUSE_END}", re.I),
     re.compile(rf"\bin\s+the\s+(?:same\s+)?year\s+(?:that\s+|when\s+|in\s+which\s+)?(?!\d)(?!of\b){_CLAUSE}", re.I),
 )
 _SUCCESSION = (
@@ -104,7 +106,8 @@ _KEYWORDS = ("january", "february", "march", "april", "august", "september", "oc
              "december", "before", "after", "between", "during", "since", "until", "through", "prior",
              "around", "immediately", "shortly", "present", "currently", "current", "succeeded", "preceded",
              "season", "early", "middle", "right")
-_NOT_TYPOS = frozenset({"alter", "match", "marsh", "marches", "matches", "aster", "attar", "befall", "untie",
+_MONTH_NAMES = _KEYWORDS[:9]
+_NOT_TYPOS = frozenset({"earl", "alter", "match", "marsh", "marches", "matches", "aster", "attar", "befall", "untie",
                         "currant", "currants", "prion", "prism", "sincere", "seasons", "afters",
                         "dearly", "yearly", "riddle", "octet", "decent", "decimal", "decembers", "aground",
                         "among", "durian", "curing", "rights", "rigid"})
@@ -158,22 +161,27 @@ def _distance(a: str, b: str, limit: int) -> int:
     return prev[-1]
 
 
-def _repair(word: str) -> str:
+def _repair(match: re.Match) -> str:
+    word = match[0]
     low = word.lower()
     if len(low) < 4 or low in _NOT_TYPOS or low in _KEYWORDS:
         return word
+    # a capitalised word inside the text is a name ("Earl", "Marc") unless a number follows (a month)
+    name_like = word[0].isupper() and match.start() > 0
+    dated = bool(re.match(r"\s*\.?\s*\d", match.string[match.end():]))
     for key in _KEYWORDS:
         limit = 2 if len(key) >= 7 and len(low) >= 6 else 1
-        if key[0] == low[0] and _distance(low, key, limit) <= limit:
+        if key[0] == low[0] and (not name_like or (dated and key in _MONTH_NAMES)) \
+                and _distance(low, key, limit) <= limit:
             return key
     return word
 
 
 def normalize_question(text: str) -> str:
-    """The text with misspelled time words repaired ("befor" -> "before", "Decmber" -> "december").
+    """The text with misspelled time words repaired ("befor" -> "before", "Decmber 3" -> "december 3").
 
     Correctly spelled text comes back unchanged, so expression spans index either."""
-    return re.sub(r"[A-Za-z]+", lambda m: _repair(m[0]), text)
+    return re.sub(r"[A-Za-z]+", _repair, text)
 
 
 def _year(text: str) -> str:
@@ -308,10 +316,10 @@ def pick_time_expression(found: list[TimeExpr]) -> TimeExpr | None:
     return max(enumerate(found), key=lambda ie: (not ie[1].describing, ie[1].kind != "open", ie[0]))[1]
 
 
-def _clause(text: str, patterns) -> tuple[str, tuple[int, int]] | None:
+def _clause(text: str, patterns) -> str | None:
     for pattern in patterns:
         if m := pattern.search(text):
-            return re.sub(r"\s+", " ", m["anchor"]).strip(), m.span()
+            return re.sub(r"\s+", " ", m["anchor"]).strip()
     return None
 
 
@@ -324,16 +332,12 @@ def parse_time_constraint(text: str, reference_date: str | None = None) -> TimeC
     if reference_date is not None:
         window_days(reference_date, reference_date)  # rejects a bad reference date early
     norm = normalize_question(text)
-    found = find_time_expressions(norm)
-    relative = _clause(norm, _RELATIVE)
-    if relative is not None:
-        lo, hi = relative[1]
-        found = [e for e in found if not (lo <= e.span[0] and e.span[1] <= hi)]
-    best = pick_time_expression(found)
+    best = pick_time_expression(find_time_expressions(norm))
     if best is not None:
         return TimeConstraint(best.order, best.start, best.end)
+    relative = _clause(norm, _RELATIVE)
     if relative is not None:
-        return TimeConstraint("relative", None, None, relative[0])
+        return TimeConstraint("relative", None, None, relative)
     for kind, pattern in _SUCCESSION:
         if m := pattern.search(norm):
             return TimeConstraint(kind, None, None, re.sub(r"\s+", " ", m["anchor"]).strip())

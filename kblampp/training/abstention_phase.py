@@ -25,11 +25,6 @@ from kblampp.kb_context import KBContext
 from kblampp.schema import QARecord
 
 
-def is_answerable(rec: QARecord) -> bool:
-    """DESIGN_QA: `answerable: false` marks a question the KB cannot answer (absent = answerable)."""
-    return rec.raw.get("answerable", True) is not False
-
-
 def answer_fact(rec: QARecord) -> int:
     """The answer fact of an answerable record (-1 when it has none)."""
     value = rec.raw.get("answer_fact")
@@ -81,8 +76,8 @@ def collect(model: Any, source: Any, records: Sequence[QARecord], hidden: torch.
     sel = model.kb_layers[str(model.inject_layers[0])].kb_selector
     feats = abstention_features(sig, sel.gamma, sel.eta).cpu()
     top = sig.cand_ids.gather(1, sig.alpha.argmax(-1, keepdim=True)).squeeze(1).cpu()
-    gold = torch.tensor([answer_fact(r) if is_answerable(r) else -2 for r in records])
-    labels = torch.tensor([0.0 if is_answerable(r) else 1.0 for r in records])
+    gold = torch.tensor([answer_fact(r) if r.answerable else -2 for r in records])
+    labels = torch.tensor([0.0 if r.answerable else 1.0 for r in records])
     fams = [str(r.raw.get("family") or r.type) for r in records]
     return AbstentionData(feats, labels, top == gold, fams)
 
