@@ -107,7 +107,7 @@ class AbstentionConfig:
     max_answerable_loss: float = 0.01  # calibration: most answerable dev questions the model gets right
     # (top-alpha = answer fact) that the threshold may turn into abstentions, as a share of all answerable
     threshold: float | None = None
-    lookup_threshold: float | None = None  # `lookup` baseline: abstain below this similarity (None = tune on dev)
+    lookup_threshold: float | None = None  # `lookup` row: abstain below this similarity (None = the dev-tuned floor)
 
 
 @dataclass
