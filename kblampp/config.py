@@ -103,7 +103,8 @@ class AbstentionConfig:
     lr: float = 1e-2
     hidden: int = 32  # width of the decision's one hidden layer
     batch: int = 256
-    max_questions: int = 0  # training questions whose signals are cached (0 = all)
+    max_questions: int = 0  # training questions whose signals are cached (0 = all; a seeded uniform subset)
+    dev_max_questions: int = 0  # dev questions the threshold is calibrated on (0 = all; a seeded uniform subset)
     max_answerable_loss: float = 0.01  # calibration: most answerable dev questions the model gets right
     # (top-alpha = answer fact) that the threshold may turn into abstentions, as a share of all answerable
     threshold: float | None = None

@@ -54,6 +54,19 @@ def time_free_twin(variant: KBVariant, done: Any) -> str | None:
     return None
 
 
+def abstention_twin(variant: KBVariant, done: Any) -> str | None:
+    """A finished row (a name in `done`) equal to `variant` but with the abstention decision on. Where
+    it did not abstain its outputs are this row's (the decision leaves those rows' scores untouched),
+    so only the questions it abstained on need generating."""
+    if variant.abstain:
+        return None
+    for name in done:
+        other = KB_VARIANTS.get(name)
+        if other is not None and other.abstain and replace(other, name=variant.name, abstain=False) == variant:
+            return name
+    return None
+
+
 def question_taus(records: Sequence[QARecord]) -> torch.Tensor:
     """(n, 2) float32 question windows in days, parsed from each question's text (never the record's
     gold time); NaN rows = no time (neutral time score)."""

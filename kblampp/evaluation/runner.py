@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +20,8 @@ from kblampp.config import ConfigError, KBConfig
 from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
                                           rag_fact_ids)
 from kblampp.evaluation.generate import Generation, generate_rows
-from kblampp.evaluation.kbqa import KB_VARIANTS, KBRequest, LastTokenRecord, kb_request, time_free_twin
+from kblampp.evaluation.kbqa import (KB_VARIANTS, KBRequest, LastTokenRecord, abstention_twin, kb_request,
+                                     time_free_twin)
 from kblampp.evaluation.lookup_rows import LOOKUP_ROWS, LookupRows, load_dev
 from kblampp.evaluation.parsed_time import question_tau
 from kblampp.evaluation.report import QuestionResult, is_seen, record_answerable, record_family
@@ -273,9 +274,14 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             # (g_time is exactly 0 there): generate only the timed questions, reuse the rest
             twin = time_free_twin(KB_VARIANTS[row], kb_done)
             idx = list(range(len(records))) if twin is None else timed
+            sibling = abstention_twin(KB_VARIANTS[row], kb_done) if twin is None else None
+            if sibling is not None:  # the same row with the decision on: redo only what it abstained on
+                twin, idx = sibling, [i for i, r in enumerate(kb_done[sibling][1]) if r.abstained]
             sub = [records[i] for i in idx]
             gens, last = (list(kb_done[twin][0]), list(kb_done[twin][1])) if twin else ([None] * len(records),
                                                                                            [None] * len(records))
+            if sibling is not None:
+                last = [replace(r, abstained=None, p_unanswerable=None) for r in last]
             if sub:
                 req = ec.kb_request(torch.from_numpy(q_vecs[idx]), sub, row)
                 sub_gens = generate_rows(ec.model, ec.tokenizer, [plain[i] for i in idx], budget, request=req,

@@ -34,8 +34,12 @@ def answer_fact(rec: QARecord) -> int:
 
 
 def record_taus(records: Sequence[QARecord]) -> torch.Tensor:
-    """(n, 2) question windows in days, NaN rows = no time."""
-    return torch.tensor([(math.nan, math.nan) if r.tau is None else r.tau for r in records],
+    """(n, 2) question windows in days parsed from the text (as every evaluation row and the server
+    read them, never the record's gold time), NaN rows = no time."""
+    from kblampp.evaluation.parsed_time import question_tau
+
+    taus = [question_tau(r.question) for r in records]
+    return torch.tensor([(math.nan, math.nan) if t is None else t for t in taus],
                         dtype=torch.float32).reshape(len(records), 2)
 
 
@@ -157,6 +161,7 @@ def train_abstention(model: Any, tokenizer: Any, cfg: KBConfig, source: Any, tra
     h, e = question_hidden(model, tokenizer, cfg, train, embed, Path(cache_dir), progress)
     tr = collect(model, source, train, h, e)
     report: dict[str, Any] = fit_head(head, tr, ac.steps, ac.lr, ac.batch, cfg.seed, progress)
+    dev = _subset(dev, ac.dev_max_questions, cfg.seed + 1)
     if not dev:
         raise ValueError("abstention: the threshold is calibrated on dev, but there are no dev questions")
     h, e = question_hidden(model, tokenizer, cfg, dev, embed, Path(cache_dir), progress)
