@@ -208,3 +208,26 @@ def test_trained_decision_abstains_on_unanswerable_and_explains(built):
         assert all(m["reason"] in ("entity_missing", "time_outside", "relation_missing") for m in ev[0]["near_misses"])
     finally:
         ec.abstainer = None
+
+
+def test_abstention_twin_and_run_rows_regenerate_only_abstained(built):
+    from kblampp.evaluation.kbqa import KB_VARIANTS, abstention_twin
+    from kblampp.evaluation.runner import run_rows
+
+    assert abstention_twin(KB_VARIANTS["kblampp_no_abstention"], {"kblampp": None}) == "kblampp"
+    assert abstention_twin(KB_VARIANTS["kblampp_no_abstention"], {"kblampp_eta0": None}) is None
+    assert abstention_twin(KB_VARIANTS["kblampp"], {"kblampp_no_abstention": None}) is None
+    tmp, ec = built
+    records = _records(tmp)[:4]
+    if not hasattr(ec.model, "kb_abstain"):
+        ec.model.register_kb_module("kb_abstain", KBAbstainHead(hidden=4))
+    try:
+        ec.abstainer = model_abstainer(ec.model, threshold=0.0)
+        results, requests, _ = run_rows(ec, records, ["kblampp", "kblampp_no_abstention"], set(), batch_size=4,
+                                        progress=False)
+        assert [r.output for r in results["kblampp"]] == ["unknown"] * 4
+        assert [r.pred for r in results["kblampp_no_abstention"]] == [r.answer for r in records]
+        assert all(r.extra["abstained"] is None for r in results["kblampp_no_abstention"])
+        assert len(requests["kblampp_no_abstention"].records) == 4  # all four were abstained on: regenerated
+    finally:
+        ec.abstainer = None
