@@ -138,18 +138,13 @@ def question_hidden(model: Any, tokenizer: Any, cfg: KBConfig, records: Sequence
     return cached["hidden"], cached["e_q"]
 
 
-def _subset(records: Sequence[QARecord], limit: int, seed: int) -> list[QARecord]:
-    if limit <= 0 or limit >= len(records):
-        return list(records)
-    keep = np.sort(np.random.default_rng(seed).permutation(len(records))[:limit])
-    return [records[i] for i in keep]
-
-
 def train_abstention(model: Any, tokenizer: Any, cfg: KBConfig, source: Any, train: Sequence[QARecord],
                      dev: Sequence[QARecord], embed: Callable[[list[str]], np.ndarray], cache_dir: str | Path,
                      progress: bool = True) -> dict[str, Any]:
     """Register (or reuse) `model.kb_abstain`, train it on `train`, calibrate its threshold on `dev`.
     Returns the phase's report (dev precision/recall/F1, threshold, per-family abstention rates)."""
+    from kblampp.training.stage_a import _subset  # Stage A's seeded subset (stage_a imports this module)
+
     ac = cfg.abstention
     head = getattr(model, "kb_abstain", None)
     if head is None:
