@@ -19,9 +19,17 @@ from kblampp.schema import Fact
 
 log = logging.getLogger(__name__)
 
-SHORT_ANSWER_INSTRUCTION = (
-    "Answer the question with only the answer itself (a name, a place, a date or a number). "
-    "Do not write a sentence and do not explain.")
+DEFAULT_ABSTAIN_ANSWER = "unknown"
+
+
+def answer_instruction(abstain_answer: str = DEFAULT_ABSTAIN_ANSWER) -> str:
+    """The one short-answer instruction of every row; it names the answer for "not known" (the
+    config's `abstain_answer`), so prompted rows can abstain the way the KB rows do."""
+    return ("Answer the question with only the answer itself (a name, a place, a date or a number). "
+            f'Do not write a sentence and do not explain. If the answer is not known, answer "{abstain_answer}".')
+
+
+SHORT_ANSWER_INSTRUCTION = answer_instruction()
 CONTEXT_INSTRUCTION = "Facts that may help:"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

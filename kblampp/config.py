@@ -93,6 +93,25 @@ class StageBConfig:
 
 
 @dataclass
+class AbstentionConfig:
+    """The learned abstention decision (`kb_abstain`): its Stage A phase, and the thresholds.
+
+    `threshold` None = the value calibrated on dev and saved in the checkpoint; a number overrides it
+    (abstain when p(unanswerable) >= t: 0.0 always abstains, anything above 1 never)."""
+
+    steps: int = 400  # Stage A phase on cached signals (0 = off)
+    lr: float = 1e-2
+    hidden: int = 32  # width of the decision's one hidden layer
+    batch: int = 256
+    max_questions: int = 0  # training questions whose signals are cached (0 = all; a seeded uniform subset)
+    dev_max_questions: int = 0  # dev questions the threshold is calibrated on (0 = all; a seeded uniform subset)
+    max_answerable_loss: float = 0.01  # calibration: most answerable dev questions the model gets right
+    # (top-alpha = answer fact) that the threshold may turn into abstentions, as a share of all answerable
+    threshold: float | None = None
+    lookup_threshold: float | None = None  # `lookup` row: abstain below this similarity (None = the dev-tuned floor)
+
+
+@dataclass
 class KBConfig:
     """Every setting of a run; field names follow the plan's example config (plan section 6.2)."""
 
@@ -127,6 +146,7 @@ class KBConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     stage_a: StageAConfig = field(default_factory=StageAConfig)
     stage_b: StageBConfig = field(default_factory=StageBConfig)
+    abstention: AbstentionConfig = field(default_factory=AbstentionConfig)
     batch_size: int = 1
     max_steps: int = 5000
     grad_accum: int = 4

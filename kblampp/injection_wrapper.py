@@ -86,7 +86,9 @@ class KBInjection(nn.Module):
         tau_q = tau.to(q.device) if tau is not None else None  # (B, 2) days, NaN rows = no time
         g_time = self.kb_time_scorer(tau_q, rows["tau_min"].to(q.device), rows["tau_max"].to(q.device))
         values = rows["V"].to(device=q.device, dtype=self.dtype)  # (B, T, k, d_v)
-        return self.kb_selector(sem, phi, g_time, values, ids, valid), q
+        sel = self.kb_selector(sem, phi, g_time, values, ids, valid)
+        windows = torch.stack([rows["tau_min"], rows["tau_max"]], dim=-1).to(q.device)  # (B, T, k, 2)
+        return sel._replace(parts=torch.stack([sem, phi, g_time.to(sem.dtype)], dim=-1), windows=windows), q
 
     def forward(self, h: torch.Tensor, ctx: KBContext) -> torch.Tensor:
         """The fused knowledge term beta * kb_linear_v(V~) (B, T, d_model) to add to the attention output."""
@@ -97,7 +99,8 @@ class KBInjection(nn.Module):
             ctx.queries.setdefault(self.layer_idx, []).append(q)
         if ctx.record:
             ctx.records.setdefault(self.layer_idx, []).append(LayerRecord(
-                alpha=sel.alpha.detach(), cand_ids=sel.cand_ids.detach(), beta=beta.detach(), hidden=h.detach()))
+                alpha=sel.alpha.detach(), cand_ids=sel.cand_ids.detach(), beta=beta.detach(), hidden=h.detach(),
+                parts=sel.parts.detach(), windows=sel.windows.detach()))
         return delta
 
 

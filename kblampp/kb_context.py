@@ -22,6 +22,8 @@ class LayerRecord:
     cand_ids: torch.Tensor  # (B, T, K) fact indices (-1 = no candidate)
     beta: torch.Tensor  # (B, T) fusion gate
     hidden: torch.Tensor  # (B, T, d_model) normalised state the branch read
+    parts: torch.Tensor | None = None  # (B, T, K, 3) sem, phi, g_time of each candidate
+    windows: torch.Tensor | None = None  # (B, T, K, 2) candidate windows (tau_min, tau_max) in days
 
 
 @dataclass

@@ -11,6 +11,8 @@ class Selection(NamedTuple):
     alpha: torch.Tensor  # (B, T, K), sums to 1 over K
     v_tilde: torch.Tensor  # (B, T, d_v)
     cand_ids: torch.Tensor  # (B, T, K), for the evidence chain
+    parts: torch.Tensor | None = None  # (B, T, K, 3) sem, phi, g_time (the abstention decision reads them)
+    windows: torch.Tensor | None = None  # (B, T, K, 2) candidate windows in days
 
 
 class KBSelector(nn.Module):

@@ -44,7 +44,7 @@ def test_embedded_default(repo_root):
 def test_unknown_keys_are_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("backbone: x\nbogus_key: 1\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'bogus_key' \(known: K_top, abstain_answer, backbone, "):
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'bogus_key' \(known: K_top, abstain_answer, abstention, backbone, "):
         load_config(path)
     path.write_text("optimizer:\n  lr: 1.0e-3\n  momentum: 0.9\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"^{path}: optimizer: unknown key 'momentum' \(known: lr, schedule, "):
@@ -129,3 +129,12 @@ def test_reference_date_is_checked_and_yaml_dates_accepted(tmp_path):
     path.write_text("reference_date: '2020-02-30'\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"^{path}: reference_date: unparsable date '2020-02-30' \(day is out of range"):
         load_config(path)
+
+
+def test_abstention_block_defaults_and_overrides():
+    cfg = load_config(None)
+    assert cfg.abstention.threshold is None and cfg.abstention.lookup_threshold is None
+    cfg = load_config(None, ["abstention.threshold=0.35", "abstention.steps=0"])
+    assert cfg.abstention.threshold == 0.35 and cfg.abstention.steps == 0
+    with pytest.raises(ConfigError, match=r"abstention\.threshold: expected float, got 'high'"):
+        load_config(None, ["abstention.threshold=high"])

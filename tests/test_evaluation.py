@@ -260,7 +260,7 @@ def test_evaluate_writes_one_table_for_every_row(built):
     assert payload["kb_edit"]["follow_new"] == 1.0 and payload["kb_edit"]["n_edits"] == 2
     assert payload["meta"]["max_new_tokens"] == 8 and payload["meta"]["questions"] == 4
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert md.count("\n| kblampp") == 6 * 4 and "KB-edit check (kblampp, 2 single-hop" in md  # 4 tables
+    assert md.count("\n| kblampp") == 7 * 4 and "KB-edit check (kblampp, 2 single-hop" in md  # 4 tables
     assert rows["lookup"]["em"] == 1.0 and rows["lookup_chain"]["em"] == 1.0  # the toy world is single-hop
     assert rows["lookup"]["abstain_precision"] is None and rows["lookup"]["em_answerable"] == 1.0
     assert "EM per question family:" in md and "lookup rows not tuned (no dev split)" in md
@@ -302,7 +302,7 @@ def test_run_rows_rejects_unknown_row(built):
     from kblampp.evaluation.runner import run_rows
 
     _, ec = built
-    with pytest.raises(ValueError, match="rows: 'gpt' is not one of backbone"):
+    with pytest.raises(ValueError, match="rows: 'gpt' is not one of lookup, lookup_chain, backbone"):
         run_rows(ec, [], ["gpt"], set())
 
 

@@ -393,3 +393,32 @@ def test_trained_encoder_rewrites_the_store_and_rebuilds_its_index(world, tmp_pa
     with torch.no_grad():
         keys = enc.encode_keys(torch.from_numpy(new.raw("e_h").copy()), torch.from_numpy(new.raw("e_r").copy()))
     assert torch.allclose(new.keys_tensor(), keys, atol=1e-6)
+
+
+def test_stage_a_abstention_phase_saves_the_decision_and_its_threshold(world, tmp_path):
+    from kblampp.abstention import KBAbstainHead
+
+    cfg = make_cfg("stage_a.retrieval_steps=30", "stage_a.copy_gate_steps=0", "stage_a.value_steps=0",
+                   "stage_a.e2e_steps=0", "abstention.steps=60", "abstention.hidden=4", "abstention.lr=5e-2")
+    unans = [qa_from_dict({"qid": f"u{i}", "dataset": "toy", "question": q, "answer": "no answer",
+                           "type": "unanswerable", "family": fam, "answerable": False, "supporting_facts": [],
+                           "question_time": qt, "answer_fact": None})
+             for i, (q, qt, fam) in enumerate([
+                 ("Where was Zed Q99 Moe born?", None, "unans_entity"),
+                 ("Where was Kim Z77 Fox born?", None, "unans_entity"),
+                 ("Who employed Ann P00 in 1950?", {"start": "1950", "end": "1950"}, "unans_time")])]
+    inp = inputs(world, cfg)
+    inp.abstain_train = inp.abstain_dev = list(world["qa"]) + unans
+    results = StageA(inp, tmp_path / "run", progress=False).run()
+    rep = results["abstention"]
+    assert rep["train_unanswerable"] == 3 and rep["dev_unanswerable"] == 3 and 0.0 <= rep["dev"]["f1"] <= 1.0
+    fresh = build_model(cfg, tiny_llama(), D_CTX)
+    fresh.register_kb_module("kb_abstain", KBAbstainHead(hidden=4))
+    saved = load_kb_checkpoint(fresh, tmp_path / "run" / "kb_final.safetensors")
+    assert saved["abstention"]["threshold"] == pytest.approx(rep["threshold"])
+    assert float(fresh.kb_abstain.threshold) == pytest.approx(rep["threshold"])
+    assert load_config(tmp_path / "run" / "config.resolved.yaml").abstention.threshold == pytest.approx(rep["threshold"])
+    # without unanswerable training questions the phase does not run
+    plain = inputs(world, make_cfg("stage_a.retrieval_steps=2", "stage_a.copy_gate_steps=0", "stage_a.value_steps=0",
+                                   "stage_a.e2e_steps=0"))
+    assert "abstention" not in StageA(plain, tmp_path / "plain", progress=False).run()

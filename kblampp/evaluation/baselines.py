@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kblampp.backbone import build_prompt
+from kblampp.backbone import SHORT_ANSWER_INSTRUCTION, build_prompt
 from kblampp.schema import Fact, QARecord
 
 
@@ -45,17 +45,18 @@ class FactRetriever:
         return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-def backbone_prompts(tokenizer: Any, records: Sequence[QARecord]) -> list[str]:
+def backbone_prompts(tokenizer: Any, records: Sequence[QARecord], instruction: str = SHORT_ANSWER_INSTRUCTION
+                     ) -> list[str]:
     """Backbone alone: the question and the short-answer instruction, nothing else."""
-    return [build_prompt(tokenizer, r.question) for r in records]
+    return [build_prompt(tokenizer, r.question, instruction) for r in records]
 
 
 def context_prompts(tokenizer: Any, records: Sequence[QARecord], facts: Sequence[Fact],
-                    fact_ids: Sequence[Sequence[int]]) -> list[str]:
+                    fact_ids: Sequence[Sequence[int]], instruction: str = SHORT_ANSWER_INSTRUCTION) -> list[str]:
     """The same prompt with the given facts written in (RAG: retrieved; oracle: supporting)."""
     if len(fact_ids) != len(records):
         raise ValueError(f"context_prompts: {len(fact_ids)} fact lists for {len(records)} questions")
-    return [build_prompt(tokenizer, r.question, context_facts=[facts[i] for i in ids])
+    return [build_prompt(tokenizer, r.question, instruction, context_facts=[facts[i] for i in ids])
             for r, ids in zip(records, fact_ids)]
 
 

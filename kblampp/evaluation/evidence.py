@@ -2,7 +2,8 @@
 
     {qid, dataset, question, answer, pred_answer,
      top_k_facts: [{index, head, relation, tail, context, time_window: [start, end], alpha}],
-     + extras: type, question_time, supporting_facts, answer_fact, output, layer, beta, copy_gate}
+     + extras: type, question_time, supporting_facts, answer_fact, output, layer, beta, copy_gate,
+       abstained, p_unanswerable, and on an abstention near_misses (candidates + reason) and abstain_reason}
 
 Facts are listed by alpha, highest first, as seen at the last prompt token of the first inject layer
 (where the answer head reads its pointer). `read_evidence` validates a file for the plotting script.
@@ -50,10 +51,17 @@ def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", 
         "pred_answer": pred_answer, "top_k_facts": top,
         "type": record.type,
         "question_time": None if record.question_time is None else list(record.question_time),
-        "supporting_facts": list(record.supporting_facts), "answer_fact": answer_fact_of(record),
+        "supporting_facts": list(record.supporting_facts), "answer_fact": answer_fact_of(record) if record.raw.get("answerable", True) is not False else None,
         "layer": last.layer, "beta": _finite(last.beta),
         "copy_gate": None if last.copy_gate is None else _finite(last.copy_gate),
     }
+    if last.abstained is not None:
+        entry["abstained"], entry["p_unanswerable"] = last.abstained, last.p_unanswerable
+    if last.abstained:
+        from kblampp.abstention import abstain_reason, near_misses
+
+        entry["near_misses"] = near_misses(record.question, record.tau, top)
+        entry["abstain_reason"] = abstain_reason(entry["near_misses"])
     if output is not None:
         entry["output"] = output
     return entry

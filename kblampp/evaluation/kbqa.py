@@ -30,10 +30,12 @@ class KBVariant:
     gamma: float | None = None
     eta: float | None = None
     oracle: bool = False
+    abstain: bool = True  # the model's abstention decision (when it has one) may answer `abstain_answer`
 
 
 KB_VARIANTS: dict[str, KBVariant] = {v.name: v for v in (
     KBVariant("kblampp"),
+    KBVariant("kblampp_no_abstention", abstain=False),
     KBVariant("kblampp_injection", answer_head=False),
     KBVariant("kblampp_gamma0", gamma=0.0),
     KBVariant("kblampp_eta0", eta=0.0),
@@ -48,6 +50,19 @@ def time_free_twin(variant: KBVariant, done: Any) -> str | None:
     for name in done:
         other = KB_VARIANTS.get(name)
         if other is not None and other != variant and replace(other, name=variant.name, eta=variant.eta) == variant:
+            return name
+    return None
+
+
+def abstention_twin(variant: KBVariant, done: Any) -> str | None:
+    """A finished row (a name in `done`) equal to `variant` but with the abstention decision on. Where
+    it did not abstain its outputs are this row's (the decision leaves those rows' scores untouched),
+    so only the questions it abstained on need generating."""
+    if variant.abstain:
+        return None
+    for name in done:
+        other = KB_VARIANTS.get(name)
+        if other is not None and other.abstain and replace(other, name=variant.name, abstain=False) == variant:
             return name
     return None
 
@@ -97,6 +112,8 @@ class LastTokenRecord:
     beta: float
     layer: int
     copy_gate: float | None = None
+    abstained: bool | None = None  # None: no abstention decision ran for this row
+    p_unanswerable: float | None = None
 
 
 @dataclass
@@ -110,6 +127,9 @@ class KBRequest:
     variant: KBVariant
     tail_table: torch.Tensor | None = None
     forced: torch.Tensor | None = None
+    abstainer: Any = None  # kblampp.abstention.Abstainer, or None (no decision)
+    abstain_ids: list[int] | None = None  # `abstain_answer` as tokens
+    stop_id: int = -1
     records: dict[int, LastTokenRecord] = field(default_factory=dict)
 
     @property
@@ -145,7 +165,14 @@ class KBRequest:
         processor = None
         if self.variant.answer_head:
             processor = self._copy_processor(ctx)
-            extra["logits_processor"] = LogitsProcessorList([processor])
+        abstain = None
+        if self.variant.abstain and self.abstainer is not None:
+            from kblampp.abstention import AbstainLogitsProcessor
+
+            abstain = AbstainLogitsProcessor(self.abstainer, ctx, self.layer, self.abstain_ids or [], self.stop_id)
+        processors = [p for p in (processor, abstain) if p is not None]  # abstention has the last word
+        if processors:
+            extra["logits_processor"] = LogitsProcessorList(processors)
         with selector_overrides(self.model, self.variant.gamma, self.variant.eta), self.model.kb_request(ctx):
             yield extra
         prefill = ctx.records[self.layer][0]
@@ -154,16 +181,22 @@ class KBRequest:
             self.records[i] = LastTokenRecord(
                 cand_ids=prefill.cand_ids[row, -1].tolist(), alpha=prefill.alpha[row, -1].float().tolist(),
                 beta=float(prefill.beta[row, -1]), layer=self.layer,
-                copy_gate=None if gates is None else float(gates[row]))
+                copy_gate=None if gates is None else float(gates[row]),
+                abstained=None if abstain is None else bool(abstain.abstained[row]),
+                p_unanswerable=None if abstain is None else float(abstain.p[row]))
 
 
 def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],
-               variant: KBVariant, tail_table: torch.Tensor | None = None) -> KBRequest:
-    """A ready `KBRequest` (a RequestHook) for `records` in order."""
+               variant: KBVariant, tail_table: torch.Tensor | None = None, abstainer: Any = None,
+               abstain_ids: Sequence[int] | None = None, stop_id: int = -1) -> KBRequest:
+    """A ready `KBRequest` (a RequestHook) for `records` in order; with `abstainer`, rows it abstains on
+    write `abstain_ids` then `stop_id`."""
     if e_q.shape[0] != len(records):
         raise ValueError(f"e_q has {e_q.shape[0]} rows for {len(records)} questions")
     return KBRequest(model=model, source=source, e_q=e_q, tau=question_taus(records), variant=variant,
-                     tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None)
+                     tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None,
+                     abstainer=abstainer, abstain_ids=None if abstain_ids is None else list(abstain_ids),
+                     stop_id=stop_id)
 
 
 __all__ = ["time_free_twin", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus",

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from kblampp.backbone import answer_instruction
 from kblampp.config import ConfigError, KBConfig
 from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
                                           rag_fact_ids)
 from kblampp.evaluation.generate import Generation, generate_rows
-from kblampp.evaluation.kbqa import KB_VARIANTS, KBRequest, LastTokenRecord, kb_request, time_free_twin
+from kblampp.evaluation.kbqa import (KB_VARIANTS, KBRequest, LastTokenRecord, abstention_twin, kb_request,
+                                     time_free_twin)
 from kblampp.evaluation.lookup_rows import LOOKUP_ROWS, LookupRows, load_dev
 from kblampp.evaluation.parsed_time import question_tau
 from kblampp.evaluation.report import QuestionResult, is_seen, record_answerable, record_family
@@ -31,8 +33,8 @@ log = logging.getLogger(__name__)
 
 PROMPT_ROWS = ("backbone", "rag", "oracle_context")
 ALL_ROWS = LOOKUP_ROWS + PROMPT_ROWS + tuple(KB_VARIANTS)
-DEFAULT_ROWS = ("lookup", "lookup_chain", "backbone", "rag", "oracle_context", "kblampp", "kblampp_injection",
-                "kblampp_gamma0", "kblampp_eta0", "kblampp_oracle_value")
+DEFAULT_ROWS = ("lookup", "lookup_chain", "backbone", "rag", "oracle_context", "kblampp", "kblampp_no_abstention",
+                "kblampp_injection", "kblampp_gamma0", "kblampp_eta0", "kblampp_oracle_value")
 FINAL_CHECKPOINT = "kb_final.safetensors"
 
 
@@ -50,6 +52,7 @@ class EvalContext:
     tail_table: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
     lookup: LookupRows | None = None  # built and dev-tuned on first use, shared by every later call
+    abstainer: Any = None  # kblampp.abstention.Abstainer when the checkpoint has the decision
 
     def lookup_rows(self, progress: bool = True) -> LookupRows:
         """The no-LLM rows over this KB (fact texts embedded once, tuned on the config's dev split)."""
@@ -58,7 +61,19 @@ class EvalContext:
             self.lookup = LookupRows.build(self.facts, self.embed, self.cfg.abstain_answer, alive)
             dev, label = load_dev(self.cfg.eval_dataset, len(self.facts))
             self.lookup.tune(dev, label)
+            if self.cfg.abstention.lookup_threshold is not None:  # the config's floor beats the tuned one
+                self.lookup.lookup_settings.min_score = float(self.cfg.abstention.lookup_threshold)
+                self.lookup.tuned_on += f"; similarity floor {self.cfg.abstention.lookup_threshold} from the config"
         return self.lookup
+
+    def kb_request(self, q_vecs: torch.Tensor, records: Sequence[QARecord], row: str) -> KBRequest:
+        """The KB request of one KBLaM++ row; rows that abstain write `cfg.abstain_answer`."""
+        from kblampp.abstention import answer_token_ids
+        from kblampp.evaluation.generate import stop_token_id
+
+        ids = answer_token_ids(self.tokenizer, self.cfg.abstain_answer) if self.abstainer is not None else None
+        return kb_request(self.model, self.source, q_vecs, records, KB_VARIANTS[row], self.tail_table,
+                          self.abstainer, ids, stop_token_id(self.tokenizer))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -76,6 +91,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, Any]:
     """(KBLaMPP with the checkpoint's KB tensors, tokenizer); the copy gate is registered when the
     checkpoint has one, and a Stage B run (stage_b_adapter.json beside it) gets its LoRA adapters."""
+    from kblampp.abstention import head_from_tensors
     from kblampp.answer_head import KBCopyGate
     from kblampp.backbone import load_backbone
     from kblampp.kb_params import load_kb_checkpoint, read_kb_checkpoint
@@ -86,6 +102,9 @@ def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, 
     tensors, _ = read_kb_checkpoint(checkpoint)
     if any(".kb_copy_gate." in f".{name}" for name in tensors):
         model.register_kb_module("kb_copy_gate", KBCopyGate(model.d_model))
+    abstain = head_from_tensors(tensors)
+    if abstain is not None:  # a run with the trained abstention decision
+        model.register_kb_module("kb_abstain", abstain)
     if (Path(checkpoint).parent / "stage_b_adapter.json").is_file():  # a Stage B run: LoRA / top layers too
         from kblampp.training.stage_b import load_stage_b
 
@@ -112,6 +131,7 @@ def build_source(cfg: KBConfig, store: Any) -> tuple[Any, Any]:
 
 def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = True) -> EvalContext:
     """Backbone + KB checkpoint, embedder, store (+ index), facts and the answer head's tail table."""
+    from kblampp.abstention import model_abstainer
     from kblampp.answer_head import load_or_build_tail_table
     from kblampp.embedding import load_embedder
     from kblampp.kb_store import KBValueStore
@@ -125,10 +145,12 @@ def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = Tr
     facts = load_facts(store.root / "facts.jsonl")
     tail_table = load_or_build_tail_table(store, [f.tail_name for f in facts], tokenizer)
     source, _ = build_source(cfg, store)
+    abstainer = model_abstainer(model, cfg.abstention.threshold)
     info = {"checkpoint": str(ckpt), "store_dir": str(store.root), "n_facts": store.n,
-            "answer_head": hasattr(model, "kb_copy_gate"), "load_s": round(time.perf_counter() - t0, 2)}
+            "answer_head": hasattr(model, "kb_copy_gate"), "load_s": round(time.perf_counter() - t0, 2),
+            "abstain_threshold": None if abstainer is None else abstainer.threshold}
     return EvalContext(cfg, model, tokenizer, lambda texts: embedder.encode(texts, progress=progress),
-                       store, source, facts, tail_table, info)
+                       store, source, facts, tail_table, info, abstainer)
 
 
 def select_questions(records: Sequence[QARecord], max_questions: int = 0, types: Sequence[str] | None = None,
@@ -215,7 +237,8 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     if not records:
         raise ValueError("no questions to evaluate")
     budget, abstain = ec.cfg.max_new_tokens, ec.cfg.abstain_answer
-    plain = backbone_prompts(ec.tokenizer, records)
+    instruction = answer_instruction(abstain)
+    plain = backbone_prompts(ec.tokenizer, records, instruction)
     q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)  # once, for every row
     timed = [i for i, r in enumerate(records) if question_tau(r.question) is not None]
     results: dict[str, list[QuestionResult]] = {}
@@ -238,12 +261,12 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             alive = np.asarray(ec.store.alive, dtype=bool)
             retriever = FactRetriever(np.asarray(ec.store.raw("e_c")), alive=alive)
             ids = rag_fact_ids(retriever, q_vecs, rag_k or ec.cfg.K_top)
-            prompts = context_prompts(ec.tokenizer, records, ec.facts, ids)
+            prompts = context_prompts(ec.tokenizer, records, ec.facts, ids, instruction)
             gens = generate_rows(ec.model, ec.tokenizer, prompts, budget, **gen_kwargs)
             results[row] = _results(row, records, gens, seen, abstain, rag_retrieval_scores(ids, records, ec.facts),
                                     [{"context_ids": list(i)} for i in ids])
         elif row == "oracle_context":
-            prompts = context_prompts(ec.tokenizer, records, ec.facts, oracle_fact_ids(records))
+            prompts = context_prompts(ec.tokenizer, records, ec.facts, oracle_fact_ids(records), instruction)
             gens = generate_rows(ec.model, ec.tokenizer, prompts, budget, **gen_kwargs)
             results[row] = _results(row, records, gens, seen, abstain)
         else:
@@ -251,12 +274,16 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             # (g_time is exactly 0 there): generate only the timed questions, reuse the rest
             twin = time_free_twin(KB_VARIANTS[row], kb_done)
             idx = list(range(len(records))) if twin is None else timed
+            sibling = abstention_twin(KB_VARIANTS[row], kb_done) if twin is None else None
+            if sibling is not None:  # the same row with the decision on: redo only what it abstained on
+                twin, idx = sibling, [i for i, r in enumerate(kb_done[sibling][1]) if r.abstained]
             sub = [records[i] for i in idx]
             gens, last = (list(kb_done[twin][0]), list(kb_done[twin][1])) if twin else ([None] * len(records),
                                                                                            [None] * len(records))
+            if sibling is not None:
+                last = [replace(r, abstained=None, p_unanswerable=None) for r in last]
             if sub:
-                req = kb_request(ec.model, ec.source, torch.from_numpy(q_vecs[idx]), sub, KB_VARIANTS[row],
-                                 ec.tail_table)
+                req = ec.kb_request(torch.from_numpy(q_vecs[idx]), sub, row)
                 sub_gens = generate_rows(ec.model, ec.tokenizer, [plain[i] for i in idx], budget, request=req,
                                          **gen_kwargs)
                 for j, i in enumerate(idx):
@@ -265,7 +292,10 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             kb_done[row] = (gens, last)
             ret = [score_question(r.cand_ids, r.alpha, rec, ec.facts).as_dict() for r, rec in zip(last, records)]
             extra = [{"cand_ids": r.cand_ids, "alpha": [round(a, 4) for a in r.alpha], "beta": round(r.beta, 4),
-                      "copy_gate": None if r.copy_gate is None else round(r.copy_gate, 4)} for r in last]
+                      "copy_gate": None if r.copy_gate is None else round(r.copy_gate, 4),
+                      "abstained": r.abstained,
+                      "p_unanswerable": None if r.p_unanswerable is None else round(r.p_unanswerable, 4)}
+                     for r in last]
             results[row] = _results(row, records, gens, seen, abstain, ret, extra)
         seconds[row] = round(time.perf_counter() - t0, 2)
     return {row: results[row] for row in rows}, requests, seconds
@@ -285,12 +315,11 @@ def usable_rows(ec: EvalContext, rows: Sequence[str]) -> tuple[list[str], list[s
 
 def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, rag_k: int | None) -> dict[str, Any]:
     """The settings every row shares, printed above the table."""
-    from kblampp.backbone import SHORT_ANSWER_INSTRUCTION
 
     return {"qa": qa_path, "questions": n_questions, "backbone": ec.cfg.backbone, "max_new_tokens": ec.cfg.max_new_tokens,
             "K_top": ec.cfg.K_top, "rag_k": rag_k or ec.cfg.K_top, "retrieval": ec.cfg.retrieval,
             "n_facts": len(ec.facts), "batch_size": batch_size, "abstain_answer": ec.cfg.abstain_answer,
-            "question_time": "parsed from the question text", "instruction": SHORT_ANSWER_INSTRUCTION}
+            "question_time": "parsed from the question text", "instruction": answer_instruction(ec.cfg.abstain_answer)}
 
 
 
@@ -345,8 +374,9 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
     if not keep:
         raise ValueError(f"row {row!r} needs the answer head, but the checkpoint has no kb_copy_gate")
     q_vecs = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
-    req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table)
-    gens = generate_rows(ec.model, ec.tokenizer, backbone_prompts(ec.tokenizer, records), ec.cfg.max_new_tokens,
+    req = ec.kb_request(q_vecs, records, row)
+    prompts = backbone_prompts(ec.tokenizer, records, answer_instruction(ec.cfg.abstain_answer))
+    gens = generate_rows(ec.model, ec.tokenizer, prompts, ec.cfg.max_new_tokens,
                          batch_size=batch_size, request=req, desc=row, progress=progress,
                          questions=[r.question for r in records])
     return [evidence_entry(rec, gen.pred, req.records[i], ec.facts, output=gen.output)

@@ -104,6 +104,20 @@ def _parse(model: type, body: Any) -> Any:
         raise ApiError(422, f"invalid request: {problems[0] if problems else 'bad body'}", problems) from None
 
 
+def chat_text(out: dict) -> str:
+    """The chat reply: the answer, or in words that the knowledge base has none (and the nearest fact)."""
+    if not out.get("abstained"):
+        return out["answer"]
+    from kblampp.abstention import REASONS
+
+    text = f"The knowledge base has no answer to this question ({REASONS[out['abstain_reason']]})."
+    misses = out.get("near_misses") or []
+    if misses:
+        m = misses[0]
+        text += f" Nearest fact: {m['head']} - {m['relation']} - {m['tail']} ({m['why']})."
+    return text
+
+
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The HTTP API over `engine`; `settings` carries the token and every limit."""
     settings.validate()
@@ -147,20 +161,22 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         req = _parse(AnswerRequest, await _json_body(request))
         mnt, topk = check_answer_request(req, settings)
         qt = req.question_time.model_dump() if req.question_time is not None else None
-        return await run_in_threadpool(engine.answer, req.question, qt, mnt, topk)
+        return await run_in_threadpool(engine.answer, req.question, qt, mnt, topk, "answer", req.abstain)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict:
         req = _parse(ChatRequest, await _json_body(request))
         question, mnt = chat_question(req, settings)
-        out = await run_in_threadpool(engine.answer, question, None, mnt, settings.default_top_k_evidence, "chat")
+        out = await run_in_threadpool(engine.answer, question, None, mnt, settings.default_top_k_evidence, "chat",
+                                      req.abstain)
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": req.model or settings.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out["answer"]},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": chat_text(out)},
                              "finish_reason": "stop", "logprobs": None}],
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
                 "kblampp": {"evidence": out["evidence"], "question_time": out["question_time"],
-                            "timings": out["timings"]}}
+                            "timings": out["timings"], "abstained": out["abstained"],
+                            "near_misses": out.get("near_misses", [])}}
 
     @app.post("/v1/facts")
     async def add_facts(request: Request) -> JSONResponse:

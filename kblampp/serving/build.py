@@ -16,6 +16,7 @@ from kblampp.serving.engine import Engine
 def build_engine(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings,
                  wal_path: str | Path | None = None) -> Engine:
     """The engine for `cfg` (backbone, embedding model, store_dir, index.method) and a KB checkpoint."""
+    from kblampp.abstention import model_abstainer
     from kblampp.answer_head import tail_builders
     from kblampp.embedding import load_embedder
     from kblampp.evaluation.runner import load_model
@@ -30,8 +31,10 @@ def build_engine(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings
     # the store may carry tail tables (written by training/evaluation): give edits their rows
     manifest = json.loads((store_dir / "manifest.json").read_text(encoding="utf-8"))
     kb = StoreLiveKB(store_dir, embedder, method=method, extra_builders=tail_builders(manifest, tokenizer))
-    answerer = KBModelAnswerer(model, tokenizer, kb)
+    answerer = KBModelAnswerer(model, tokenizer, kb, abstainer=model_abstainer(model, cfg.abstention.threshold),
+                               abstain_answer=cfg.abstain_answer)
     info = {"model": cfg.backbone, "checkpoint": str(checkpoint), "inject_layers": list(cfg.inject_layers),
-            "K_top": cfg.K_top, "answer_head": answerer.answer_head, "load_s": round(time.perf_counter() - t0, 3)}
+            "K_top": cfg.K_top, "answer_head": answerer.answer_head,
+            "abstain_threshold": None if answerer.abstainer is None else answerer.abstainer.threshold, "load_s": round(time.perf_counter() - t0, 3)}
     wal = Path(wal_path) if wal_path else store_dir.parent / f"{store_dir.name}.wal.jsonl"
     return Engine(kb, answerer, embedder, wal, settings, info=info)

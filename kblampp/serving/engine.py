@@ -27,7 +27,7 @@ class Answerer(Protocol):
     """The model side: greedy answer text plus the inject layers' records (`KBContext.records`)."""
 
     def answer(self, question: str, e_q: np.ndarray, tau: tuple[float, float] | None,
-               max_new_tokens: int) -> tuple[str, dict[int, list[Any]]]: ...
+               max_new_tokens: int, abstain: bool = True) -> tuple[str, dict[int, list[Any]], dict | None]: ...
 
 
 class LiveKB(Protocol):
@@ -189,21 +189,33 @@ class Engine:
         return {"start": start, "end": end, "source": source}, window_days(start, end)
 
     def answer(self, question: str, question_time: dict | None, max_new_tokens: int, top_k: int,
-               kind: str = "answer") -> dict:
+               kind: str = "answer", abstain: bool = True) -> dict:
+        """The answer with its evidence; when the model abstains, `answer` is None, `abstained` True and
+        `near_misses` lists the candidates with the reason each one does not answer."""
         t0 = time.perf_counter()
         shown_time, tau = self.resolve_time(question, question_time)
         with self._locked() as queue_ms:
             t1 = time.perf_counter()
             e_q = self.embedder.encode([question], progress=False)[0]
             t2 = time.perf_counter()
-            text, records = self.answerer.answer(question, e_q, tau, max_new_tokens)
+            text, records, decision = self.answerer.answer(question, e_q, tau, max_new_tokens, abstain=abstain)
             t3 = time.perf_counter()
             evidence = evidence_from_records(records, self.kb, top_k)
             self._counts[kind] += 1
-        return {"answer": text, "evidence": evidence, "question_time": shown_time,
+        abstained = bool(decision and decision["abstained"])
+        out = {"answer": None if abstained else text, "abstained": abstained, "evidence": evidence,
+               "question_time": shown_time,
                 "timings": {"queue_ms": round(queue_ms, 3), "embed_ms": round((t2 - t1) * 1000, 3),
                             "generate_ms": round((t3 - t2) * 1000, 3),
                             "total_ms": round((time.perf_counter() - t0) * 1000, 3)}}
+        if decision is not None:
+            out["p_unanswerable"] = round(decision["p_unanswerable"], 4)
+        if abstained:
+            from kblampp.abstention import abstain_reason, near_misses
+
+            out["near_misses"] = near_misses(question, tau, evidence, top_k)
+            out["abstain_reason"] = abstain_reason(out["near_misses"])
+        return out
 
     # ---- KB mutations ---------------------------------------------------------------------------
     def _check_index(self, index: int) -> None:

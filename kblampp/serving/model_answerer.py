@@ -14,16 +14,21 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kblampp.backbone import build_prompt
+from kblampp.backbone import DEFAULT_ABSTAIN_ANSWER, answer_instruction, build_prompt
 from kblampp.evaluation.generate import generate_rows
 from kblampp.kb_context import KBContext
 
 
 class KBModelAnswerer:
-    """`answer(question, e_q, tau, max_new_tokens) -> (text, ctx.records)` for the engine."""
+    """`answer(question, e_q, tau, max_new_tokens, abstain) -> (text, ctx.records, decision)` for the engine;
+    `decision` is None without an abstention decision (or with `abstain=False`), else
+    {"abstained", "p_unanswerable", "threshold"}; an abstaining model writes `abstain_answer`."""
 
-    def __init__(self, model: Any, tokenizer: Any, kb: Any, tail_max_len: int = 16):
+    def __init__(self, model: Any, tokenizer: Any, kb: Any, tail_max_len: int = 16, abstainer: Any = None,
+                 abstain_answer: str = DEFAULT_ABSTAIN_ANSWER):
         self.model, self.tokenizer, self.kb, self.tail_max_len = model, tokenizer, kb, tail_max_len
+        self.abstainer, self.abstain_answer = abstainer, abstain_answer
+        self.instruction = answer_instruction(abstain_answer)
         self.gate = getattr(model, "kb_copy_gate", None)
         self.layer = int(model.inject_layers[0])
         self._tails: list[str] = []
@@ -52,7 +57,7 @@ class KBModelAnswerer:
 
     @torch.inference_mode()
     def answer(self, question: str, e_q: np.ndarray, tau: tuple[float, float] | None,
-               max_new_tokens: int) -> tuple[str, dict[int, list[Any]]]:
+               max_new_tokens: int, abstain: bool = True) -> tuple[str, dict[int, list[Any]], dict | None]:
         device = next(self.model.parameters()).device
         window = (math.nan, math.nan) if tau is None else tau
         ctx = KBContext(source=self.kb.source, e_q=torch.as_tensor(np.asarray(e_q, np.float32))[None].to(device),
@@ -65,13 +70,27 @@ class KBModelAnswerer:
 
             extra["logits_processor"] = LogitsProcessorList(
                 [CopyLogitsProcessor(self.tail_table(), ctx, self.layer, gate=self.gate)])
+        decision = None
+        if abstain and self.abstainer is not None:
+            from transformers import LogitsProcessorList
+
+            from kblampp.abstention import AbstainLogitsProcessor, answer_token_ids
+            from kblampp.evaluation.generate import stop_token_id
+
+            decision = AbstainLogitsProcessor(self.abstainer, ctx, self.layer,
+                                              answer_token_ids(self.tokenizer, self.abstain_answer),
+                                              stop_token_id(self.tokenizer))
+            extra.setdefault("logits_processor", LogitsProcessorList()).append(decision)  # the last word
 
         @contextlib.contextmanager
         def hook(indices: list[int], batch: dict) -> Iterator[dict]:
             with self.model.kb_request(ctx):
                 yield extra
 
-        prompt = build_prompt(self.tokenizer, question)
+        prompt = build_prompt(self.tokenizer, question, self.instruction)
         gen = generate_rows(self.model, self.tokenizer, [prompt], max_new_tokens, batch_size=1, request=hook,
                             progress=False)[0]
-        return gen.pred, ctx.records
+        if decision is None:
+            return gen.pred, ctx.records, None
+        return gen.pred, ctx.records, {"abstained": bool(decision.abstained[0]), "p_unanswerable": float(decision.p[0]),
+                                       "threshold": self.abstainer.threshold}

@@ -46,6 +46,7 @@ class AnswerRequest(_Strict):
     question_time: QuestionTime | None = None
     max_new_tokens: int | None = None
     top_k_evidence: int | None = None
+    abstain: bool = True  # false: always answer (the model's abstention decision is not applied)
 
 
 class ChatMessage(BaseModel):
@@ -73,6 +74,7 @@ class ChatRequest(BaseModel):
     user: str | None = None
     presence_penalty: float | int | None = None
     frequency_penalty: float | int | None = None
+    abstain: bool = True  # KBLaM++ extension: false = always answer
 
 
 def _positive_capped(value: int | None, default: int, cap: int, name: str) -> int:

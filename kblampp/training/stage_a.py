@@ -4,6 +4,8 @@
   2. copy_gate  - the answer head's gate on cached plain-LM log-probs and the trained retrieval
   3. value      - teacher-forced gold facts, answer CE through the injection path
   4. e2e        - real retrieval: mixture CE + injection CE + retrieval loss
+  5. abstention - the `kb_abstain` decision on cached signals, threshold calibrated on dev (runs when
+                  the training questions include unanswerable ones)
 
 Run folder: config.resolved.yaml, metrics.jsonl, progress.json, cache/, checkpoints/<phase>/step_*/,
 and at the end kb_final.safetensors (KBLaMPP's kb_ tensors, `kblampp.kb_params` format) and
@@ -24,11 +26,12 @@ import torch
 
 from kblampp import hf_arch
 from kblampp.answer_head import KBCopyGate
-from kblampp.config import KBConfig
+from kblampp.config import KBConfig, save_resolved
 from kblampp.data import QADataset, answerable_records
 from kblampp.kb_params import save_kb_checkpoint
 from kblampp.model import KBLaMPP
 from kblampp.schema import Fact, QARecord
+from kblampp.training.abstention_phase import train_abstention
 from kblampp.training.cache import cached_question_states, inject_layer_states
 from kblampp.training.common import StageModules
 from kblampp.training.copy_gate_phase import CopyGateTrainer, answer_position_cache
@@ -57,6 +60,8 @@ class StageAInputs:
     train_qa: Sequence[QARecord]
     dev_qa: Sequence[QARecord]
     store: Any = None  # KBValueStore, re-encoded at the end when the encoder was trained
+    abstain_train: Sequence[QARecord] = ()  # every training question, unanswerable ones too (abstention phase)
+    abstain_dev: Sequence[QARecord] = ()
 
 
 def load_inputs(cfg: KBConfig, progress: bool = True) -> StageAInputs:
@@ -73,11 +78,13 @@ def load_inputs(cfg: KBConfig, progress: bool = True) -> StageAInputs:
     facts = load_facts(store.root / "facts.jsonl")
     table = FactTable.from_store(store, facts)
     tail_table = load_or_build_tail_table(store, [f.tail_name for f in facts], tokenizer)
-    # unanswerable questions carry no answer fact to train retrieval or the answer head on
-    train_qa = answerable_records(load_qa(cfg.train_dataset, num_facts=store.n))
-    dev_qa = answerable_records(load_qa(cfg.eval_dataset, num_facts=store.n)) if cfg.eval_dataset else []
+    # unanswerable questions carry no answer fact to train retrieval or the answer head on;
+    # the abstention phase reads them all
+    all_train = load_qa(cfg.train_dataset, num_facts=store.n)
+    all_dev = load_qa(cfg.eval_dataset, num_facts=store.n) if cfg.eval_dataset else []
     return StageAInputs(cfg, backbone, tokenizer, lambda texts: embedder.encode(texts, progress=progress),
-                        embedder.dim, facts, table, copy.deepcopy(store.encoder), tail_table, train_qa, dev_qa, store)
+                        embedder.dim, facts, table, copy.deepcopy(store.encoder), tail_table,
+                        answerable_records(all_train), answerable_records(all_dev), store, all_train, all_dev)
 
 
 def build_model(cfg: KBConfig, backbone: torch.nn.Module, d_ctx: int) -> KBLaMPP:
@@ -124,9 +131,9 @@ class StageA:
         sa = self.cfg.stage_a
         pad = inp.tokenizer.pad_token_id if inp.tokenizer.pad_token_id is not None else inp.tokenizer.eos_token_id
         self.pad = int(pad)
-        train = _subset(inp.train_qa, sa.max_train_questions, self.cfg.seed)
+        train = _subset(answerable_records(inp.train_qa), sa.max_train_questions, self.cfg.seed)
         self.train_ds = QADataset(train, inp.tokenizer, np.zeros((len(train), 1), np.float32), self.cfg.max_seq_len)
-        dev = _subset(inp.dev_qa, sa.dev_max_questions, self.cfg.seed)
+        dev = _subset(answerable_records(inp.dev_qa), sa.dev_max_questions, self.cfg.seed)
         self.dev_ds = QADataset(dev, inp.tokenizer, np.zeros((len(dev), 1), np.float32), self.cfg.max_seq_len) if dev else None
         self.timings: dict[str, float] = {}
 
@@ -207,6 +214,10 @@ class StageA:
         if sa.e2e_steps > 0 or sa.value_steps > 0:  # retrieval after the joint phases, as evaluation sees it
             results["retrieval_final"] = retr.eval_fn(sa.e2e_steps)
             self.trainer.metrics.write(phase="final", step=sa.e2e_steps, retrieval=results["retrieval_final"])
+        t0 = time.perf_counter()
+        if cfg.abstention.steps > 0 and any(not r.answerable for r in self.inp.abstain_train):
+            results["abstention"] = self._abstention()
+        self.timings["abstention_s"] = time.perf_counter() - t0
         self.finish(results)
         return results
 
@@ -230,6 +241,17 @@ class StageA:
         gate = CopyGateTrainer(self.cfg, self.model.kb_copy_gate, cache, cand, alpha, self.inp.tail_table,
                                hf_arch.vocab_size(self.model.backbone), rank, world)
         return self.trainer.run(gate.phase(self.mods.params(gate=True)), resume)
+
+    def _abstention(self) -> dict[str, Any]:
+        """The abstention decision on cached signals (the KB modules as trained); threshold from dev."""
+        report = train_abstention(self.model, self.inp.tokenizer, self.cfg, self.mods.tensor_kb(grad=False),
+                                  self.inp.abstain_train, self.inp.abstain_dev, self.inp.embed, self.run_dir / "cache",
+                                  self.progress)
+        self.cfg.abstention.threshold = report["threshold"]  # saved with the checkpoint and the run's config
+        if self.acc.is_main_process:
+            save_resolved(self.cfg, self.run_dir)
+        self.trainer.metrics.write(phase="abstention", step=self.cfg.abstention.steps, eval=report)
+        return report
 
     # ---- outputs --------------------------------------------------------------------------------
     def finish(self, results: dict[str, Any]) -> None:
