@@ -35,7 +35,7 @@ class OptimizerConfig:
 
 @dataclass
 class IndexConfig:
-    method: str = "hnsw"  # hnsw | ivfpq | flat
+    method: str = "hnsw"  # hnsw | ivfpq | flat | milvus (kblampp/milvus_index.py)
     similarity: str = "ip"  # ip | cosine
     hnsw_m: int = 32
     ef_construction: int = 200
@@ -44,6 +44,8 @@ class IndexConfig:
     pq_m: int = 16
     pq_bits: int = 8
     nprobe: int = 16
+    uri: str = ""  # milvus: a Milvus Lite path ending in .db ("" = milvus.db in the store's index_milvus/) or http://host:19530
+    collection: str = "kblampp_keys"  # milvus: the collection holding the keys
 
 
 @dataclass

@@ -470,6 +470,8 @@ def build_store_index(store_dir: str | Path, method: str = "hnsw", similarity: s
     ids = np.flatnonzero(store.alive)
     t0 = time.perf_counter()
     keys = np.asarray(store.arrays["K.npy"], dtype=np.float32)[ids]
+    if method == "milvus" and not params.get("uri"):  # default: a Milvus Lite file inside index_milvus/
+        params["uri"] = str(store.index_dir(method) / "milvus.db")
     index = KnowledgeIndex.build(keys, method, similarity, ids=ids, store_id=store.store_id, n=store.n, **params)
     build_s = time.perf_counter() - t0
     if index.ntotal != len(ids):  # == N unless facts were deleted

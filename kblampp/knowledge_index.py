@@ -24,6 +24,7 @@ DEFAULTS = {
     "hnsw": {"hnsw_m": 32, "ef_construction": 200, "ef_search": 128},
     "ivfpq": {"ivf_nlist": 0, "pq_m": 16, "pq_bits": 8, "nprobe": 16},
     "flat": {},
+    "milvus": {"uri": "", "collection": "kblampp_keys", "hnsw_m": 32, "ef_construction": 200, "ef_search": 128},
 }
 
 
@@ -56,8 +57,11 @@ class KnowledgeIndex:
               ids: np.ndarray | None = None, store_id: str | None = None, n: int | None = None,
               **params) -> "KnowledgeIndex":
         """Index `keys` (rows get fact ids `ids`, default 0..len-1); unknown params are an error."""
+        if method == "milvus":  # the Milvus backend, same API (kblampp/milvus_index.py)
+            from kblampp.milvus_index import MilvusIndex
+            return MilvusIndex.build(keys, similarity, ids=ids, store_id=store_id, n=n, **params)
         if method not in METHODS:
-            raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+            raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}, milvus")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity: {similarity!r} is not one of {', '.join(SIMILARITIES)}")
         unknown = set(params) - set(DEFAULTS[method])
@@ -199,6 +203,9 @@ class KnowledgeIndex:
         """Load and check against the caller's store; any disagreement is an IndexMismatchError."""
         folder = Path(folder)
         meta = read_json(folder / "params.json", "index params")
+        if meta.get("method") == "milvus":
+            from kblampp.milvus_index import MilvusIndex
+            return MilvusIndex.load(folder, expect_n, expect_dim, expect_store_id)
         for name in ("index.faiss", "labels.npy", "dead.npy"):
             if not (folder / name).is_file():
                 raise IndexMismatchError(f"{folder / name}: missing")

@@ -2,6 +2,8 @@
 
     python offline/build_index.py --store_dir store/ --method hnsw --similarity cosine
     python offline/build_index.py --store_dir store/ --method ivfpq --pq_m 16 --nprobe 16
+    python offline/build_index.py --store_dir store/ --method milvus   # Milvus Lite: store/index_milvus/milvus.db
+    python offline/build_index.py --store_dir store/ --method milvus --uri http://host:19530 --collection kb
     python offline/build_index.py --config configs/X.yaml            # store_dir and index.* from the config
 Parameters not given on the command line come from the config's `index` section (or its defaults);
 the index folder records them with the store id it was built for.
@@ -20,16 +22,19 @@ from kblampp.kb_store import build_store_index  # noqa: E402
 from kblampp.knowledge_index import DEFAULTS  # noqa: E402
 
 INT_PARAMS = ("hnsw_m", "ef_construction", "ef_search", "ivf_nlist", "pq_m", "pq_bits", "nprobe")
+STR_PARAMS = ("uri", "collection")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, required=False)
     p.add_argument("--store_dir", help="store folder (default: the config's store_dir)")
-    p.add_argument("--method", choices=("hnsw", "ivfpq", "flat"))
+    p.add_argument("--method", choices=tuple(DEFAULTS))
     p.add_argument("--similarity", choices=("cosine", "ip"))
     for name in INT_PARAMS:
         p.add_argument(f"--{name}", type=int, help="default from the config's index section")
+    for name in STR_PARAMS:
+        p.add_argument(f"--{name}", help="milvus only; default from the config's index section")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     method = args.method or cfg.index.method

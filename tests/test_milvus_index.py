@@ -1,0 +1,139 @@
+"""The Milvus backend (on Milvus Lite) behind the KnowledgeIndex API: the faiss index tests, run on Milvus."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kblampp.knowledge_index import IndexMismatchError, KnowledgeIndex, exact_search, recall_at_k
+from test_kb_store import embedder, store_dir, world  # noqa: F401 - the store tests' fixtures
+
+
+def _keys(n=600, d=32, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def _build(tmp_path, keys, similarity="cosine", **kw):
+    return KnowledgeIndex.build(keys, "milvus", similarity, uri=str(tmp_path / "index_milvus" / "milvus.db"), **kw)
+
+
+def test_module_does_not_import_torch_or_pymilvus_at_import():
+    import kblampp.milvus_index as mi
+
+    text = open(mi.__file__).read()
+    assert "import torch" not in text and "\nfrom pymilvus" not in text and "\nimport pymilvus" not in text
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "ip"])
+def test_search_agrees_with_exact_search(tmp_path, similarity):
+    keys, q = _keys(), _keys(20, seed=1)
+    index = _build(tmp_path, keys, similarity)
+    scores, ids = index.search(q, 5, batch_size=7)
+    ref_scores, ref_ids = exact_search(keys, q, 5, similarity)
+    assert index.ntotal == 600 and type(index).__name__ == "MilvusIndex"
+    assert ids.tolist() == ref_ids.tolist()  # HNSW at ef 128 over 600 keys finds the exact top 5
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    assert recall_at_k(index, keys, q, 8)["recall"] == 1.0
+
+
+def test_remove_add_and_replace_by_fact_id(tmp_path):
+    keys = _keys(400)
+    index = _build(tmp_path, keys)
+    assert index.remove([5, 7]) == 2 and index.remove([5]) == 0
+    _, ids = index.search(keys[[5, 7, 9]], 10)
+    assert 5 not in ids and 7 not in ids and ids[2, 0] == 9
+    new = _keys(1, seed=9)
+    index.add(new, [5])  # replace: same id, new key
+    _, ids = index.search(new, 1)
+    assert ids[0, 0] == 5 and index.n_live == 399 and index.n == 400
+    with pytest.raises(ValueError, match="fact id 5 is already in the index"):
+        index.add(new, [5])
+    with pytest.raises(ValueError, match="fact id 600 appears twice in one add"):
+        index.add(_keys(2, seed=3), [600, 600])
+
+
+def test_fewer_keys_than_k_fills_missing_slots(tmp_path):
+    scores, ids = _build(tmp_path, _keys(3)).search(_keys(2, seed=1), 5)
+    assert (ids[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all() and sorted(ids[0, :3]) == [0, 1, 2]
+
+
+def test_save_load_round_trip_and_mismatch_messages(tmp_path):
+    keys = _keys(300)
+    folder = tmp_path / "index_milvus"
+    index = _build(tmp_path, keys, store_id="abc@0", hnsw_m=16, ids=np.arange(300) + 10)
+    index.remove([13])
+    index.save(folder)
+    manifest = json.loads((folder / "params.json").read_text())
+    assert manifest["method"] == "milvus" and manifest["params"]["hnsw_m"] == 16
+    assert manifest["params"]["uri"] == "milvus.db" and manifest["ntotal"] == 299 and manifest["n"] == 310
+    q = _keys(10, seed=4)
+    before = [a.tolist() for a in index.search(q, 8)]
+    index.close()
+    back = KnowledgeIndex.load(folder, expect_n=310, expect_dim=32, expect_store_id="abc@0")
+    assert [a.tolist() for a in back.search(q, 8)] == before and back.ntotal == 299
+    with pytest.raises(IndexMismatchError, match="store_id: index was built for store 'abc@0', this store is 'xyz@0'"):
+        KnowledgeIndex.load(folder, expect_store_id="xyz@0")
+    with pytest.raises(IndexMismatchError, match="n: index covers 310 facts, the store has 301"):
+        KnowledgeIndex.load(folder, expect_n=301)
+    with pytest.raises(IndexMismatchError, match="dim: index dimension 32, the store's keys have 64"):
+        KnowledgeIndex.load(folder, expect_dim=64)
+    back.remove([14])  # the collection changed after the manifest was written
+    with pytest.raises(IndexMismatchError, match="ntotal: params say 299, the collection has 298"):
+        KnowledgeIndex.load(folder)
+    back.close()
+    manifest["params"]["collection"] = "other"
+    (folder / "params.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatchError, match="collection: 'other' is not in Milvus at .*milvus.db"):
+        KnowledgeIndex.load(folder)
+
+
+def test_manifest_commits_with_a_store_edit(tmp_path):
+    """`writers()` is what a store edit commits: the manifest with the new store id and counts."""
+    folder = tmp_path / "index_milvus"
+    index = _build(tmp_path, _keys(50), store_id="s@0")
+    index.save(folder)
+    index.remove([1])
+    index.store_id = "s@1"
+    index.writers()["params.json"](folder / "params.json")
+    back = KnowledgeIndex.load(folder, expect_n=50, expect_store_id="s@1")
+    assert back.ntotal == 49
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    keys = _keys(50)
+    with pytest.raises(ValueError, match="method: 'annoy' is not one of hnsw, ivfpq, flat, milvus"):
+        KnowledgeIndex.build(keys, "annoy")
+    with pytest.raises(ValueError, match=r"unknown milvus parameter\(s\) \['nprobe'\]"):
+        _build(tmp_path, keys, nprobe=3)
+    with pytest.raises(ValueError, match="similarity: 'l2' is not one of cosine, ip"):
+        _build(tmp_path, keys, "l2")
+    with pytest.raises(ValueError, match="index: uri: 'kb.sqlite' is neither a Milvus Lite path ending in .db"):
+        KnowledgeIndex.build(keys, "milvus", uri="kb.sqlite")
+    with pytest.raises(ValueError, match=r"index: uri: empty \(a Milvus Lite path ending in .db"):
+        KnowledgeIndex.build(keys, "milvus")
+    index = _build(tmp_path, keys)
+    with pytest.raises(ValueError, match=r"queries: expected shape \(n, 32\), got \(2, 3\)"):
+        index.search(np.zeros((2, 3)), 1)
+    with pytest.raises(ValueError, match="keys: contains NaN or inf"):
+        index.add(np.full((1, 32), np.nan), [99])
+    with pytest.raises(IndexMismatchError, match="uri: Milvus Lite file .*gone.db is missing"):
+        (tmp_path / "x").mkdir()
+        (tmp_path / "x/params.json").write_text(json.dumps({"method": "milvus", "similarity": "ip", "dim": 32,
+                                                            "params": {"uri": "gone.db", "collection": "c"}}))
+        KnowledgeIndex.load(tmp_path / "x")
+
+
+def test_store_builds_edits_and_opens_a_milvus_index(store_dir):
+    """offline/build_index.py's step with `index.method: milvus` (default Lite file inside index_milvus/),
+    then a store edit that commits the index manifest, then open_kb."""
+    from kblampp.kb_store import build_store_index, open_kb
+
+    report = build_store_index(store_dir, "milvus", "cosine", uri="", collection="kb")
+    assert report["path"].endswith("index_milvus") and (store_dir / "index_milvus/milvus.db").exists()
+    store, index = open_kb(store_dir, "milvus")
+    assert index.ntotal == store.n and index.store_id == store.store_id
+    store.delete_fact(3, index=index)
+    index.close()
+    store, index = open_kb(store_dir, "milvus")  # checks store id, N and the collection's count
+    assert index.ntotal == store.n - 1 and 3 not in index.search(store.keys_tensor().numpy()[[4]], 5)[1]
