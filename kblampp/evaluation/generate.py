@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from kblampp.progress import progress_bar
 
 from kblampp.metrics import extract_answer
 
@@ -86,7 +86,7 @@ def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     results: list[Generation | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress)
+    bar = progress_bar(total=len(prompts), desc=desc, unit="q", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = tokenize_left(tokenizer, [prompts[i] for i in idx], device)

@@ -23,6 +23,7 @@ from kblampp.evaluation.kbqa import KB_VARIANTS, KBRequest, kb_request
 from kblampp.evaluation.report import QuestionResult, is_seen
 from kblampp.evaluation.retrieval_metrics import score_question
 from kblampp.metrics import score_answer
+from kblampp.progress import format_duration, status
 from kblampp.schema import QA_TYPES, Fact, QARecord
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             results[row] = _results(row, records, gens, seen, ret, extra)
             requests[row] = req
         seconds[row] = round(time.perf_counter() - t0, 2)
+        status(f"row {row}: {len(records)} questions in {format_duration(seconds[row])} "
+               f"({len(records) / max(seconds[row], 1e-9):.2f} q/s)")
     return results, requests, seconds
 
 
