@@ -105,7 +105,11 @@ def one_line_usage_errors() -> Iterator[None]:
 
 
 def run_main(main: Callable[..., int | None], argv: list[str] | None = None) -> int:
-    """Run a script's `main` and return its exit code; a known error is one line and code 2."""
+    """Run a script's `main` and return its exit code; a known error is one line and code 2.
+    Off a terminal, library progress bars are turned off too (kblampp.progress.quiet_library_bars)."""
+    from kblampp.progress import quiet_library_bars
+
+    quiet_library_bars()
     show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     try:
         with one_line_usage_errors():

@@ -152,3 +152,19 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
 def status(message: str, stream: TextIO | None = None) -> None:
     """One progress line (stderr, flushed) for work that is not a loop, e.g. an evaluation row done."""
     print(message, file=stream or sys.stderr, flush=True)
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal, turn off the bars of transformers / huggingface_hub too (weight loading,
+    downloads): their redraws would otherwise fill the log. Bars stay on a terminal."""
+    if use_bars():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
