@@ -1,7 +1,7 @@
 """Serve a trained KBLaM++ model over HTTP (SPEC section 8): answers with evidence, live KB edits.
 
     export KBLAMPP_SERVER_TOKEN=$(python -c "import secrets; print(secrets.token_hex(16))")
-    python infer/infer_server.py --config configs/embedded_default.yaml --checkpoint runs/x/kb.safetensors
+    python infer/infer_server.py --config configs/embedded_default.yaml --checkpoint runs/main/kb_final.safetensors
 """
 from __future__ import annotations
 

@@ -21,16 +21,10 @@ import pytest
 from kblampp import cli
 from kblampp.cli import KNOWN_ERRORS, error_line, is_known, run_main
 from kblampp.schema import load_facts
+from doc_commands import scripts_with_main
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT_DIRS = ("offline", "eval", "train", "infer", "scripts", "bench")
 GOOD_FACT = (ROOT / "tests/fixtures/good_5tuple.jsonl").read_text(encoding="utf-8").splitlines()[0]
-
-
-def scripts_with_main() -> list[Path]:
-    """Every script with an `if __name__ == "__main__":` block."""
-    return sorted(p for d in SCRIPT_DIRS for p in (ROOT / d).glob("*.py")
-                  if 'if __name__ == "__main__":' in p.read_text(encoding="utf-8"))
 
 
 def script_main(rel: str):
