@@ -266,7 +266,9 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
     results, _, seconds = run_rows(ec, records, keep, seen, batch_size, rag_k, progress)
     extra: dict[str, Any] = {"info": ec.info, "skipped_rows": skipped, "row_seconds": seconds}
     if kb_edit_n > 0:
+        t0 = time.perf_counter()
         extra["kb_edit"] = run_kb_edit(ec, records, kb_edit_n, batch_size, seed, progress=progress)
+        status(f"kb_edit: {kb_edit_n} facts edited and asked again in {format_duration(time.perf_counter() - t0)}")
         notes.append(markdown_kb_edit(extra["kb_edit"]))
     stats = {row: {"ms_per_question": 1000.0 * s / len(records)} for row, s in seconds.items()}
     meta = run_meta(ec, str(qa_path), len(records), batch_size, rag_k)
