@@ -49,6 +49,8 @@ def format_duration(seconds: float) -> str:
 def format_rate(rate: float, unit: str) -> str:
     if rate <= 0:
         return f"- {unit}/s"
+    if rate >= 100:
+        return f"{rate:.0f} {unit}/s"
     return f"{rate:.3g} {unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{unit}"
 
 

@@ -15,7 +15,7 @@ def built(tmp_path_factory):
     return tmp, build_world(tmp)
 
 
-ROW_LINE = r"row {}: 4 questions in \d+s \(\d+\.\d\d q/s\)"
+ROW_LINE = r"row {}: 4 questions in \d+s \([\d.]+ (q/s|s/q)\)"
 
 
 @pytest.mark.parametrize("progress", [False, True])

@@ -61,7 +61,7 @@ def test_iteration_resume_offset_and_unknown_total():
 def test_formatting_helpers():
     assert [format_duration(s) for s in (0.4, 12.3, 59.6, 754, 4000)] == ["0s", "12s", "1:00", "12:34", "1:06:40"]
     assert format_rate(0, "q") == "- q/s" and format_rate(41.04, "sent") == "41 sent/s"
-    assert format_rate(0.25, "q") == "4 s/q"
+    assert format_rate(0.25, "q") == "4 s/q" and format_rate(2512.4, "q") == "2512 q/s"
 
 
 def test_mode_follows_the_terminal_and_the_environment(monkeypatch):

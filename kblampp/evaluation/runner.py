@@ -23,7 +23,7 @@ from kblampp.evaluation.kbqa import KB_VARIANTS, KBRequest, kb_request
 from kblampp.evaluation.report import QuestionResult, is_seen
 from kblampp.evaluation.retrieval_metrics import score_question
 from kblampp.metrics import score_answer
-from kblampp.progress import format_duration, status
+from kblampp.progress import format_duration, format_rate, status
 from kblampp.schema import QA_TYPES, Fact, QARecord
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             requests[row] = req
         seconds[row] = round(time.perf_counter() - t0, 2)
         status(f"row {row}: {len(records)} questions in {format_duration(seconds[row])} "
-               f"({len(records) / max(seconds[row], 1e-9):.2f} q/s)")
+               f"({format_rate(len(records) / max(seconds[row], 1e-9), 'q')})")
     return results, requests, seconds
 
 
