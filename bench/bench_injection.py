@@ -480,4 +480,5 @@ def print_tables(rows: list[dict], train: dict) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kblampp.cli import run_main
+    raise SystemExit(run_main(main))

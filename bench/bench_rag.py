@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from kblampp.progress import progress_bar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
     kb_row = "kblampp" if getattr(ec.model, "kb_copy_gate", None) is not None else "kblampp_injection"
     budget, device = cfg.max_new_tokens, cfg.device
     per_q: list[dict] = []
-    for i in tqdm(range(len(records)), desc="questions", unit="q"):
+    for i in progress_bar(range(len(records)), desc="questions", unit="q"):
         rec = records[i]
         for row, row_prompts in prompts.items():
             prompt = row_prompts[i]
@@ -198,4 +198,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kblampp.cli import run_main
+    raise SystemExit(run_main(main))

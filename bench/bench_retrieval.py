@@ -393,4 +393,5 @@ def _table(rows: list[dict], n0: int) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kblampp.cli import run_main
+    raise SystemExit(run_main(main))

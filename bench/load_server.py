@@ -30,11 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     token = load_token(args.token_file)
     if not token:
-        print(f"load_server: no token: export {TOKEN_ENV}=... or pass --token_file", file=sys.stderr)
-        return 2
+        parser.error(f"no token: export {TOKEN_ENV}=... or pass --token_file")
     if not 0 <= args.edit_fraction <= 1 or args.clients < 1 or not 0 < args.duration <= 3600:
-        print("load_server: need 0 <= edit_fraction <= 1, clients >= 1, 0 < duration <= 3600", file=sys.stderr)
-        return 2
+        parser.error("need 0 <= edit_fraction <= 1, clients >= 1, 0 < duration <= 3600")
     report = asyncio.run(run_load(args.url, token, args.clients, args.duration, args.edit_fraction,
                                   args.max_new_tokens, args.seed, args.timeout))
     summary = report.summary()
@@ -46,4 +44,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kblampp.cli import run_main
+    sys.exit(run_main(main))

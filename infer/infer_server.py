@@ -1,13 +1,14 @@
 """Serve a trained KBLaM++ model over HTTP (SPEC section 8): answers with evidence, live KB edits.
 
     export KBLAMPP_SERVER_TOKEN=$(python -c "import secrets; print(secrets.token_hex(16))")
-    python infer/infer_server.py --config configs/embedded_default.yaml --checkpoint runs/x/kb.safetensors
+    python infer/infer_server.py --config configs/embedded_default.yaml --checkpoint runs/main/kb_final.safetensors
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from kblampp.cli import report_error
 from kblampp.config import ConfigError, add_config_args, config_from_args
 from kblampp.serving.auth import load_token
 from kblampp.serving.config import TOKEN_ENV, ServerSettings
@@ -40,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             compact_every=args.compact_every, model_name=cfg.backbone)
         settings.validate()
     except (ConfigError, ValueError) as err:
-        print(f"infer_server: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     from kblampp.serving.server import serve
 
     return serve(cfg, args.checkpoint, settings, wal_path=args.wal)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kblampp.cli import run_main
+    sys.exit(run_main(main))

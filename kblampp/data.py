@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from kblampp.progress import progress_bar
 
 from kblampp.backbone import build_prompt, end_of_turn_id
 from kblampp.schema import QARecord
@@ -102,7 +102,7 @@ class QADataset(torch.utils.data.Dataset):
         self.records = list(records)
         end_id = answer_end_id(tokenizer)
         self.examples = [encode_record(tokenizer, r, i, max_seq_len, instruction, end_id)
-                         for i, r in enumerate(tqdm(records, desc="tokenize QA", disable=len(records) < 2000))]
+                         for i, r in enumerate(progress_bar(records, desc="tokenize QA", disable=len(records) < 2000))]
         self.e_q = torch.from_numpy(np.ascontiguousarray(e_q, dtype=np.float32))
         self.pad_id = pad_id(tokenizer)
 

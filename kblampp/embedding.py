@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from kblampp.progress import progress_bar
 
 from kblampp.embedded import resolve_embedding_model
 
@@ -70,7 +70,7 @@ class Embedder:
         texts = list(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        bar = tqdm(total=len(texts), desc=f"embed {self.name}", unit="sent",
+        bar = progress_bar(total=len(texts), desc=f"embed {self.name}", unit="sent",
                    disable=not progress or len(texts) <= batch_size)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]

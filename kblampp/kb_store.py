@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from kblampp.progress import progress_bar
 
 from kblampp.embedding import Embedder, embed_unique
 from kblampp.kv_encoder import KVEncoder, load_kv_encoder, save_kv_encoder, weights_hash
@@ -56,7 +56,7 @@ def compute_kv(encoder: KVEncoder, raw: dict[str, np.ndarray], tau_min: np.ndarr
     K = np.zeros((n, encoder.config.d_k), np.float32)
     V = np.zeros((n, encoder.config.d_v), np.float32)
     lo, hi = torch.from_numpy(np.array(tau_min, np.float32)), torch.from_numpy(np.array(tau_max, np.float32))
-    for s in tqdm(range(0, n, chunk), desc="encode K/V", disable=not progress or n <= chunk):
+    for s in progress_bar(range(0, n, chunk), desc="encode K/V", disable=not progress or n <= chunk):
         e = slice(s, s + chunk)
         t = {k: torch.from_numpy(np.array(raw[k][e], dtype=np.float32)) for k in RAW}
         K[e] = encoder.encode_keys(t["e_h"], t["e_r"]).numpy()
@@ -415,7 +415,6 @@ def encode_file(tuples_path: str | Path, store_dir: str | Path, embedding_model:
 
     With `kv_encoder` (trained weights) and an existing store of the same source file and embedding
     model, the stored raw embeddings are reused, so only the MLPs run again."""
-    from kblampp.kv_encoder import KVEncoderConfig
     from kblampp.schema import load_facts
 
     t0 = time.perf_counter()
@@ -444,7 +443,7 @@ def encode_file(tuples_path: str | Path, store_dir: str | Path, embedding_model:
     if kv_encoder is None:
         encoder = KVEncoder(dim, d_k, d_v, d_tau, hidden=hidden, seed=seed)
     else:
-        encoder = load_kv_encoder(kv_encoder, KVEncoderConfig(dim, d_k, d_v, d_tau, hidden, seed))
+        encoder = load_kv_encoder(kv_encoder)  # a trained encoder's config: its metadata or its shapes
         got = encoder.config
         if (got.d_ctx, got.d_k, got.d_v, got.d_tau) != (dim, d_k, d_v, d_tau):
             raise ValueError(f"{kv_encoder}: encoder dims (d_ctx, d_k, d_v, d_tau) = "

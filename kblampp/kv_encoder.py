@@ -126,45 +126,134 @@ def save_kv_encoder(encoder: KVEncoder, path: str | Path) -> str:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     save_file(tensors, str(tmp), metadata={"config": json.dumps(asdict(encoder.config)),
-                                           "format": "kblampp-kv-encoder"})
+                                           "format": ENCODER_FORMAT})
     os.replace(tmp, path)
     return weights_hash(encoder)
+
+
+ENCODER_FORMAT = "kblampp-kv-encoder"
+ENCODER_FILE = "kv_encoder.safetensors"
+TRAINING_CONFIG = "config.resolved.yaml"
+ENCODER_PARTS = ("kb_key_mlp.", "kb_value_mlp.", "kb_time_mlp.")
+MODEL_FIELDS = ("embedding_model", "d_k", "d_v", "d_tau", "d_ctx")  # settings the encoder was trained for
+
+
+class KVEncoderError(ValueError):
+    """Weights that are not (or do not contain) a usable K/V encoder; the message names the file."""
 
 
 def _strip_to_encoder_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Accept a bigger KB checkpoint: keep keys containing kb_key_mlp/kb_value_mlp/kb_time_mlp."""
     out = {}
     for key, value in tensors.items():
-        for part in ("kb_key_mlp.", "kb_value_mlp.", "kb_time_mlp."):
+        for part in ENCODER_PARTS:
             if part in key:
                 short = key[key.index(part):]
                 if short in out:
-                    raise ValueError(f"ambiguous checkpoint: two tensors end with {short!r}")
+                    raise KVEncoderError(f"ambiguous checkpoint: two tensors end with {short!r}")
                 out[short] = value
     return out
 
 
-def load_kv_encoder(path: str | Path, config: KVEncoderConfig | None = None) -> KVEncoder:
-    """Load a saved encoder (or the K/V MLPs out of a training checkpoint, given `config`).
+def _header(path: Path) -> tuple[dict[str, str], list[str]]:
+    """(metadata, tensor names) of a safetensors file, with the file named in the error."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {}), list(handle.keys())
+    except Exception as err:  # safetensors raises its own error types for a bad header
+        raise KVEncoderError(f"{path}: not a readable safetensors file ({err})") from None
 
+
+def _training_config(folder: Path, checkpoint_meta: dict[str, str] | None = None) -> dict | None:
+    """The training run's config: embedded in a KB checkpoint, else the folder's config.resolved.yaml."""
+    if checkpoint_meta and "config" in checkpoint_meta:
+        return json.loads(checkpoint_meta["config"])
+    if (folder / TRAINING_CONFIG).is_file():
+        import yaml
+
+        return yaml.safe_load((folder / TRAINING_CONFIG).read_text(encoding="utf-8"))
+    return None
+
+
+def encoder_source(path: str | Path) -> tuple[Path, dict | None]:
+    """(K/V encoder weights file, training config dict or None) for what a user may pass as an encoder:
+
+    - an encoder file (`kv_encoder.safetensors` of a store or a training run);
+    - a store folder or a training run folder (its `kv_encoder.safetensors`);
+    - a training checkpoint: `kb_final.safetensors` (Stage A writes the encoder beside it) or a step
+      checkpoint's `kb.safetensors` (which holds the encoder tensors itself).
+    The config comes with a training checkpoint or run folder (None for a store's encoder)."""
+    p = Path(path)
+    if p.is_dir():
+        enc = p / ENCODER_FILE
+        if not enc.is_file():
+            raise KVEncoderError(f"{p}: no {ENCODER_FILE} in this folder (give a training run folder, "
+                                 f"a store folder, a training checkpoint or an encoder file)")
+        final = p / "kb_final.safetensors"
+        return enc, _training_config(p, _header(final)[0] if final.is_file() else None)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: K/V encoder weights not found")
+    meta, names = _header(p)
+    if meta.get("format") == ENCODER_FORMAT:
+        return p, _training_config(p.parent) if (p.parent / "kb_final.safetensors").is_file() else None
+    trained = _training_config(p.parent, meta)
+    if any(part in name for name in names for part in ENCODER_PARTS):
+        return p, trained
+    if (p.parent / ENCODER_FILE).is_file():
+        return p.parent / ENCODER_FILE, trained
+    raise KVEncoderError(f"{p}: holds no K/V encoder tensors and no {ENCODER_FILE} lies beside it "
+                         f"(a Stage B checkpoint keeps the Stage A encoder: pass the Stage A run folder)")
+
+
+def _config_from_shapes(found: dict[str, torch.Tensor], seed: int) -> KVEncoderConfig:
+    """d_ctx, d_k, d_v, d_tau and hidden from the MLP weight shapes (for files without encoder metadata)."""
+    d_k, two_ctx = found["kb_key_mlp.base.weight"].shape
+    d_v, value_in = found["kb_value_mlp.base.weight"].shape
+    hidden = found["kb_key_mlp.net.0.weight"].shape[0]
+    return KVEncoderConfig(two_ctx // 2, d_k, d_v, value_in - two_ctx, hidden, seed)
+
+
+def load_kv_encoder(path: str | Path, config: KVEncoderConfig | None = None) -> KVEncoder:
+    """Load a saved encoder, or the K/V MLPs of a training checkpoint or run folder (see `encoder_source`).
+
+    The config comes from the encoder file's metadata, else `config`, else the tensor shapes.
     Every encoder tensor must be found with the right shape; the error names the first that is not."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: K/V encoder weights not found")
+    path, _ = encoder_source(path)
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    if "config" in meta:
-        config = KVEncoderConfig(**json.loads(meta["config"]))
-    if config is None:
-        raise ValueError(f"{path}: no encoder config in the file's metadata; pass one")
-    encoder = KVEncoder(**asdict(config))
     found = _strip_to_encoder_names(tensors)
+    if meta.get("format") == ENCODER_FORMAT and "config" in meta:
+        config = KVEncoderConfig(**json.loads(meta["config"]))
+    elif config is None:
+        needed = ("kb_key_mlp.base.weight", "kb_value_mlp.base.weight", "kb_key_mlp.net.0.weight")
+        missing = [n for n in needed if n not in found]
+        if missing:
+            raise KVEncoderError(f"{path}: K/V encoder tensor {missing[0]!r} missing")
+        config = _config_from_shapes(found, seed=0)
+    encoder = KVEncoder(**asdict(config))
     for name, ref in encoder.state_dict().items():
         if name not in found:
-            raise ValueError(f"{path}: K/V encoder tensor {name!r} missing")
+            raise KVEncoderError(f"{path}: K/V encoder tensor {name!r} missing")
         if tuple(found[name].shape) != tuple(ref.shape):
-            raise ValueError(f"{path}: {name}: shape {tuple(found[name].shape)} != expected {tuple(ref.shape)}")
+            raise KVEncoderError(f"{path}: {name}: shape {tuple(found[name].shape)} != expected {tuple(ref.shape)}")
     encoder.load_state_dict({k: found[k] for k in encoder.state_dict()})
     return encoder.eval()
 
+
+def adopt_training_settings(cfg, trained: dict | None, source: str | Path, explicit_config: bool):
+    """The config to encode with, given the training config that came with the encoder.
+
+    Without an explicit --config the encoder's own settings (embedding model, dims) are used; with one,
+    any disagreement is an error, since keys from another embedding model would not match its queries."""
+    if not trained:
+        return cfg
+    import dataclasses
+
+    if not explicit_config:
+        return dataclasses.replace(cfg, **{k: trained[k] for k in MODEL_FIELDS if k in trained})
+    for key in MODEL_FIELDS:
+        want, have = trained.get(key), getattr(cfg, key)
+        if want is not None and have is not None and want != have:
+            raise KVEncoderError(f"{source}: the encoder was trained with {key}={want!r}, the config says {have!r}")
+    return cfg

@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_check(args.path, args.kind, facts=args.facts, reference_date=args.reference_date)
     except (OSError, ValueError) as err:
-        print(f"error: {err}")
-        return 2
+        from kblampp.cli import report_error
+
+        return report_error(err)
     for line in result.lines():
         print(line)
     if result.problems:

@@ -1,10 +1,10 @@
 """Build the faiss index over a store's keys into `STORE/index_<method>/` and check ntotal == N.
 
-    python offline/build_index.py --store_dir store/ --method hnsw --similarity cosine
-    python offline/build_index.py --store_dir store/ --method ivfpq --pq_m 16 --nprobe 16
-    python offline/build_index.py --store_dir store/ --method milvus   # Milvus Lite: store/index_milvus/milvus.db
-    python offline/build_index.py --store_dir store/ --method milvus --uri http://host:19530 --collection kb
-    python offline/build_index.py --config configs/X.yaml            # store_dir and index.* from the config
+    python offline/build_index.py --store_dir store/synth_world --method hnsw --similarity cosine
+    python offline/build_index.py --store_dir store/synth_world --method ivfpq --pq_m 16 --nprobe 16
+    python offline/build_index.py --store_dir store/synth_world --method milvus   # Milvus Lite: store/index_milvus/milvus.db
+    python offline/build_index.py --store_dir store/synth_world --method milvus --uri http://host:19530 --collection kb
+    python offline/build_index.py --config configs/embedded_default.yaml   # store_dir and index.* from the config
 Parameters not given on the command line come from the config's `index` section (or its defaults);
 the index folder records them with the store id it was built for.
 """
@@ -48,4 +48,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kblampp.cli import run_main
+    sys.exit(run_main(main))

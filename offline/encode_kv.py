@@ -1,8 +1,12 @@
 """Embed the 5-tuples and write the K/V store (SPEC section 5), atomically.
 
-    python offline/encode_kv.py --config configs/synth_world_stageA_llama1b.yaml
-    python offline/encode_kv.py --config CFG --tuples data/5tuple/synth_world.jsonl --store_dir store --fp16
-    python offline/encode_kv.py --config CFG --kv_encoder runs/x/kb_weights.safetensors   # trained MLPs
+    python offline/encode_kv.py --config configs/embedded_default.yaml
+    python offline/encode_kv.py --config CFG --tuples data/5tuple/synth_world.jsonl --store_dir store/x --fp16
+    python offline/encode_kv.py --kv_encoder runs/main --tuples data/5tuple/new.jsonl --store_dir store/new
+--kv_encoder takes the trained K/V MLPs as a training run folder, its kb_final.safetensors (Stage A
+saves kv_encoder.safetensors beside it), a step checkpoint's kb.safetensors, or a kv_encoder.safetensors
+(a store's own). Without --config, the encoder's training settings (embedding model, d_k, d_v, d_tau)
+are used; with one they must agree.
 Head, relation, tail and evidence texts are embedded once per distinct string; the raw embeddings
 and the K/V encoder weights are saved beside K/V so edits and re-encodes are identical.
 Then run offline/build_index.py.
@@ -18,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kblampp.config import add_config_args, config_from_args  # noqa: E402
 from kblampp.kb_store import encode_file  # noqa: E402
+from kblampp.kv_encoder import adopt_training_settings, encoder_source  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,13 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p, required=False)
     p.add_argument("--tuples", help="5-tuple JSONL (default: the config's tuples_path)")
     p.add_argument("--store_dir", help="output store folder (default: the config's store_dir)")
-    p.add_argument("--kv_encoder", help="safetensors with trained K/V MLPs (kb_key_mlp/kb_value_mlp/kb_time_mlp)")
+    p.add_argument("--kv_encoder", help="trained K/V MLPs: a training run folder, its kb_final.safetensors, "
+                                        "or a kv_encoder.safetensors")
     p.add_argument("--fp16", action="store_true", help="store K, V and ctx_vec as float16")
     p.add_argument("--batch_size", type=int, default=64, help="embedding batch size")
     p.add_argument("--kv_hidden", type=int, default=512, help="hidden width of the K/V MLPs (fresh encoder)")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    if args.kv_encoder:
+        trained = encoder_source(args.kv_encoder)[1]  # the training config, when the encoder comes with one
+        cfg = adopt_training_settings(cfg, trained, args.kv_encoder, explicit_config=args.config is not None)
     report = encode_file(args.tuples or cfg.tuples_path, args.store_dir or cfg.store_dir, cfg.embedding_model,
                          cfg.d_k, cfg.d_v, cfg.d_tau, cfg.d_ctx, args.kv_encoder,
                          "float16" if args.fp16 else "float32", args.batch_size, args.kv_hidden, cfg.seed,
@@ -46,4 +55,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kblampp.cli import run_main
+    sys.exit(run_main(main))

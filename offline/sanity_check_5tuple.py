@@ -14,4 +14,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kblampp.sanity import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kblampp.cli import run_main
+    raise SystemExit(run_main(main))

@@ -9,10 +9,13 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "im
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+# Every pip call goes through pip_quiet.sh: -q, and the machine's repeated "Location ... is ignored"
+# warning dropped (other warnings and errors still show).
+pip_install() { bash scripts/pip_quiet.sh .venv/bin/pip install --disable-pip-version-check "$@"; }
 # torch==2.13.0 first and alone: a CPU wheel of exactly that version is on the machine's disk.
-.venv/bin/pip install --disable-pip-version-check -q "$(grep -E '^torch==' requirements.txt)"
-.venv/bin/pip install --disable-pip-version-check -q -r requirements.txt
-.venv/bin/pip install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
-.venv/bin/pip install --disable-pip-version-check -q --no-deps -e . >/dev/null
+pip_install "$(grep -E '^torch==' requirements.txt)"
+pip_install -r requirements.txt
+pip_install --no-deps -r requirements-nodeps.txt
+pip_install --no-deps -e . >/dev/null
 echo "$want" > "$stamp"
 echo "setup: .venv ready"

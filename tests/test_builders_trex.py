@@ -152,7 +152,8 @@ def test_cli_help_and_bad_arguments(tmp_path: Path) -> None:
     proc = _cli(str(FIX / "trex_docs.json"), "--max_samples", "0")
     assert proc.returncode == 2 and "expected a positive integer, got 0" in proc.stderr
     proc = _cli(str(tmp_path / "missing.json"), "--out_facts", str(tmp_path / "f.jsonl"))
-    assert proc.returncode == 1 and "missing.json: input file not found" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert "missing.json: input file not found" in proc.stderr
 
 
 def test_tails_come_from_the_alignment_never_from_a_text_search(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def test_load_errors_name_the_problem(tmp_path):
     save_file(sd, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="tensor 'kb_time_mlp.net.0.bias' missing"):
         load_kv_encoder(tmp_path / "partial.safetensors", enc.config)
-    with pytest.raises(ValueError, match="no encoder config"):
-        load_kv_encoder(tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match="tensor 'kb_time_mlp.net.0.bias' missing"):
+        load_kv_encoder(tmp_path / "partial.safetensors")  # config read off the shapes
     with pytest.raises(ValueError, match=r"kb_key_mlp.base.weight: shape \(12, 32\) != expected \(8, 32\)"):
         load_kv_encoder(tmp_path / "partial.safetensors", KVEncoderConfig(16, 8, 10, 4, 24))

@@ -28,7 +28,8 @@ def _variant(base: dict, path: str, value) -> str:
 
 def run(capsys, argv):
     code = sanity.main([str(a) for a in argv])
-    return code, capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()  # problems on stdout, an error line on stderr
+    return code, (captured.out + captured.err).splitlines()
 
 
 def test_clean_files_exit_0_with_one_line(capsys, fixtures_dir):

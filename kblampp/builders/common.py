@@ -242,12 +242,13 @@ def positive_int(text: str) -> int:
 
 def run_builder(build, args, qa: bool = True) -> int:
     """The body every builder script shares: `build()` -> BuildResult, then report and write it;
-    a bad input file (BuildError, ValueError, OSError) is one clear error line and exit 1."""
+    a bad input file (BuildError, ValueError, OSError) is one clear error line and exit 2 (kblampp.cli)."""
+    from kblampp.cli import report_error
+
     try:
         return finish(build(), args.out_facts, args.out_qa if qa else None, args.strict)
     except (BuildError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return report_error(err)
 
 
 def add_common_args(parser, default_facts: str, default_qa: str | None) -> None:

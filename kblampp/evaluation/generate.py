@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kblampp.metrics import answer_line
+from kblampp.progress import progress_bar
 
 # (row indices of the batch, the tokenized batch) -> context manager yielding extra generate() kwargs
 RequestHook = Callable[[list[int], dict[str, torch.Tensor]], ContextManager[dict[str, Any]]]
@@ -127,7 +127,7 @@ def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     results: list[Generation | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress)
+    bar = progress_bar(total=len(prompts), desc=desc, unit="q", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = tokenize_left(tokenizer, [prompts[i] for i in idx], device)

@@ -27,6 +27,7 @@ from kblampp.evaluation.parsed_time import question_tau
 from kblampp.evaluation.report import QuestionResult, is_seen, record_answerable, record_family
 from kblampp.evaluation.retrieval_metrics import score_question
 from kblampp.metrics import score_answer
+from kblampp.progress import format_duration, format_rate, status
 from kblampp.schema import QA_TYPES, Fact, QARecord
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,8 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
                      for r in last]
             results[row] = _results(row, records, gens, seen, abstain, ret, extra)
         seconds[row] = round(time.perf_counter() - t0, 2)
+        status(f"row {row}: {len(records)} questions in {format_duration(seconds[row])} "
+               f"({format_rate(len(records) / max(seconds[row], 1e-9), 'q')})")
     return {row: results[row] for row in rows}, requests, seconds
 
 
@@ -352,7 +355,9 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
     extra: dict[str, Any] = {"info": ec.info, "skipped_rows": skipped, "row_seconds": seconds,
                              "lookup_setup_s": None if ec.lookup is None else round(ec.lookup.setup_s, 2)}
     if kb_edit_n > 0:
+        t0 = time.perf_counter()
         extra["kb_edit"] = run_kb_edit(ec, records, kb_edit_n, batch_size, seed, progress=progress)
+        status(f"kb_edit: {kb_edit_n} facts edited and asked again in {format_duration(time.perf_counter() - t0)}")
         notes.append(markdown_kb_edit(extra["kb_edit"]))
     stats = {row: {"ms_per_question": 1000.0 * s / len(records)} for row, s in seconds.items()}
     meta = run_meta(ec, str(qa_path), len(records), batch_size, rag_k)

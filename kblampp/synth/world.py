@@ -214,11 +214,11 @@ def generate_worlds(seed: int, num_worlds: int, sizes: WorldSizes | None = None,
     """All facts of `num_worlds` worlds, world after world (a fact's index is its position)."""
     if num_worlds < 1:
         raise ValueError(f"num_worlds: must be >= 1, got {num_worlds}")
-    from tqdm import tqdm
+    from kblampp.progress import progress_bar
 
     taken: set[str] = set()
     facts: list[dict] = []
-    for index in tqdm(range(num_worlds), desc="worlds", disable=not progress):
+    for index in progress_bar(range(num_worlds), desc="worlds", disable=not progress):
         facts.extend(generate_world(index, seed, taken, sizes))
     return facts
 

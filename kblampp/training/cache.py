@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from kblampp.progress import progress_bar
 
 from kblampp import hf_arch
 
@@ -116,7 +116,7 @@ def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[in
     prefix = PrefixCache(backbone, list(prompts[0][:plen]), stop_layer=layer)
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        bar = tqdm(total=len(prompts), desc=f"cache layer-{layer} states", unit="q", disable=not progress)
+        bar = progress_bar(total=len(prompts), desc=f"cache layer-{layer} states", unit="q", disable=not progress)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             width = max(len(prompts[i]) for i in rows) - plen

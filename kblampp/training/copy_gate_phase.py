@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from kblampp.progress import progress_bar
 
 from kblampp import hf_arch
 from kblampp.answer_head import MAX_GATE_MASS, candidate_tails, pointer_at_steps
@@ -45,7 +45,7 @@ def answer_position_cache(backbone: torch.nn.Module, dataset: QADataset, rows: S
     handle = attn.register_forward_pre_hook(
         lambda _m, args, kwargs: grabbed.append(hf_arch.attention_hidden_states(args, kwargs)), with_kwargs=True)
     try:
-        for start in tqdm(range(0, len(exs), batch_size), desc="cache answer positions", disable=not progress):
+        for start in progress_bar(range(0, len(exs), batch_size), desc="cache answer positions", disable=not progress):
             chunk = list(rows[start:start + batch_size])
             batch = dataset.batch(chunk)
             grabbed.clear()

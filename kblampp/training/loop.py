@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from kblampp.progress import progress_bar
 
 from kblampp.config import KBConfig, config_to_dict, save_resolved
 from kblampp.kb_params import is_kb_name
@@ -213,7 +213,7 @@ class Trainer:
             warnings.simplefilter("ignore")
             for _ in range(start):
                 sched.step()
-        bar = tqdm(total=phase.steps, initial=start, desc=phase.name, disable=not self.progress, unit="step")
+        bar = progress_bar(total=phase.steps, initial=start, desc=phase.name, disable=not self.progress, unit="step")
         last_eval: dict[str, Any] = {}
         window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
         for step in range(start, phase.steps):
