@@ -182,10 +182,10 @@ def test_window_report() -> None:
     # 1950-1962 exact, Feb 1975-Sep 1980 vs 1975-02-04..1980-09-08 (same years, overlap, not inside)
     assert report["levels"]["easy"] == {"questions": 4, "fact_has_window": 4, "start_year": 4, "end_year": 3,
                                         "both_years": 3, "overlap": 4, "inside": 2}
-    # hard: Jun 1925 inside 1921-1934; after Jan 1990 overlaps the open window; Mar 1955-Apr 1956 inside;
-    # "in early 1977" has no parsed time and is not counted; "after Jan 1990" and the fact are both open-ended
-    assert report["levels"]["hard"] == {"questions": 3, "fact_has_window": 3, "start_year": 0, "end_year": 1,
-                                        "both_years": 0, "overlap": 3, "inside": 3}
+    # hard: Jun 1925 inside 1921-1934; after Jan 1990 overlaps the open window (both ends open: same end);
+    # Mar 1955-Apr 1956 and Mar 1977 inside
+    assert report["levels"]["hard"] == {"questions": 4, "fact_has_window": 4, "start_year": 0, "end_year": 1,
+                                        "both_years": 0, "overlap": 4, "inside": 4}
     lines = report_lines(report)
     assert lines[0] == "facts: 4; with an inferred window: 4 (100.0%); both ends: 3 (75.0%)"
     assert "| easy | 4 | 100.0 | 100.0 | 75.0 | 75.0 | 100.0 | 50.0 |" in lines
