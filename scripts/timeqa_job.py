@@ -5,9 +5,9 @@
 Steps: synthetic worlds + QA and the synthetic-only Stage A run (the main job's; reused when
 `runs/main/kb_final.safetensors` exists) -> TimeQA KB from the pages (windows inferred from the text)
 + window report -> split by page, files merged with the synthetic ones -> the KB encoded with the
-synthetic-only run's K/V encoder, that run evaluated -> encode + index -> Stage A on synthetic +
-TimeQA training questions -> its evaluation with the baselines -> the table (official EM). Every
-evaluation runs on the held-out pages, easy and hard apart, on the same questions.
+synthetic-only run's K/V encoder, and for the new run -> Stage A on synthetic + TimeQA training
+questions -> KB rows of both runs, then the baselines -> the table (official EM). Every evaluation
+runs on the held-out pages, easy and hard apart, on the same questions.
 `--until STEP` stops after a step; reruns resume Stage A and skip evaluations already written.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def step_synthetic(job: TimeQAJob) -> None:
     else:
         for step in (main_job.step_world, main_job.step_check_world, main_job.step_qa, main_job.step_check_qa):
             step(m)
-    if (ROOT / m.cfg.output_dir / "kb_final.safetensors").is_file():
+    if _trained(m.cfg):
         print(f"reusing the synthetic-only run {m.cfg.output_dir}")
         return
     for step in (main_job.step_encode, main_job.step_index, main_job.step_stage_a):
@@ -110,12 +111,44 @@ def step_split(job: TimeQAJob) -> None:
 
 
 def step_encode(job: TimeQAJob) -> None:
-    mj = job.as_main_job()
-    main_job.step_encode(mj)
-    main_job.step_index(mj)
+    """Encode + index the TimeQA run's store; the sentence embeddings of the synthetic-only store (same
+    facts, same embedding model) are reused, so only the freshly initialised K/V MLPs run."""
+    from kblampp.kb_store import encode_file
+    from kblampp.kv_encoder import KVEncoder, save_kv_encoder
+    from kblampp.store_io import sha256_file
+
+    cfg, other = job.cfg, ROOT / synth_only_cfg(job).store_dir
+    target = ROOT / cfg.store_dir
+    if _trained(cfg) and (target / "manifest.json").is_file():
+        print(f"reusing {cfg.store_dir} (encoded by the finished Stage A run {cfg.output_dir})")
+        return
+    manifest = other / "manifest.json"
+    if not manifest.is_file() or (json.loads(manifest.read_text()).get("source") or {}).get("sha256") != \
+            sha256_file(ROOT / cfg.tuples_path):
+        mj = job.as_main_job()
+        main_job.step_encode(mj)
+        main_job.step_index(mj)
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(other, target)
+    dim = json.loads(manifest.read_text())["d_ctx"]
+    init = ROOT / cfg.output_dir / "kv_encoder_init.safetensors"
+    init.parent.mkdir(parents=True, exist_ok=True)
+    save_kv_encoder(KVEncoder(dim, cfg.d_k, cfg.d_v, cfg.d_tau, seed=cfg.seed), init)
+    report = encode_file(ROOT / cfg.tuples_path, target, cfg.embedding_model, cfg.d_k, cfg.d_v, d_tau=cfg.d_tau,
+                         d_ctx=cfg.d_ctx, seed=cfg.seed, kv_encoder=init)
+    print(f"encoded {report['n']} facts (sentence embeddings reused: {report['reused_raw']}) -> {cfg.store_dir}")
+    main_job.step_index(job.as_main_job())
+
+
+def _trained(cfg) -> bool:
+    return (ROOT / cfg.output_dir / "kb_final.safetensors").is_file()
 
 
 def step_stage_a(job: TimeQAJob) -> None:
+    if _trained(job.cfg) and not job.args.retrain:
+        print(f"reusing the finished Stage A run {job.cfg.output_dir} (--retrain to resume it anyway)")
+        return
     main_job.step_stage_a(job.as_main_job())
 
 
@@ -138,6 +171,7 @@ def step_encode_synth_only(job: TimeQAJob) -> None:
 
 
 def _evaluate(cfg, name: str, rows: tuple[str, ...], job: TimeQAJob) -> None:
+    """`rows` of the run `cfg` on the test questions of each level -> <output_dir>/eval/<name>_<level>/."""
     from kblampp.evaluation.runner import evaluate, load_eval_context, resolve_checkpoint
 
     ec = None
@@ -154,14 +188,24 @@ def _evaluate(cfg, name: str, rows: tuple[str, ...], job: TimeQAJob) -> None:
         print((out / "results.md").read_text(encoding="utf-8"))
 
 
+def step_eval(job: TimeQAJob) -> None:
+    """The synthetic + TimeQA run's KB rows."""
+    _evaluate(job.cfg, "synth_timeqa", KB_ROWS, job)
+
+
 def step_eval_synth_only(job: TimeQAJob) -> None:
-    """The synthetic-only run's KB rows on the held-out TimeQA questions."""
+    """The synthetic-only run's KB rows on the same questions and facts."""
     _evaluate(synth_only_cfg(job), "synth_only", KB_ROWS, job)
 
 
-def step_eval(job: TimeQAJob) -> None:
-    """The synthetic + TimeQA run: the baselines and its KB rows, on the same questions."""
-    _evaluate(job.cfg, "synth_timeqa", BASELINE_ROWS + KB_ROWS, job)
+def step_eval_lookup(job: TimeQAJob) -> None:
+    """`lookup`: top-1 fact by embedding similarity with the parsed time filter, its tail copied (no LLM)."""
+    _evaluate(job.cfg, "lookup", ("lookup",), job)
+
+
+def step_eval_baselines(job: TimeQAJob) -> None:
+    """Backbone, RAG and oracle context (no KB module; same questions, facts and prompt)."""
+    _evaluate(job.cfg, "baselines", BASELINE_ROWS, job)
 
 
 def step_table(job: TimeQAJob) -> None:
@@ -170,7 +214,8 @@ def step_table(job: TimeQAJob) -> None:
     eval_dir = ROOT / job.cfg.output_dir / "eval"
     qa_dir, prefix = main_job.qa_location(job.cfg)
     text = timeqa_table(eval_dir, {lv: ROOT / qa_dir / f"{prefix}_test_{lv}.jsonl" for lv in LEVELS},
-                        [("synth_timeqa", "synthetic + TimeQA"), ("synth_only", "synthetic only")])
+                        [("lookup", "–"), ("baselines", "–"), ("synth_timeqa", "synthetic + TimeQA"),
+                         ("synth_only", "synthetic only")])
     out = ROOT / job.cfg.output_dir / "timeqa_table.md"
     out.write_text(text + "\n", encoding="utf-8")
     print(text)
@@ -178,8 +223,10 @@ def step_table(job: TimeQAJob) -> None:
 
 
 STEPS = [("synthetic", step_synthetic), ("build", step_build), ("split", step_split),
-         ("encode_synth_only", step_encode_synth_only), ("eval_synth_only", step_eval_synth_only),
-         ("encode", step_encode), ("stage_a", step_stage_a), ("eval", step_eval), ("table", step_table)]
+         ("encode_synth_only", step_encode_synth_only), ("encode", step_encode), ("stage_a", step_stage_a),
+         ("eval", step_eval), ("eval_lookup", step_eval_lookup), ("eval_synth_only", step_eval_synth_only),
+         ("eval_baselines", step_eval_baselines),
+         ("table", step_table)]
 
 
 def _shared_real() -> Path:
@@ -204,6 +251,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="page split seed")
     p.add_argument("--eval_questions", type=int, default=0, help="test questions per level (0 = all)")
     p.add_argument("--reevaluate", action="store_true", help="rerun evaluations already written")
+    p.add_argument("--retrain", action="store_true", help="run the Stage A step even when the run has finished")
     p.add_argument("--until", choices=[name for name, _ in STEPS], help="stop after this step")
     return p.parse_args(argv)
 
