@@ -211,9 +211,7 @@ def step_eval_baselines(job: TimeQAJob) -> None:
 def step_table(job: TimeQAJob) -> None:
     from kblampp.builders.timeqa_table import timeqa_table
 
-    eval_dir = ROOT / job.cfg.output_dir / "eval"
-    qa_dir, prefix = main_job.qa_location(job.cfg)
-    text = timeqa_table(eval_dir, {lv: ROOT / qa_dir / f"{prefix}_test_{lv}.jsonl" for lv in LEVELS},
+    text = timeqa_table(ROOT / job.cfg.output_dir / "eval", LEVELS,
                         [("lookup", "–"), ("baselines", "–"), ("synth_timeqa", "synthetic + TimeQA"),
                          ("synth_only", "synthetic only")])
     out = ROOT / job.cfg.output_dir / "timeqa_table.md"
