@@ -199,8 +199,9 @@ def step_eval_synth_only(job: TimeQAJob) -> None:
 
 
 def step_eval_lookup(job: TimeQAJob) -> None:
-    """`lookup`: top-1 fact by embedding similarity with the parsed time filter, its tail copied (no LLM)."""
-    _evaluate(job.cfg, "lookup", ("lookup",), job)
+    """`lookup`: top-1 fact by embedding similarity with the parsed time filter, its tail copied (no LLM;
+    the same facts in either store, so it is loaded with the synthetic-only run, which exists first)."""
+    _evaluate(synth_only_cfg(job), "lookup", ("lookup",), job)
 
 
 def step_eval_baselines(job: TimeQAJob) -> None:
@@ -251,6 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reevaluate", action="store_true", help="rerun evaluations already written")
     p.add_argument("--retrain", action="store_true", help="run the Stage A step even when the run has finished")
     p.add_argument("--until", choices=[name for name, _ in STEPS], help="stop after this step")
+    p.add_argument("--steps", nargs="+", choices=[name for name, _ in STEPS], help="run only these steps (in order)")
     return p.parse_args(argv)
 
 
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: {args.config}; synthetic-only run: {job.main.cfg.output_dir}")
     t_all = time.perf_counter()
     for name, step in STEPS:
+        if args.steps and name not in args.steps:
+            continue
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         step(job)
