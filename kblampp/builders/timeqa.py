@@ -1,25 +1,32 @@
 """TimeQA (JSON Lines, gzipped or not: `idx, question, context, targets, from, end, paragraphs`) to
-temporal QA and 5-tuples.
+temporal QA and a KB of 5-tuples built from the pages the way a real KB is built.
 
-Rules: `idx` = `/wiki/<page>#<PID>#<k>`; head = the page (underscores to spaces), relation = PID with
-a readable label (TimeQA's relations.json `meaning` when given, else the built-in table), tail = each
-non-empty target; evidence = the sentence of `context` that holds the target's span
-`context[from:end]` (sentences split at " . ", " ? ", " ! " except after abbreviations such as
-"Maj ." or "D ."); the fact's time window = the question's time constraint parsed by
-kblampp.question_time (open, source "none", when the question states none). `targets == [""]`
-marks an unanswerable question: counted and skipped, or kept with answer "unanswerable".
+Rules: `idx` = `/wiki/<page>#<PID>#<k>`; one fact per (page, relation, tail): head = the page
+(underscores to spaces), relation = PID with a readable label (TimeQA's relations.json `meaning`
+when given, else the built-in table), tail = a non-empty target; evidence = the sentence of
+`context` that holds the target's span `context[from:end]` (sentences split at " . ", " ? ", " ! "
+except after abbreviations such as "Maj ." or "D ."). The fact's time window is inferred from the
+page text around that span (`kblampp.builders.text_windows`, `source: "text_infer"`, the rule in
+`context.time_rule`), never from a question; no date near the span leaves it open (`source: "none"`).
+Questions keep their own `question_time` (parsed from their text) and point at those facts.
+Easy and hard files share idx: a file named `*.easy.*` / `*.hard.*` gives qids `<idx>#easy` /
+`<idx>#hard` and `level`. `targets == [""]` marks an unanswerable question: counted and skipped,
+or kept (DESIGN_QA.md: `answerable: false`, answer "no answer", no supporting facts).
 """
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import unquote
 
 from kblampp.builders.common import BuildResult, iter_records, make_fact, position, require
+from kblampp.builders.text_windows import PageTime, close_open_ends, find_page_times, infer_window
 from kblampp.builders.wikidata_labels import property_label
 from kblampp.question_time import parse_question_time
+from kblampp.schema import QA_TYPES
 
 _IDX = re.compile(r"^/wiki/([^#]+)#(P\d+)#(\d+)$")
 _ABBREV = {"mr", "mrs", "ms", "dr", "prof", "maj", "col", "gen", "lt", "capt", "sgt", "rev", "st", "jr", "sr",
@@ -27,7 +34,8 @@ _ABBREV = {"mr", "mrs", "ms", "dr", "prof", "maj", "col", "gen", "lt", "capt", "
            "pvt", "vs", "vol", "fr", "bros", "corp", "dept", "univ", "est", "approx", "u.s", "d.c", "e.g", "i.e"}
 _END = re.compile(r" [.?!](?= |$)")
 _NEXT = re.compile(r"\s*(\S)")
-UNANSWERABLE = "unanswerable"
+NO_ANSWER = "no answer"  # DESIGN_QA.md: the unanswerable marker, never matched as a string
+RULE_ORDER = ("range", "point", "neighbour-range", "neighbour-point")
 MAX_EVIDENCE_CHARS = 400
 
 
@@ -116,12 +124,49 @@ def _targets(rec: dict) -> list[tuple[str, int, int]] | tuple[str, str]:
     return out
 
 
+@lru_cache(maxsize=32)
+def page_times(context: str) -> tuple[PageTime, ...]:
+    """Time expressions of a page (cached: several questions ask about one page, in a row)."""
+    return tuple(find_page_times(context))
+
+
+@dataclass
+class _Tail:
+    """One (page, relation, tail) seen in the questions: the page text and every span of the tail."""
+
+    page: str
+    pid: str
+    name: str
+    context: str
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Question:
+    rec: dict
+    qid: str
+    level: str | None
+    page: str
+    pid: str
+    tails: list[tuple[str, str, str]]  # (page, pid, tail name) keys, answer first
+
+
+def file_level(path: Path) -> str | None:
+    """`easy` / `hard` from TimeQA's file names (`human_train.easy.json.gzip`), else None."""
+    parts = path.name.lower().split(".")
+    return next((p for p in ("easy", "hard") if p in parts), None)
+
+
 def build_timeqa(paths: list[str | Path], max_samples: int | None = None,
                  relation_labels: dict[str, str] | None = None, keep_unanswerable: bool = False) -> BuildResult:
-    """Temporal QA + 5-tuples from TimeQA files; QA supporting_facts index the facts of this run."""
+    """5-tuples (one per page, relation, tail; windows from the page text) + temporal QA whose
+    supporting_facts index them. Facts are written in first-seen order."""
     result = BuildResult()
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str | None], str] = {}
+    tails: dict[tuple[str, str, str], _Tail] = {}
+    questions: list[_Question] = []
     for path in map(Path, paths):
+        level = file_level(path)
         for where, rec in iter_records(path, result, max_samples):
             result.records_read += 1
             if not isinstance(rec, dict):
@@ -136,45 +181,110 @@ def build_timeqa(paths: list[str | Path], max_samples: int | None = None,
             if not match:
                 result.bad(path, where, "idx", f"{rec['idx']!r} is not /wiki/<page>#<PID>#<k>")
                 continue
-            if rec["idx"] in seen:
-                result.bad(path, where, "idx", f"duplicate idx {rec['idx']!r} (first at {position(seen[rec['idx']])})")
+            key = (rec["idx"], level)
+            if key in seen:
+                result.bad(path, where, "idx", f"duplicate idx {rec['idx']!r} (first at {position(seen[key])})")
                 continue
             targets = _targets(rec)
             if isinstance(targets, tuple):
                 result.bad(path, where, *targets)
                 continue
-            seen[rec["idx"]] = where
-            _add(rec, match, targets, result, relation_labels, keep_unanswerable)
+            seen[key] = where
+            page, pid = match.group(1), match.group(2)
+            keys = []
+            for target, lo, hi in targets:
+                tkey = (page, pid, clean_target(target))
+                entry = tails.setdefault(tkey, _Tail(page, pid, tkey[2], rec["context"]))
+                if rec["context"] == entry.context and (lo, hi) not in entry.spans:
+                    entry.spans.append((lo, hi))
+                keys.append(tkey)
+            qid = rec["idx"] if level is None else f"{rec['idx']}#{level}"
+            questions.append(_Question(rec, qid, level, page, pid, list(dict.fromkeys(keys))))
+    index = _add_facts(tails, result, relation_labels)
+    pairs = {(t.page, t.pid) for t in tails.values()}
+    for q in questions:
+        _add_question(q, index, pairs, result, keep_unanswerable)
     return result
 
 
-def _add(rec: dict, match: re.Match, targets: list[tuple[str, int, int]], result: BuildResult,
-         labels: dict[str, str] | None, keep_unanswerable: bool) -> None:
-    page, pid = match.group(1), match.group(2)
-    window = parse_question_time(rec["question"])
+def _best_window(entry: _Tail) -> tuple[tuple[int, int], tuple[str | None, str | None, str] | None]:
+    """(span, (start, end, rule) or None): the span whose rule ranks first (RULE_ORDER), first seen on ties."""
+    times = list(page_times(entry.context))
+    ends = sentence_ends(entry.context)
+    found = []
+    for span in entry.spans:
+        w = infer_window(entry.context, span[0], span[1], ends, times)
+        if w is not None:
+            found.append((RULE_ORDER.index(w.rule), span, (w.start, w.end, w.rule)))
+    if not found:
+        return entry.spans[0], None
+    _, span, window = min(found, key=lambda f: f[0])
+    return span, window
+
+
+def _add_facts(tails: dict[tuple[str, str, str], _Tail], result: BuildResult,
+               labels: dict[str, str] | None) -> dict[tuple[str, str, str], int]:
+    """Infer every fact's window, end open windows at the next start of the same (page, relation),
+    append the facts; returns (page, pid, tail) -> fact index."""
+    chosen = {key: _best_window(entry) for key, entry in tails.items()}
+    groups: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for key in tails:
+        groups.setdefault(key[:2], []).append(key)
+    windows: dict[tuple[str, str, str], tuple[str | None, str | None, str]] = {}
+    for keys in groups.values():
+        inferred = [k for k in keys if chosen[k][1] is not None]
+        closed = close_open_ends([chosen[k][1][:2] for k in inferred])
+        for k, (start, end, here) in zip(inferred, closed):
+            windows[k] = (start, end, chosen[k][1][2] + ("+next_start" if here else ""))
+    index = {}
+    for key, entry in tails.items():
+        (lo, hi), (start, end, rule) = chosen[key][0], windows.get(key, (None, None, "none"))
+        result.notes[f"fact windows by rule: {rule}"] += 1
+        page = entry.page
+        index[key] = result.add_fact(make_fact(
+            head=(f"enwiki:{page}", page_name(page), None), relation=(entry.pid, property_label(entry.pid, labels)),
+            tail=(None, entry.name, None), source="timeqa", page_title=page_name(page),
+            sentence=evidence_sentence(entry.context, lo, hi), url=f"https://en.wikipedia.org/wiki/{page}",
+            start=start, end=end, time_source="text_infer", extra_context={"time_rule": rule}))
+    return index
+
+
+def question_family(window: tuple[str | None, str | None] | None) -> str:
+    """DESIGN_QA.md family of a TimeQA question from its parsed window's shape."""
+    if window is None:
+        return "single_hop"
+    start, end = window
+    if start is None:
+        return "before"
+    if end is None:
+        return "after"
+    return "in" if start == end else "between"
+
+
+def _add_question(q: _Question, index: dict[tuple[str, str, str], int], pairs: set[tuple[str, str]],
+                  result: BuildResult, keep_unanswerable: bool) -> None:
+    window = parse_question_time(q.rec["question"])
     if window is None:
         result.notes["questions with no parsable time (open window, question_time null)"] += 1
     qt = None if window is None else {"start": window[0], "end": window[1]}
-    if not targets:
+    base = {"qid": q.qid, "dataset": "timeqa", "question": q.rec["question"].strip()}
+    extra = {"relation_id": q.pid, "page": q.page} | ({"level": q.level} if q.level else {})
+    if not q.tails:
         result.notes["unanswerable questions (targets [''])" + (" kept" if keep_unanswerable else " skipped")] += 1
-        if not keep_unanswerable:
-            return
-    ends = sentence_ends(rec["context"])
-    indices = []
-    for target, lo, hi in targets:
-        indices.append(result.add_fact(make_fact(
-            head=(f"enwiki:{page}", page_name(page), None), relation=(pid, property_label(pid, labels)),
-            tail=(None, clean_target(target), None), source="timeqa", page_title=page_name(page),
-            sentence=evidence_sentence(rec["context"], lo, hi, ends), url=f"https://en.wikipedia.org/wiki/{page}",
-            start=qt and qt["start"], end=qt and qt["end"], time_source="question_time",
-            extra_context={"qid": rec["idx"]})))
-    answers = [clean_target(t) for t, _, _ in targets]
+        if keep_unanswerable:
+            reason = "time_outside" if (q.page, q.pid) in pairs else "relation_missing"
+            # the schema learns type "unanswerable" (and answer_fact null) with the abstention work;
+            # until then "temporal", and no answer_fact key
+            qtype = "unanswerable" if "unanswerable" in QA_TYPES else "temporal"
+            result.qa.append(base | {"answer": NO_ANSWER, "type": qtype, "supporting_facts": [], "question_time": qt,
+                                     "answer_aliases": [], "answerable": False,
+                                     "unanswerable_reason": reason, "near_miss_facts": [],
+                                     "family": "unans_time" if reason == "time_outside" else "unans_relation"} | extra)
+        return
+    indices = [index[k] for k in q.tails]
+    answers = [k[2] for k in q.tails]
     # the answer's fact goes last in supporting_facts (the project's convention for answer_fact)
     support = [i for i in dict.fromkeys(indices) if i != indices[0]] + indices[:1]
-    qa = {"qid": rec["idx"], "dataset": "timeqa", "question": rec["question"].strip(),
-          "answer": answers[0] if answers else UNANSWERABLE, "type": "temporal",
-          "supporting_facts": support, "question_time": qt, "answer_aliases": answers[1:],
-          "answerable": bool(answers), "relation_id": pid}
-    if indices:
-        qa["answer_fact"] = indices[0]
-    result.qa.append(qa)
+    result.qa.append(base | {"answer": answers[0], "type": "temporal", "supporting_facts": support,
+                             "question_time": qt, "answer_aliases": answers[1:], "answerable": True,
+                             "answer_fact": indices[0], "family": question_family(window)} | extra)
