@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request_timeout_s", type=float, default=60.0, help="longest wait for the model lock")
     parser.add_argument("--compact_every", type=int, default=0,
                         help="fold the WAL into the store every N changes (0: at start and clean shutdown)")
+    parser.add_argument("--rebuild_fraction", type=float, default=0.1,
+                        help="compaction rebuilds the ANN index once facts edited since its build (searched "
+                             "exactly) plus deleted entries exceed this share of the live facts")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens_cap=args.max_new_tokens_cap, max_question_chars=args.max_question_chars,
             default_max_new_tokens=min(cfg.max_new_tokens, args.max_new_tokens_cap),
             max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout_s,
-            compact_every=args.compact_every, model_name=cfg.backbone,
+            compact_every=args.compact_every, model_name=cfg.backbone, rebuild_fraction=args.rebuild_fraction,
             allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
         settings.validate()
     except (ConfigError, ValueError) as err:

@@ -5,7 +5,9 @@ The server's KB (`StoreLiveKB` behind a real `Engine`, real encoding with a tiny
 HNSW index as the base) is compared with an exact search over the live keys: for every live fact i
 and a query that an exact search ranks i into the top k for whatever tie order (its own key, and
 its key minus the mean key), the server's top k must contain i, and never a deleted fact. Checked
-during 1,200 random edits, after a crash + restart (WAL replay) and after compaction.
+during 1,200 random edits, after a crash + restart (WAL replay, compaction keeping the exact
+segment) and after a restart from the compacted store. The index is HNSW with inner product, as
+the main store's: re-adding edited keys to its graph (before issue 15) left live facts unreachable.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from test_server import TOKEN, fact, make_world
 K = 8
 
 
-def _world(tmp_path):
+def _world(tmp_path, **hnsw):
     from kblampp.kb_store import KBValueStore
     from kblampp.knowledge_index import KnowledgeIndex
 
@@ -33,20 +35,21 @@ def _world(tmp_path):
     world = make_world(tmp_path / "w", facts)
     store = KBValueStore.load(world["store"])
     faiss.omp_set_num_threads(1)  # a deterministic HNSW graph
-    KnowledgeIndex.build(store.keys_tensor().numpy(), "hnsw", "cosine", store_id=store.store_id, n=store.n,
-                         hnsw_m=8, ef_construction=40, ef_search=16).save(store.index_dir("hnsw"))
+    KnowledgeIndex.build(store.keys_tensor().numpy(), "hnsw", "ip", store_id=store.store_id,
+                         n=store.n, **hnsw).save(store.index_dir("hnsw"))
     data = yaml.safe_load(world["config"].read_text(encoding="utf-8"))
     data["index"] = {"method": "hnsw"}
     world["config"].write_text(yaml.safe_dump(data), encoding="utf-8")
     return world, heads, rels
 
 
-def _engine(world):
+def _engine(world, rebuild_fraction: float = 0.1):
     from kblampp.config import load_config
     from kblampp.serving.build import build_engine
     from kblampp.serving.config import ServerSettings
 
-    return build_engine(load_config(world["config"]), world["checkpoint"], ServerSettings(token=TOKEN), world["wal"])
+    settings = ServerSettings(token=TOKEN, compact_every=0, rebuild_fraction=rebuild_fraction)
+    return build_engine(load_config(world["config"]), world["checkpoint"], settings, world["wal"])
 
 
 def unreachable(kb) -> list[tuple[int, str]]:
@@ -54,12 +57,11 @@ def unreachable(kb) -> list[tuple[int, str]]:
     plus deleted facts the server returns."""
     alive = np.flatnonzero(kb.arrays["alive"].view())
     keys = kb.arrays["K"].view()[alive].astype(np.float32)
-    unit = keys / np.linalg.norm(keys, axis=1, keepdims=True)  # the index's similarity: cosine
+    norm = (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)) if kb.similarity == "cosine" else (lambda x: x)
     bad = []
     for name, queries in (("own key", keys), ("centred key", keys - keys.mean(0))):
         got = kb.source.search(torch.from_numpy(np.ascontiguousarray(queries)), K).numpy()
-        q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-        exact = q @ unit.T
+        exact = norm(queries) @ norm(keys).T  # the index's similarity
         for row, i in enumerate(alive):
             own = exact[row, row]
             sure = (exact[row] >= own - 1e-5).sum() <= K  # in the top K whatever the order of ties
@@ -72,7 +74,8 @@ def unreachable(kb) -> list[tuple[int, str]]:
 
 def test_random_edit_sequences_keep_every_live_fact_reachable(tmp_path):
     world, heads, rels = _world(tmp_path)
-    engine = _engine(world)
+    engine = _engine(world, rebuild_fraction=1e9)  # no rebuild: edits stay in the exact segment
+    assert unreachable(engine.kb) == []
     rng = random.Random(15)
     version = 0
     for step in range(1, 1201):
@@ -95,16 +98,15 @@ def test_random_edit_sequences_keep_every_live_fact_reachable(tmp_path):
     before = {i: engine.kb.get(i) for i in range(engine.kb.num_slots())}
 
     engine.kb.close()  # a crash: no compaction; the restart replays 1,200 WAL entries into memory
-    again = _engine(world)
+    again = _engine(world, rebuild_fraction=1e9)
     assert again.recovered["replayed"] == 1200
     assert {i: again.kb.get(i) for i in range(again.kb.num_slots())} == before
     assert unreachable(again.kb) == []
     np.testing.assert_array_equal(again.kb.arrays["K"].view(), engine.kb.arrays["K"].view())
 
-    again.close()  # clean shutdown; start-up compacted already, so the index was rebuilt then
-    third = _engine(world)
-    assert third.recovered["replayed"] == 0 and len(third.kb.index.exact_ids) == 0
-    assert int(third.kb.index.dead.sum()) == 0  # rebuilt over the live keys only
+    again.close()  # start-up compacted (one commit, the exact segment saved with the index)
+    third = _engine(world, rebuild_fraction=1e9)
+    assert third.recovered["replayed"] == 0 and len(third.kb.index.exact_ids) > 0
     assert {i: third.kb.get(i) for i in range(third.kb.num_slots())} == before
     assert unreachable(third.kb) == []
     third.close()
@@ -115,8 +117,7 @@ def test_compaction_rebuilds_or_keeps_the_exact_segment(tmp_path, fraction, rebu
     from kblampp.kb_store import open_kb
 
     world, heads, rels = _world(tmp_path)
-    engine = _engine(world)
-    engine.kb.rebuild_fraction = fraction
+    engine = _engine(world, rebuild_fraction=fraction)
     for i in range(40):
         engine.replace_fact(i, engine.kb.get(i))
     engine.add_facts([fact("Someone", "born in", "Somewhere", "1950")])
@@ -126,6 +127,6 @@ def test_compaction_rebuilds_or_keeps_the_exact_segment(tmp_path, fraction, rebu
     assert (int(index.dead.sum()) == 0) is rebuilt
     assert unreachable(engine.kb) == []
     engine.close()
-    again = _engine(world)
-    assert unreachable(again.kb) == []
+    again = _engine(world, rebuild_fraction=fraction)
+    assert unreachable(again.kb) == [] and len(again.kb.index.exact_ids) == (0 if rebuilt else 41)
     again.close()

@@ -47,7 +47,7 @@ def _build(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings, stor
     # the store may carry tail tables (written by training/evaluation): give edits their rows
     manifest = json.loads((store_dir / "manifest.json").read_text(encoding="utf-8"))
     kb = StoreLiveKB(store_dir, embedder, method=method, extra_builders=tail_builders(manifest, tokenizer),
-                     read_only=settings.read_only)
+                     read_only=settings.read_only, rebuild_fraction=settings.rebuild_fraction)
     try:
         answerer = KBModelAnswerer(model, tokenizer, kb)
         info = {"model": cfg.backbone, "checkpoint": str(checkpoint), "inject_layers": list(cfg.inject_layers),

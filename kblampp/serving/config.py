@@ -78,6 +78,8 @@ class ServerSettings:
     token: str | None = None  # bearer token for fact mutations
     compact_every: int = 1000  # compact the WAL into the store after this many changes (0 = only at start)
     model_name: str = "kblampp"
+    # compaction rebuilds the ANN index when edits searched exactly + dead entries pass this share of N
+    rebuild_fraction: float = 0.1
     # Host header allow-list (DNS rebinding): loopback names by default, plus the bind address
     allowed_hosts: tuple[str, ...] = field(default_factory=lambda: LOCAL_HOSTS)
     max_json_depth: int = 32
@@ -103,6 +105,8 @@ class ServerSettings:
             raise ValueError(f"default_max_new_tokens must be in 1..{self.max_new_tokens_cap}")
         if not 1 <= self.default_top_k_evidence <= self.max_top_k_evidence:
             raise ValueError(f"default_top_k_evidence must be in 1..{self.max_top_k_evidence}")
+        if self.rebuild_fraction <= 0:
+            raise ValueError(f"rebuild_fraction must be > 0, got {self.rebuild_fraction}")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         if not self.allowed_hosts:
