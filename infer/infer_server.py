@@ -11,7 +11,7 @@ import sys
 from kblampp.cli import report_error
 from kblampp.config import ConfigError, add_config_args, config_from_args
 from kblampp.serving.auth import load_token
-from kblampp.serving.config import TOKEN_ENV, ServerSettings
+from kblampp.serving.config import LOCAL_HOSTS, TOKEN_ENV, ServerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,14 +21,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token_file", help=f"file holding the bearer token for KB changes (else ${TOKEN_ENV})")
-    parser.add_argument("--read_only", action="store_true", help="disable fact changes (no token needed)")
+    parser.add_argument("--read_only", action="store_true",
+                        help="disable fact changes (no token needed); never takes the store's writer lock nor "
+                             "reads the write-ahead log: serves the store as last compacted")
     parser.add_argument("--wal", help="write-ahead log path (default: <store_dir>.wal.jsonl beside the store)")
+    parser.add_argument("--audit_log", help="append-only audit trail, one line per change "
+                                            "(default: <store_dir>.audit.jsonl beside the store)")
+    parser.add_argument("--allowed_hosts", default=",".join(LOCAL_HOSTS),
+                        help="comma-separated Host header names accepted (default: %(default)s, plus --host; "
+                             "'*' accepts any)")
     parser.add_argument("--max_new_tokens_cap", type=int, default=64)
     parser.add_argument("--max_question_chars", type=int, default=2000)
     parser.add_argument("--max_body_bytes", type=int, default=1_000_000)
     parser.add_argument("--request_timeout_s", type=float, default=60.0, help="longest wait for the model lock")
     parser.add_argument("--compact_every", type=int, default=0,
                         help="fold the WAL into the store every N changes (0: at start and clean shutdown)")
+    parser.add_argument("--rebuild_fraction", type=float, default=0.1,
+                        help="compaction rebuilds the ANN index once facts edited since its build (searched "
+                             "exactly) plus deleted entries exceed this share of the live facts")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -38,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens_cap=args.max_new_tokens_cap, max_question_chars=args.max_question_chars,
             default_max_new_tokens=min(cfg.max_new_tokens, args.max_new_tokens_cap),
             max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout_s,
-            compact_every=args.compact_every, model_name=cfg.backbone)
+            compact_every=args.compact_every, model_name=cfg.backbone, rebuild_fraction=args.rebuild_fraction,
+            allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
         settings.validate()
     except (ConfigError, ValueError) as err:
         return report_error(err)
     from kblampp.serving.server import serve
 
-    return serve(cfg, args.checkpoint, settings, wal_path=args.wal)
+    return serve(cfg, args.checkpoint, settings, wal_path=args.wal, audit_path=args.audit_log)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from kblampp.progress import progress_bar
 from kblampp.embedding import Embedder, embed_unique
 from kblampp.kv_encoder import KVEncoder, load_kv_encoder, save_kv_encoder, weights_hash
 from kblampp.schema import Fact, SchemaError, check_fact, fact_from_dict
-from kblampp.store_io import (StoreError, atomic_dir, check_npy, commit_files, load_npy, read_json,
-                              recover, save_npy, sha256_file, write_json_atomic, new_store_id)
+from kblampp.store_io import (StoreError, atomic_dir, check_no_unfinished_commit, check_npy, commit_files,
+                              commit_lock, load_npy, read_json, recover, save_npy, sha256_file, write_json_atomic,
+                              new_store_id, writer_lock)
 
 FORMAT = "kblampp-store"
 RAW = ("e_h", "e_r", "e_t", "e_c")
@@ -151,11 +152,19 @@ class KBValueStore:
         self._open()
 
     @classmethod
-    def load(cls, store_dir: str | Path, mmap: bool = True, embedder: Embedder | None = None) -> "KBValueStore":
-        """Open a store, checking every array, the encoder hash and the embedder against the manifest."""
+    def load(cls, store_dir: str | Path, mmap: bool = True, embedder: Embedder | None = None,
+             read_only: bool = False) -> "KBValueStore":
+        """Open a store, checking every array, the encoder hash and the embedder against the manifest.
+
+        `read_only`: never write (no recovery of an interrupted edit) and read under the shared commit
+        lock, so a writer's commit is never seen half applied."""
         root = Path(store_dir)
         if not root.is_dir():
             raise StoreError(f"{root}: store folder not found (run offline/encode_kv.py)")
+        if read_only:
+            with commit_lock(root, exclusive=False):
+                check_no_unfinished_commit(root)
+                return cls(root, mmap, embedder)
         recover(root)
         return cls(root, mmap, embedder)
 
@@ -336,7 +345,7 @@ class KBValueStore:
         new.update({f"extra/{k}.npy": np.concatenate([np.asarray(self.read_extra(k)), v]) for k, v in extra.items()})
         ids = list(range(n0, n1))
         if index is not None:
-            index.add(enc["K"], np.array(ids))
+            index.add(enc["K"], np.array(ids), exact=True)
         self._edit(new, maps, n1, index, facts_tail=_facts_jsonl(parsed))
         return ids
 
@@ -355,7 +364,7 @@ class KBValueStore:
             new[name] = arr
         if index is not None:
             index.remove([i])
-            index.add(enc["K"], np.array([i]))
+            index.add(enc["K"], np.array([i]), exact=True)
         self._edit(new, maps, self.n, index, replace_line=(i, parsed[0]))
 
     def delete_fact(self, i: int, index: Any = None) -> None:
@@ -402,9 +411,60 @@ class KBValueStore:
                 writers[f"index_{index.method}/{name}"] = write
         writers["manifest.json"] = lambda p: write_json_atomic(p, manifest)
         try:  # the old memory maps stay valid while files are replaced (POSIX rename semantics)
-            commit_files(self.root, writers, _crash_after=self._crash_after)
+            with writer_lock(self.root):  # refused while another process (a server) writes this store
+                commit_files(self.root, writers, _crash_after=self._crash_after)
         finally:
             self._open()
+
+    def apply_changes(self, changes: list[tuple[int, dict | None, bool]], encoded: dict[str, Any],
+                      index: Any = None, extras: dict[str, np.ndarray] | None = None) -> None:
+        """Fold many edits into the store in ONE commit (each array written once, not once per edit).
+
+        `changes`: (fact index, new 5-tuple dict or None to keep the stored record, alive), the final
+        state per index; indices >= n must be n, n+1, ... (appends, which need their 5-tuple). The rows
+        in `encoded` ("K", "V", "tau_min", "tau_max", "raw": {e_h, e_r, e_t, e_c}, as `_encode` gives)
+        belong, in order, to the changes that carry a dict, so nothing is embedded again. A change with
+        alive False is a delete (K/V/ctx rows zeroed, `alive` cleared). `index` (already holding the
+        final keys) is committed with them; `extras` are whole extra arrays for the same commit."""
+        n0 = self.n
+        with_fact = [(i, f) for i, f, _ in changes if f is not None]
+        added = sorted(i for i, _, _ in changes if i >= n0)
+        if added != list(range(n0, n0 + len(added))) or any(i >= n0 for i, f, _ in changes if f is None):
+            raise ValueError(f"apply_changes: appends must be facts at {n0}, {n0 + 1}, ... (got {added[:5]})")
+        parsed = self._parse([f for _, f in with_fact], "<apply_changes>")
+        maps = json.loads(json.dumps(self.id_maps))
+        rows = self._row_arrays(encoded, parsed, maps) if parsed else {}
+        rows.update({f"extra/{k}.npy": v for k, v in (self._extra_rows(parsed, None) if parsed else {}).items()})
+        n1, pos = n0 + len(added), np.array([i for i, _ in with_fact], np.int64)
+        new: dict[str, np.ndarray] = {}
+        names = [*self.manifest["arrays"], *(f"extra/{k}.npy" for k, e in self.manifest.get("extra", {}).items()
+                                            if e.get("per_fact"))]
+        for name in names:
+            old = np.asarray(self.arrays[name] if name in self.arrays else self.read_extra(name[6:-4]))
+            arr = np.zeros((n1, *old.shape[1:]), old.dtype)
+            arr[:n0] = old
+            if name in rows and len(pos):
+                arr[pos] = rows[name]
+            new[name] = arr
+        dead = np.array([i for i, _, alive in changes if not alive], np.int64)
+        for name in ("K.npy", "V.npy", "meta/ctx_vec.npy", "meta/alive.npy"):
+            new[name][dead] = 0
+        lines = self.root.joinpath("facts.jsonl").read_bytes().splitlines(keepends=True) + [b""] * len(added)
+        for (i, _), fact in zip(with_fact, parsed):
+            lines[i] = _facts_jsonl([fact])
+        new.update({f"extra/{name}.npy": np.asarray(a) for name, a in (extras or {}).items()})
+        m = json.loads(json.dumps(self.manifest))
+        m["n"], m["keys_version"] = n1, m["keys_version"] + 1
+        for name, a in new.items():
+            if name.startswith("extra/"):
+                key = name[6:-4]
+                per_fact = key not in (extras or {}) and m.setdefault("extra", {}).get(key, {}).get("per_fact", False)
+                m.setdefault("extra", {})[key] = {**_array_entry(a), "per_fact": per_fact}
+            else:
+                m["arrays"][name].update(_array_entry(a))
+        data = b"".join(lines)
+        self._commit(new, m, index, {"facts.jsonl": lambda p: p.write_bytes(data),
+                                     "meta/id_maps.json": lambda p: write_json_atomic(p, maps)})
 
 
 def encode_file(tuples_path: str | Path, store_dir: str | Path, embedding_model: str, d_k: int, d_v: int,
@@ -483,9 +543,9 @@ def build_store_index(store_dir: str | Path, method: str = "hnsw", similarity: s
 
 
 def open_kb(store_dir: str | Path, method: str | None = None, embedder: Embedder | None = None,
-            mmap: bool = True):
+            mmap: bool = True, read_only: bool = False):
     """(store, index): the index of `method` (or the only `index_*` folder; None if there is none)."""
-    store = KBValueStore.load(store_dir, mmap=mmap, embedder=embedder)
+    store = KBValueStore.load(store_dir, mmap=mmap, embedder=embedder, read_only=read_only)
     found = sorted(p.name[len("index_"):] for p in store.root.glob("index_*") if p.is_dir())
     if method is None:
         if len(found) > 1:

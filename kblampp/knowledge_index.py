@@ -2,9 +2,16 @@
 
 faiss labels are positions in `labels` (label -> fact id), so one code path serves every method:
 flat and IVF-PQ physically remove deleted labels, HNSW (which cannot remove) marks them dead and
-search over-fetches and filters them. Replacing a fact = remove its id + add the new key.
-The folder `index_<method>/` holds `index.faiss`, `labels.npy`, `dead.npy` and `params.json`
-(method, similarity, parameters, dim, and the store id + N it was built for, checked on load).
+search over-fetches and filters them.
+
+Edits after the build (`add(..., exact=True)`: live adds and replacements) go into a small exact
+segment searched by brute force and merged with the ANN results, never into the ANN graph: a key
+re-added to an HNSW graph next to its own dead copy can end up unreachable (issue 15), an exact
+segment cannot. `needs_rebuild` / `rebuilt` fold the segment and the dead entries into a fresh ANN
+index when they grow past a fraction of the live facts (the server does that at compaction).
+The folder `index_<method>/` holds `index.faiss`, `labels.npy`, `dead.npy`, `exact_ids.npy`,
+`exact_keys.npy` and `params.json` (method, similarity, parameters, dim, and the store id + N it was
+built for, checked on load).
 """
 from __future__ import annotations
 
@@ -45,11 +52,15 @@ class KnowledgeIndex:
     """A faiss index over fact keys that searches by fact id (see module doc)."""
 
     def __init__(self, index: faiss.Index, method: str, similarity: str, params: dict,
-                 labels: np.ndarray, dead: np.ndarray, store_id: str | None = None, n: int | None = None):
+                 labels: np.ndarray, dead: np.ndarray, store_id: str | None = None, n: int | None = None,
+                 exact_ids: np.ndarray | None = None, exact_keys: np.ndarray | None = None):
         self.index, self.method, self.similarity, self.params = index, method, similarity, params
         self.labels, self.dead = labels.astype(np.int64), dead.astype(bool)
         self.store_id, self.n = store_id, n
         self.dim = int(index.d)
+        self.exact_ids = np.zeros(0, np.int64) if exact_ids is None else np.asarray(exact_ids, np.int64)
+        self.exact_keys = (np.zeros((0, self.dim), np.float32) if exact_keys is None
+                           else np.ascontiguousarray(exact_keys, dtype=np.float32))  # already normalised for cosine
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -110,16 +121,23 @@ class KnowledgeIndex:
         return x
 
     # ---- edits -------------------------------------------------------------------------------
-    def add(self, keys: np.ndarray, ids: np.ndarray) -> None:
-        """Add keys under fact ids (an id already live must be removed first)."""
+    def add(self, keys: np.ndarray, ids: np.ndarray, exact: bool = False) -> None:
+        """Add keys under fact ids (an id already live must be removed first); `exact=True` puts them
+        in the exact segment (edits after the build) instead of the ANN structure."""
         keys = _as_f32(keys, self.dim, "keys")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.shape[0] != keys.shape[0]:
             raise ValueError(f"ids: {ids.shape[0]} ids for {keys.shape[0]} keys")
-        live = set(self.labels[~self.dead].tolist())
+        live = set(self.labels[~self.dead].tolist()) | set(self.exact_ids.tolist())
         clash = [i for i in ids.tolist() if i in live]
-        if clash:
-            raise ValueError(f"ids: fact id {clash[0]} is already in the index (remove it first)")
+        if clash or len(set(ids.tolist())) != len(ids):
+            raise ValueError(f"ids: fact id {(clash or ids.tolist())[0]} is already in the index (remove it first)")
+        if exact:
+            self.exact_ids = np.concatenate([self.exact_ids, ids])
+            self.exact_keys = np.concatenate([self.exact_keys, self._prep(keys)])
+            if self.n is not None and len(ids):
+                self.n = max(self.n, int(ids.max()) + 1)
+            return
         start = len(self.labels)
         new_labels = np.arange(start, start + len(ids), dtype=np.int64)
         x = self._prep(keys)
@@ -134,31 +152,64 @@ class KnowledgeIndex:
 
     def remove(self, ids) -> int:
         """Remove facts by id; returns how many index entries were removed or hidden."""
-        wanted = np.isin(self.labels, np.asarray(ids, dtype=np.int64).reshape(-1)) & ~self.dead
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        wanted = np.isin(self.labels, ids) & ~self.dead
         gone = np.flatnonzero(wanted).astype(np.int64)
         if len(gone) and self.method != "hnsw":
             self.index.remove_ids(faiss.IDSelectorBatch(gone))
         self.dead[gone] = True
-        return len(gone)
+        in_exact = np.isin(self.exact_ids, ids)
+        if in_exact.any():
+            self.exact_ids, self.exact_keys = self.exact_ids[~in_exact], self.exact_keys[~in_exact]
+        return len(gone) + int(in_exact.sum())
+
+    def needs_rebuild(self, fraction: float = 0.1) -> bool:
+        """True when the exact segment plus the dead ANN entries exceed `fraction` of the live facts."""
+        return len(self.exact_ids) + int(self.dead.sum()) > fraction * max(1, self.n_live)
+
+    def rebuilt(self, keys: np.ndarray, ids: np.ndarray) -> "KnowledgeIndex":
+        """A fresh index of the same method, similarity and parameters over `keys` (fact ids `ids`)."""
+        params = {k: v for k, v in self.params.items() if k in DEFAULTS[self.method]}
+        return KnowledgeIndex.build(keys, self.method, self.similarity, ids=ids, store_id=self.store_id,
+                                    n=self.n, **params)
 
     # ---- search ------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """Entries a search can return: the faiss index's (dead HNSW entries included) + the exact segment."""
+        return int(self.index.ntotal) + len(self.exact_ids)
 
     @property
     def n_live(self) -> int:
-        return int((~self.dead).sum())
+        return int((~self.dead).sum()) + len(self.exact_ids)
 
     def search(self, queries: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores (Q,k) float32, fact ids (Q,k) int64); missing slots have id -1, score -inf."""
         queries = self._prep(_as_f32(queries, self.dim, "queries"))
         hidden = int(self.dead.sum()) if self.method == "hnsw" else 0
-        fetch = max(1, min(k + hidden, self.ntotal))
+        fetch = max(1, min(k + hidden, int(self.index.ntotal)))
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
-        if self.ntotal == 0:
-            return scores, ids
+        if self.index.ntotal:
+            self._search_ann(queries, k, batch_size, hidden, fetch, scores, ids)
+        if len(self.exact_ids):
+            scores, ids = self._merge_exact(queries, k, scores, ids)
+        return scores, ids
+
+    def _merge_exact(self, queries: np.ndarray, k: int, scores: np.ndarray,
+                     ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force top-k of the exact segment merged with the ANN top-k (highest score first)."""
+        ex = queries @ self.exact_keys.T  # (Q, S) same similarity as the ANN part (queries are prepped)
+        take = min(k, ex.shape[1])
+        top = np.argpartition(-ex, take - 1, axis=1)[:, :take]
+        all_scores = np.concatenate([scores, np.take_along_axis(ex, top, 1)], axis=1)
+        all_ids = np.concatenate([ids, self.exact_ids[top]], axis=1)
+        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+        return (np.take_along_axis(all_scores, order, 1).astype(np.float32),
+                np.take_along_axis(all_ids, order, 1))
+
+    def _search_ann(self, queries: np.ndarray, k: int, batch_size: int, hidden: int, fetch: int,
+                    scores: np.ndarray, ids: np.ndarray) -> None:
         if self.method == "hnsw":
             self.index.hnsw.efSearch = max(int(self.params["ef_search"]), fetch)
         for start in range(0, len(queries), batch_size):
@@ -174,13 +225,13 @@ class KnowledgeIndex:
                 keep[keep] = ~self.dead[lrow[keep]]
                 got_ids, got_d = self.labels[lrow[keep]][:k], drow[keep][:k]
                 ids[row, :len(got_ids)], scores[row, :len(got_d)] = got_ids, got_d
-        return scores, ids
 
     # ---- persistence -------------------------------------------------------------------------
     def params_json(self) -> dict:
         return {"format": "kblampp-index", "method": self.method, "similarity": self.similarity,
                 "dim": self.dim, "params": self.params, "store_id": self.store_id, "n": self.n,
-                "ntotal": self.ntotal, "n_labels": len(self.labels), "n_live": self.n_live,
+                "ntotal": int(self.index.ntotal), "n_labels": len(self.labels), "n_live": self.n_live,
+                "n_exact": len(self.exact_ids),
                 "faiss_version": faiss.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def writers(self) -> dict[str, Callable[[Path], None]]:
@@ -188,6 +239,8 @@ class KnowledgeIndex:
         return {"index.faiss": lambda p: faiss.write_index(self.index, str(p)),
                 "labels.npy": lambda p: save_npy(p, self.labels),
                 "dead.npy": lambda p: save_npy(p, self.dead),
+                "exact_ids.npy": lambda p: save_npy(p, self.exact_ids),
+                "exact_keys.npy": lambda p: save_npy(p, self.exact_keys),
                 "params.json": lambda p: write_json_atomic(p, self.params_json())}
 
     def save(self, folder: str | Path) -> Path:
@@ -227,8 +280,15 @@ class KnowledgeIndex:
         if labels.shape != (meta.get("n_labels"),) or dead.shape != labels.shape:
             raise IndexMismatchError(f"{folder}/labels.npy: {labels.shape[0]} labels / {dead.shape[0]} dead flags, "
                               f"params say {meta.get('n_labels')}")
+        exact_ids, exact_keys = None, None
+        if (folder / "exact_ids.npy").is_file():  # older folders have no exact segment
+            exact_ids = np.load(folder / "exact_ids.npy", allow_pickle=False)
+            exact_keys = np.load(folder / "exact_keys.npy", allow_pickle=False)
+            if exact_ids.shape != (meta.get("n_exact", 0),) or exact_keys.shape != (len(exact_ids), index.d):
+                raise IndexMismatchError(f"{folder}/exact_ids.npy: {exact_ids.shape[0]} ids / keys {exact_keys.shape}, "
+                                         f"params say {meta.get('n_exact', 0)} of dimension {index.d}")
         return cls(index, meta["method"], meta["similarity"], meta["params"], labels, dead,
-                   meta.get("store_id"), meta.get("n"))
+                   meta.get("store_id"), meta.get("n"), exact_ids, exact_keys)
 
 
 def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, similarity: str = "cosine",

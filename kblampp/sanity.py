@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kblampp.config import KBConfig
-from kblampp.schema import QA_TYPES, Problem, iter_jsonl, scan_facts, scan_qa
+from kblampp.schema import QA_TYPES, Problem, check_fact, fact_key, iter_jsonl, scan_facts, scan_qa
 
 DEFAULT_REFERENCE_DATE = KBConfig().reference_date
 
@@ -125,11 +125,27 @@ def check_store(path: Path, options: dict[str, Any]) -> CheckResult:
             found.append(f"{folder.name[6:]} ({index.n_live} live)")
         except (StoreError, OSError, ValueError, RuntimeError) as err:
             problems.append(problem(err))
+    problems += _store_fact_problems(path, store.alive)
     m = store.manifest
     summary = (f"{path}: OK, store of {store.n} facts ({int(store.alive.sum())} live), d_k {store.d_k}, "
                f"d_v {store.d_v}, d_ctx {store.d_ctx}, {m['dtype']}, {m['embedding_model']}, "
                f"indexes: {', '.join(found) or 'none'}")
     return CheckResult("store", str(path), problems, summary)
+
+
+def _store_fact_problems(path: Path, alive) -> list[Problem]:
+    """The store's facts.jsonl under the same 5-tuple rules as a source file (limits, control
+    characters, unknown fields); duplicates only among live facts (a deleted fact keeps its record)."""
+    problems, first = [], {}
+    for line, obj, problem in iter_jsonl(path / "facts.jsonl", allow_blank=False):
+        found = [problem] if problem else check_fact(obj, line)
+        if not found and alive[line - 1]:
+            key = fact_key(obj)
+            if key in first:
+                found = [Problem(line, "<line>", f"duplicate of the live fact on line {first[key]}")]
+            first.setdefault(key, line)
+        problems += [Problem(0, f"facts.jsonl:{p.line}: {p.field}", p.reason) for p in found]
+    return problems
 
 
 CHECKERS: dict[str, Checker] = {"5tuple": check_5tuple_file, "qa": check_qa_file, "store": check_store}

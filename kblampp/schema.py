@@ -16,6 +16,20 @@ from kblampp.timewin import window_days
 
 QA_TYPES = ("single-hop", "multi-hop", "temporal", "unanswerable")
 
+# ---- 5-tuple limits: the same for the server, the builders and the sanity checker -----------------
+MAX_NAME_CHARS = 512  # head / relation / tail names
+MAX_EVIDENCE_CHARS = 4096  # context.sent_span
+MAX_TEXT_CHARS = 2048  # every other string (ids, types, sources, URLs, provenance)
+MAX_DISAMB_ENTRIES = 16
+FACT_FIELDS = {"head": {"id", "name", "type"}, "relation": {"id", "name"}, "tail": {"id", "name", "type"},
+               "context": {"source", "page_title", "sent_span", "disamb", "ver",
+                           # provenance written by the dataset builders (kblampp/builders)
+                           "doc_id", "sentence_id", "uuid", "evidence_index", "sent_id", "extraction_rule", "qid"},
+               "time_window": {"start", "end", "source"}}
+VER_FIELDS = {"url", "rev_id"}
+# bidirectional embeddings, overrides and isolates: text that displays differently from what it says
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -108,6 +122,77 @@ def iter_jsonl(path: str | Path, allow_blank: bool = True) -> Iterator[tuple[int
                 yield line_no, None, Problem(line_no, "<line>", f"{kind} ({err.msg}{at} column {err.colno})")
 
 
+def text_problem(value: str, limit: int) -> str | None:
+    """Why a fact string is unacceptable (too long, control / bidi-override character, unpaired
+    surrogate), or None."""
+    if len(value) > limit:
+        return f"too long ({len(value)} > {limit} characters)"
+    for pos, ch in enumerate(value):
+        code = ord(ch)
+        if code < 0x20 or 0x7f <= code <= 0x9f:
+            return f"control character U+{code:04X} at position {pos}"
+        if ch in BIDI_CONTROLS:
+            return f"bidirectional control character U+{code:04X} at position {pos}"
+        if 0xd800 <= code <= 0xdfff:
+            return f"unpaired surrogate U+{code:04X} at position {pos} (not valid Unicode)"
+    return None
+
+
+def _scalar_problem(value: Any, limit: int) -> str | None:
+    """Provenance values: a short clean string, a number or null."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return None
+    if isinstance(value, str):
+        return text_problem(value, limit)
+    return f"expected a string, number or null, got {type(value).__name__}"
+
+
+def _closed_object(obj: dict, key: str, line: int, problems: list[Problem]) -> None:
+    """Unknown fields are refused (a typo would otherwise be stored silently); known scalar fields
+    (everything but names, sent_span and time bounds, checked elsewhere) must be clean scalars."""
+    allowed = FACT_FIELDS[key]
+    for name in obj:
+        if name not in allowed:
+            problems.append(Problem(line, f"{key}.{name}", f"unknown field (allowed: {', '.join(sorted(allowed))})"))
+    for name in sorted(allowed - {"name", "sent_span", "start", "end", "disamb", "ver"}):
+        if name in obj and name != "id":
+            reason = _scalar_problem(obj[name], MAX_TEXT_CHARS)
+            if reason:
+                problems.append(Problem(line, f"{key}.{name}", reason))
+    if key == "context":
+        _context_extras(obj, line, problems)
+
+
+def _context_extras(ctx: dict, line: int, problems: list[Problem]) -> None:
+    disamb, ver = ctx.get("disamb"), ctx.get("ver")
+    if disamb is not None:
+        if not isinstance(disamb, dict):
+            problems.append(Problem(line, "context.disamb", f"expected an object, got {type(disamb).__name__}"))
+        elif len(disamb) > MAX_DISAMB_ENTRIES:
+            problems.append(Problem(line, "context.disamb", f"too many entries ({len(disamb)} > {MAX_DISAMB_ENTRIES})"))
+        else:
+            for name, value in disamb.items():
+                reason = text_problem(name, 64) or _scalar_problem(value, MAX_TEXT_CHARS)
+                if reason:
+                    problems.append(Problem(line, f"context.disamb.{name}", reason))
+    if ver is not None:
+        if not isinstance(ver, dict):
+            problems.append(Problem(line, "context.ver", f"expected an object, got {type(ver).__name__}"))
+            return
+        for name, value in ver.items():
+            reason = (f"unknown field (allowed: {', '.join(sorted(VER_FIELDS))})" if name not in VER_FIELDS
+                      else _scalar_problem(value, MAX_TEXT_CHARS))
+            if reason:
+                problems.append(Problem(line, f"context.ver.{name}", reason))
+
+
+def fact_key(obj: dict) -> str:
+    """What makes two 5-tuples duplicates: head, relation, tail, evidence sentence and time window
+    (the key the dataset builders merge duplicates by)."""
+    return json.dumps([obj["head"], obj["relation"], obj["tail"], obj["context"]["sent_span"], obj["time_window"]],
+                      sort_keys=True, ensure_ascii=False)
+
+
 def _name(obj: dict, key: str, line: int, problems: list[Problem], required_id: bool) -> None:
     """Check an entity/relation object: {"id": str|null, "name": non-blank str, ...}."""
     if key not in obj:
@@ -123,11 +208,16 @@ def _name(obj: dict, key: str, line: int, problems: list[Problem], required_id: 
         problems.append(Problem(line, f"{key}.name", f"expected a string, got {type(value['name']).__name__}"))
     elif not value["name"].strip():
         problems.append(Problem(line, f"{key}.name", "empty name"))
+    elif reason := text_problem(value["name"], MAX_NAME_CHARS):
+        problems.append(Problem(line, f"{key}.name", reason))
     if "id" not in value:
         if required_id:
             problems.append(Problem(line, f"{key}.id", "missing field"))
     elif value["id"] is not None and not isinstance(value["id"], str):
         problems.append(Problem(line, f"{key}.id", f"expected a string or null, got {type(value['id']).__name__}"))
+    elif value["id"] is not None and (reason := text_problem(value["id"], MAX_TEXT_CHARS)):
+        problems.append(Problem(line, f"{key}.id", reason))
+    _closed_object(value, key, line, problems)
 
 
 def _window(obj: Any, key: str, line: int, problems: list[Problem]) -> tuple[float, float] | None:
@@ -154,7 +244,8 @@ def check_fact(obj: Any, line: int) -> list[Problem]:
     """Every schema problem of one 5-tuple object."""
     if not isinstance(obj, dict):
         return [Problem(line, "<line>", f"expected a JSON object, got {type(obj).__name__}")]
-    problems: list[Problem] = []
+    problems: list[Problem] = [Problem(line, name, f"unknown field (allowed: {', '.join(FACT_FIELDS)})")
+                               for name in obj if name not in FACT_FIELDS]
     _name(obj, "head", line, problems, required_id=True)
     _name(obj, "relation", line, problems, required_id=True)
     _name(obj, "tail", line, problems, required_id=False)
@@ -163,16 +254,22 @@ def check_fact(obj: Any, line: int) -> list[Problem]:
         problems.append(Problem(line, "context", "missing field"))
     elif not isinstance(ctx, dict):
         problems.append(Problem(line, "context", f"expected an object, got {type(ctx).__name__}"))
-    elif "sent_span" not in ctx:
-        problems.append(Problem(line, "context.sent_span", "missing field"))
-    elif not isinstance(ctx["sent_span"], str):
-        problems.append(Problem(line, "context.sent_span", f"expected a string, got {type(ctx['sent_span']).__name__}"))
-    elif not ctx["sent_span"].strip():
-        problems.append(Problem(line, "context.sent_span", "empty evidence sentence"))
+    else:
+        if "sent_span" not in ctx:
+            problems.append(Problem(line, "context.sent_span", "missing field"))
+        elif not isinstance(ctx["sent_span"], str):
+            problems.append(Problem(line, "context.sent_span", f"expected a string, got {type(ctx['sent_span']).__name__}"))
+        elif not ctx["sent_span"].strip():
+            problems.append(Problem(line, "context.sent_span", "empty evidence sentence"))
+        elif reason := text_problem(ctx["sent_span"], MAX_EVIDENCE_CHARS):
+            problems.append(Problem(line, "context.sent_span", reason))
+        _closed_object(ctx, "context", line, problems)
     if "time_window" not in obj:
         problems.append(Problem(line, "time_window", "missing field"))
     else:
         _window(obj["time_window"], "time_window", line, problems)
+        if isinstance(obj["time_window"], dict):
+            _closed_object(obj["time_window"], "time_window", line, problems)
     return problems
 
 
@@ -291,8 +388,14 @@ def scan_facts(path: str | Path) -> tuple[list[Fact], list[Problem]]:
     """All valid facts and all problems of a 5-tuple JSONL file (line order kept)."""
     facts: list[Fact] = []
     problems: list[Problem] = []
+    first_line: dict[str, int] = {}
     for line, obj, problem in iter_jsonl(path, allow_blank=False):
         found = [problem] if problem else check_fact(obj, line)
+        if not found:
+            key = fact_key(obj)
+            if key in first_line:  # duplicate policy: an exact duplicate is an error, never merged silently
+                found = [Problem(line, "<line>", f"duplicate of the fact on line {first_line[key]}")]
+            first_line.setdefault(key, line)
         if found:
             problems.extend(found)
         else:

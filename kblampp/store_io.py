@@ -6,15 +6,22 @@ one rename (an atomic exchange when the folder already exists), so an interrupte
 old store. Edits touch several files inside a live store; they are staged in `.pending/`, a
 `COMMIT` marker is written last (the commit point), then files are moved in. `recover()` (called on
 load) finishes a committed edit or discards an uncommitted one, so the store is always old or new.
+
+Two advisory locks (fcntl.flock) live inside the store: `.writer.lock`, held by the one process
+allowed to change the store (a serving process holds it for its lifetime, an offline edit for the
+edit), and `.commit.lock`, exclusive while a commit is applied or recovered, shared while a reader
+that must not write (a read-only server) loads. The kernel drops both when a process dies.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,10 +30,86 @@ import numpy as np
 
 PENDING = ".pending"
 COMMIT = "COMMIT"
+WRITER_LOCK = ".writer.lock"
+COMMIT_LOCK = ".commit.lock"
 
 
 class StoreError(ValueError):
     """A store that does not agree with its manifest (or is missing pieces); message names the file."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's writer lock."""
+
+
+# ---- locks --------------------------------------------------------------------------------------
+
+_held: dict[str, list[int]] = {}  # real store path -> [fd, depth]: writer locks this process holds
+_held_guard = threading.Lock()
+
+
+def acquire_writer(root: str | Path) -> None:
+    """Take the store's writer lock (re-entrant within this process); StoreLockedError if another
+    process holds it. The lock file records the holder's pid for the message."""
+    key = os.path.realpath(root)
+    with _held_guard:
+        if key in _held:
+            _held[key][1] += 1
+            return
+        path = Path(root) / WRITER_LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLockedError(f"{path}: the store is in use by another writer (pid {holder}); stop it, or "
+                                   "start this server with --read_only") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        _held[key] = [fd, 1]
+
+
+def release_writer(root: str | Path) -> None:
+    """Undo one `acquire_writer`; the lock is dropped when the outermost holder releases."""
+    key = os.path.realpath(root)
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[key]
+            os.close(entry[0])  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def writer_lock(root: str | Path) -> Iterator[None]:
+    acquire_writer(root)
+    try:
+        yield
+    finally:
+        release_writer(root)
+
+
+@contextlib.contextmanager
+def commit_lock(root: str | Path, exclusive: bool) -> Iterator[None]:
+    """Exclusive while a commit is applied, shared while a non-writing reader loads (blocking)."""
+    path = Path(root) / COMMIT_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if exclusive or not path.exists():  # a read-only folder nobody can write: nothing to wait for
+            if exclusive:
+                raise
+            yield
+            return
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -164,24 +247,25 @@ def commit_files(root: str | Path, writers: dict[str, Writer], _crash_after: str
     `writers` maps a relative path to a function writing that file at the path it is given.
     `_crash_after` ("stage" or "commit") exists for tests that simulate an interruption."""
     root = Path(root)
-    recover(root)
-    pending = root / PENDING
-    pending.mkdir()
-    try:
-        for rel, write in writers.items():
-            dest = pending / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            write(dest)
-    except BaseException:
-        shutil.rmtree(pending, ignore_errors=True)
-        raise
-    if _crash_after == "stage":
-        raise KeyboardInterrupt("simulated crash before commit")
-    _fsync_dir(pending)
-    write_json_atomic(pending / COMMIT, {"files": sorted(writers)})
-    if _crash_after == "commit":
-        raise KeyboardInterrupt("simulated crash after commit")
-    _apply(root)
+    with commit_lock(root, exclusive=True):
+        _recover_locked(root)
+        pending = root / PENDING
+        pending.mkdir()
+        try:
+            for rel, write in writers.items():
+                dest = pending / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                write(dest)
+        except BaseException:
+            shutil.rmtree(pending, ignore_errors=True)
+            raise
+        if _crash_after == "stage":
+            raise KeyboardInterrupt("simulated crash before commit")
+        _fsync_dir(pending)
+        write_json_atomic(pending / COMMIT, {"files": sorted(writers)})
+        if _crash_after == "commit":
+            raise KeyboardInterrupt("simulated crash after commit")
+        _apply(root)
 
 
 def _apply(root: Path) -> None:
@@ -198,6 +282,20 @@ def _apply(root: Path) -> None:
 
 def recover(root: str | Path) -> str | None:
     """Finish a committed edit or drop an uncommitted one; returns what it did (or None)."""
+    if not (Path(root) / PENDING).exists():
+        return None
+    with commit_lock(root, exclusive=True):  # never under a commit another process is writing
+        return _recover_locked(Path(root))
+
+
+def check_no_unfinished_commit(root: str | Path) -> None:
+    """For readers that must not write: a committed but unapplied edit means files are mixed."""
+    if (Path(root) / PENDING / COMMIT).is_file():
+        raise StoreError(f"{Path(root) / PENDING}: an edit was committed but not applied (a writer crashed); "
+                         "open the store once without --read_only to finish it")
+
+
+def _recover_locked(root: Path) -> str | None:
     pending = Path(root) / PENDING
     if not pending.exists():
         return None

@@ -103,3 +103,58 @@ def test_recall_at_k_counts_ties_and_removed_ids():
     index.remove([0, 1, 2])
     rec = recall_at_k(index, keys, keys[:3], 8)  # each query's own key (the top hit) is gone
     assert rec["recall"] == rec["strict_recall"] <= 7 / 8 and rec["recall"] >= 0.5
+
+
+def _clustered_keys(seed: int) -> np.ndarray:
+    """Keys like MLP(e_h + e_r): 5 relation clusters, 60 heads (300 facts)."""
+    rng = np.random.default_rng(seed)
+    rel, head = rng.standard_normal((5, 32)), rng.standard_normal((60, 32))
+    return np.array([rel[r] + 0.3 * head[h] for h in range(60) for r in range(5)], np.float32)
+
+
+def _missed(index: KnowledgeIndex, keys: np.ndarray, k: int = 8) -> list[int]:
+    """Facts an exact inner-product search ranks into the top k (any tie order) that `index` misses."""
+    queries = keys - keys.mean(0)
+    exact = queries @ keys.T
+    _, got = index.search(queries, k)
+    return [i for i in range(len(keys)) if (exact[i] >= exact[i, i] - 1e-5).sum() <= k and i not in got[i]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_edited_keys_in_the_exact_segment_stay_reachable(seed, tmp_path):
+    """1,000 replacements of facts by their own key (issue 15: re-adding them to an inner-product HNSW
+    graph made some unreachable); edits in the exact segment are always found, also after save/load."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    keys = _clustered_keys(seed)
+    index = KnowledgeIndex.build(keys, "hnsw", "ip")
+    assert _missed(index, keys) == []
+    rng = np.random.default_rng(100 + seed)
+    for step in range(1, 1001):
+        i = int(rng.integers(0, len(keys)))
+        assert index.remove([i]) == 1
+        index.add(keys[i:i + 1], [i], exact=True)
+        if step % 250 == 0:
+            assert _missed(index, keys) == [], step
+    assert index.n_live == len(keys) and index.ntotal == len(keys) + len(index.exact_ids)
+    index.save(tmp_path / "idx")
+    loaded = KnowledgeIndex.load(tmp_path / "idx")
+    assert loaded.exact_ids.tolist() == index.exact_ids.tolist() and _missed(loaded, keys) == []
+    assert loaded.needs_rebuild(0.1) and not loaded.needs_rebuild(1e9)
+    fresh = loaded.rebuilt(keys, np.arange(len(keys)))
+    assert len(fresh.exact_ids) == 0 and not fresh.dead.any() and _missed(fresh, keys) == []
+
+
+def test_exact_segment_merge_is_exact_for_flat():
+    keys, q = _keys(200), _keys(10, seed=3)
+    ref = KnowledgeIndex.build(keys, "flat", "cosine")
+    mixed = KnowledgeIndex.build(keys[:150], "flat", "cosine")
+    mixed.add(keys[150:], np.arange(150, 200), exact=True)
+    for index in (ref, mixed):
+        index.remove([3, 170])
+    (s1, i1), (s2, i2) = ref.search(q, 12), mixed.search(q, 12)
+    assert i1.tolist() == i2.tolist()
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="fact id 160 is already in the index"):
+        mixed.add(keys[:1], [160], exact=True)

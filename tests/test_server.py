@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-0123456789"
+TOKEN = "tk-5f0c93e1a7d24b68"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

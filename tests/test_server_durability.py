@@ -97,7 +97,7 @@ def test_crash_inside_compaction_replays_idempotently(tmp_path, base):
     from kblampp.serving.kb_log import read_log
 
     world = clone_world(base, tmp_path / "w")
-    settings = ServerSettings(token="t" * 12)
+    settings = ServerSettings(token="tk-5f0c93e1a7d24b68")
     engine = build_engine(load_config(world["config"]), world["checkpoint"], settings, world["wal"])
     engine.add_facts([fact("Kim", "born in", "Seoul", "1970")])
     engine.replace_fact(6, fact("Kim", "born in", "Busan", "1970"))

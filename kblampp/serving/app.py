@@ -1,17 +1,25 @@
 """FastAPI app factory: routes, auth, body-size cap and uniform JSON errors over an `Engine`.
 
-Every error body is `{"error": message, "problems": [...]}`: 400 malformed JSON, 401 auth, 404 unknown
-fact, 413 body too large, 415 not JSON, 422 wrong types / unknown fields / limits / bad facts,
-503 busy (lock wait over the request timeout). Handlers are plain `def`s, so FastAPI runs them in
-its thread pool and the engine's lock does the serialising.
+Every error body is `{"error": message, "problems": [...]}`: 400 malformed JSON (including nesting
+deeper than `max_json_depth`, integers longer than `max_int_digits`, NaN/Infinity, unpaired
+surrogates in any string) or a Host header not on the allow-list, 401 auth, 403 read-only, 404
+unknown fact, 409 duplicate fact, 413 body too large, 415 not JSON, 422 wrong types / unknown
+fields / limits / bad facts, 503 busy (lock wait over the request timeout), and 500 (one log line,
+no traceback) for anything unforeseen. Handlers are plain `def`s or hand work to the thread pool, so
+the engine's lock does the serialising.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator
+
+import numpy as np
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,12 +30,59 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kblampp.serving.auth import check_bearer
-from kblampp.serving.config import ServerSettings
+from kblampp.serving.config import ServerSettings, host_allowed
 from kblampp.serving.engine import Engine
 from kblampp.serving.schemas import (AnswerRequest, ApiError, ChatRequest, chat_question, check_answer_request,
                                      check_facts_body, check_one_fact)
 
 MUTATING = {"POST /v1/facts", "PUT /v1/facts", "DELETE /v1/facts"}
+log = logging.getLogger("kblampp.serving")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+
+
+class ErrorGuard:
+    """Outermost ASGI middleware: an unforeseen exception becomes a 500 JSON body and ONE log line
+    (no traceback spam from request bodies anyone can send)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as err:  # noqa: BLE001 - the last line of defence, logged below
+            log.error("internal error on %s %s: %s: %s", scope.get("method"), scope.get("path"),
+                      type(err).__name__, str(err)[:200])
+            if not started:
+                await JSONResponse({"error": "internal server error", "problems": []}, status_code=500)(
+                    scope, receive, send)
+
+
+class HostCheck:
+    """ASGI middleware: 400 unless the Host header is on the allow-list (DNS-rebinding defence)."""
+
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not host_allowed(host, self.allowed):
+                body = {"error": f"Host header {host[:100]!r} is not allowed (allowed: {', '.join(self.allowed)}; "
+                                 "start the server with --allowed_hosts to add names)", "problems": []}
+                await JSONResponse(body, status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -82,18 +137,68 @@ def _validation_problems(errors: list[dict], prefix: str = "") -> list[str]:
     return out
 
 
-async def _json_body(request: Request) -> Any:
-    """The parsed JSON body; 415 for another content type, 400 for malformed JSON."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, f"expected Content-Type application/json, got {ctype or 'none'!r}")
-    raw = await request.body()
+def json_depth(text: str) -> int:
+    """Deepest nesting of [ and { outside string literals (a scan, no recursion)."""
+    codes = np.frombuffer(_JSON_STRING.sub('""', text).encode("utf-8"), np.uint8)
+    step = np.isin(codes, (91, 123)).astype(np.int64) - np.isin(codes, (93, 125))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _bad_strings(obj: Any, where: str) -> str | None:
+    """Where the first string (value or key) holding an unpaired surrogate is, or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"{where}: unpaired surrogate U+{ord(obj[err.start]):04X} at position {err.start}"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        found = _bad_strings(key, where) or _bad_strings(value, f"{where}.{key}")
+        if found:
+            return found
+    return None
+
+
+def parse_json(raw: bytes, max_depth: int = 32, max_int_digits: int = 18) -> Any:
+    """Decode a request body, or raise ApiError(400) saying exactly what is malformed."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ApiError(400, f"body is not valid UTF-8 (byte {err.start})") from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ApiError(400, f"malformed JSON: nested {depth} deep (limit {max_depth})")
+
+    def integer(digits: str) -> int:
+        if len(digits.lstrip("-")) > max_int_digits:
+            raise ApiError(400, f"malformed JSON: integer with {len(digits.lstrip('-'))} digits "
+                                f"(limit {max_int_digits})")
+        return int(digits)
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ApiError(400, f"malformed JSON: number {text[:40]} is out of range")
+        return value
+
+    def constant(name: str) -> None:
+        raise ApiError(400, f"malformed JSON: {name} is not a JSON number")
+
+    try:
+        obj = json.loads(text, parse_int=integer, parse_float=number, parse_constant=constant)
     except json.JSONDecodeError as err:
         raise ApiError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except RecursionError:  # belt and braces: the depth scan should have caught it
+        raise ApiError(400, f"malformed JSON: nested too deep (limit {max_depth})") from None
+    where = _bad_strings(obj, "body")
+    if where:
+        raise ApiError(400, f"invalid Unicode in {where} (not valid UTF-16 text)", [where])
+    return obj
+
+
+def _client(request: Request) -> str | None:
+    return f"{request.client.host}:{request.client.port}" if request.client else None
 
 
 def _parse(model: type, body: Any) -> Any:
@@ -128,6 +233,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         await run_in_threadpool(engine.close)  # clean shutdown: fold the WAL into the store
 
     app = FastAPI(title="KBLaM++ server", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    async def _json_body(request: Request) -> Any:
+        """The parsed JSON body; 415 for another content type, 400 for malformed JSON."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, f"expected Content-Type application/json, got {ctype or 'none'!r}")
+        return parse_json(await request.body(), settings.max_json_depth, settings.max_int_digits)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -182,7 +294,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def add_facts(request: Request) -> JSONResponse:
         require_token(request)
         facts = check_facts_body(await _json_body(request), settings)
-        return JSONResponse(await run_in_threadpool(engine.add_facts, facts), status_code=201)
+        return JSONResponse(await run_in_threadpool(engine.add_facts, facts, _client(request)), status_code=201)
 
     @app.get("/v1/facts/{index}")
     def get_fact(index: int) -> dict:
@@ -192,13 +304,15 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def replace_fact(index: int, request: Request) -> dict:
         require_token(request)
         fact = check_one_fact(await _json_body(request))
-        return await run_in_threadpool(engine.replace_fact, index, fact)
+        return await run_in_threadpool(engine.replace_fact, index, fact, _client(request))
 
     @app.delete("/v1/facts/{index}")
     def delete_fact(index: int, request: Request) -> dict:
         require_token(request)
-        return engine.delete_fact(index)
+        return engine.delete_fact(index, _client(request))
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(HostCheck, allowed=settings.hosts())
+    app.add_middleware(ErrorGuard)  # added last = outermost
     app.state.engine, app.state.settings = engine, settings
     return app

@@ -3,8 +3,11 @@
 Why one lock: the patched model keeps per-request state in a shared context holder and the KB
 arrays/index are mutated in place, so every model call and every mutation runs alone; requests wait
 for the lock at most `request_timeout_s` (then 503), and generation is bounded by max_new_tokens.
-A mutation is validated, encoded, written to the WAL (fsync), then applied in memory; only then is
-the request acknowledged. The next question sees it.
+A mutation is validated, encoded, written to the WAL (fsync), then applied in memory, then one audit
+line is appended (time, seq, op, fact indices, client address; never the token); only then is the
+request acknowledged. The next question sees it.
+
+A read-only engine never opens the WAL (nor the audit log): it serves the store as last compacted.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 
 from kblampp.question_time import parse_question_time
 from kblampp.serving.config import ServerSettings
-from kblampp.serving.kb_log import KBLog, LogEntry, read_log
+from kblampp.serving.kb_log import AuditLog, KBLog, LogEntry, default_audit_path, read_log
 from kblampp.serving.schemas import ApiError
 from kblampp.timewin import window_days
 
@@ -49,6 +52,10 @@ class LiveKB(Protocol):
     def replace(self, index: int, fact: dict, encoded: dict | None = None) -> None: ...
 
     def delete(self, index: int) -> None: ...
+
+    def find(self, fact: dict) -> int | None: ...
+
+    def close(self) -> None: ...
 
     def record(self, entry: LogEntry) -> None: ...
 
@@ -111,7 +118,7 @@ class Engine:
     """Answers and KB mutations behind one lock; durable mutations through the WAL."""
 
     def __init__(self, kb: LiveKB, answerer: Answerer, embedder: Embedder, log_path: str | Path,
-                 settings: ServerSettings, info: dict | None = None):
+                 settings: ServerSettings, info: dict | None = None, audit_path: str | Path | None = None):
         self.kb, self.answerer, self.embedder, self.settings = kb, answerer, embedder, settings
         self.log_path = Path(log_path)
         self.info = dict(info or {})
@@ -120,15 +127,24 @@ class Engine:
         self._since_compact = 0
         self._closed = False
         self.started = time.time()
+        self.log: KBLog | None = None
+        self.audit: AuditLog | None = None
+        if settings.read_only:  # never touch the WAL: serve the store as last compacted
+            self.recovered = {"replayed": 0, "log_entries": 0, "torn_tail_dropped": False,
+                              "applied_seq": self.kb.applied_seq, "read_only": True}
+            return
         self.recovered = self._recover()
         self.log = KBLog(self.log_path, next_seq=self.kb.applied_seq + 1)
+        self.audit = AuditLog(audit_path or default_audit_path(self.log_path))
 
     # ---- durability -----------------------------------------------------------------------------
     def _recover(self) -> dict:
-        """Replay the WAL into the store (atomic commits), then truncate the WAL atomically."""
+        """Replay the WAL into memory, fold it into the store in one commit, then truncate the WAL."""
         entries, torn = read_log(self.log_path)
         before = self.kb.applied_seq
         last = self.kb.recover(entries)
+        if last > before:
+            self.kb.persist(last)
         if entries or torn:
             KBLog(self.log_path, next_seq=last + 1).reset()
         return {"replayed": last - before, "log_entries": len(entries), "torn_tail_dropped": torn,
@@ -145,14 +161,20 @@ class Engine:
         self._since_compact = 0
 
     def close(self) -> None:
-        """Compact if anything changed since the last compaction, close the log (idempotent)."""
+        """Compact if anything changed since the last compaction, close the logs, release the store
+        (idempotent)."""
         if self._closed:
             return
         with self._locked():
-            if self._since_compact:
-                self._compact_locked()
-            self.log.close()
-            self._closed = True
+            try:
+                if self._since_compact:
+                    self._compact_locked()
+                for handle in (self.log, self.audit):
+                    if handle is not None:
+                        handle.close()
+            finally:
+                self._closed = True
+                self.kb.close()
 
     # ---- locking --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -224,35 +246,54 @@ class Engine:
         if self.kb.get(index) is None:
             raise ApiError(404, f"fact {index} was deleted")
 
-    def add_facts(self, facts: list[dict]) -> dict:
+    def _writable(self) -> KBLog:
+        if self.log is None:
+            raise ApiError(403, "fact mutations are disabled on this server (read-only)")
+        return self.log
+
+    def _no_duplicate(self, fact: dict, allowed: int | None = None) -> None:
+        """Duplicate policy: a fact equal to another live fact is refused (409) with that fact's index."""
+        same = self.kb.find(fact)
+        if same is not None and same != allowed:
+            raise ApiError(409, f"duplicate: this fact equals live fact {same}",
+                           [f"body: same head, relation, tail, context and time_window as fact {same}"])
+
+    def _logged(self, kind: str, entry: LogEntry, indices: list[int], client: str | None) -> None:
+        self.kb.record(entry)
+        if self.audit is not None:
+            self.audit.write(entry.seq, kind, indices, client)
+        self._counts[kind] += 1
+        self._after_change()
+
+    def add_facts(self, facts: list[dict], client: str | None = None) -> dict:
         with self._locked():
+            log = self._writable()
+            for fact in facts:
+                self._no_duplicate(fact)
             encoded = self.kb.encode(facts)  # before the log: a failure here leaves no trace
-            entry = self.log.append("add", self.kb.num_slots(), encoded["facts"])
+            entry = log.append("add", self.kb.num_slots(), encoded["facts"])
             ids = self.kb.add(facts, encoded)
-            self.kb.record(entry)
-            self._counts["add"] += 1
-            self._after_change()
+            self._logged("add", entry, ids, client)
         return {"indices": ids, "seq": entry.seq}
 
-    def replace_fact(self, index: int, fact: dict) -> dict:
+    def replace_fact(self, index: int, fact: dict, client: str | None = None) -> dict:
         with self._locked():
+            log = self._writable()
             self._check_index(index)
+            self._no_duplicate(fact, allowed=index)
             encoded = self.kb.encode([fact])
-            entry = self.log.append("replace", index, encoded["facts"])
+            entry = log.append("replace", index, encoded["facts"])
             self.kb.replace(index, fact, encoded)
-            self.kb.record(entry)
-            self._counts["replace"] += 1
-            self._after_change()
+            self._logged("replace", entry, [index], client)
         return {"index": index, "seq": entry.seq}
 
-    def delete_fact(self, index: int) -> dict:
+    def delete_fact(self, index: int, client: str | None = None) -> dict:
         with self._locked():
+            log = self._writable()
             self._check_index(index)
-            entry = self.log.append("delete", index)
+            entry = log.append("delete", index)
             self.kb.delete(index)
-            self.kb.record(entry)
-            self._counts["delete"] += 1
-            self._after_change()
+            self._logged("delete", entry, [index], client)
         return {"index": index, "deleted": True, "seq": entry.seq}
 
     def get_fact(self, index: int) -> dict:
@@ -267,5 +308,6 @@ class Engine:
             kb = self.kb.stats()
             return {"N": self.kb.num_live(), "slots": self.kb.num_slots(), **kb, **self.info,
                     "uptime_s": round(time.time() - self.started, 3),
-                    "requests_served": dict(self._counts), "wal_next_seq": self.log.next_seq,
+                    "requests_served": dict(self._counts),
+                    "wal_next_seq": self.log.next_seq if self.log is not None else None,
                     "recovered_at_start": self.recovered}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,3 +169,35 @@ def replay(entries: list[LogEntry], applied_seq: int, apply: Callable[[LogEntry]
         apply(entry)
         last = entry.seq
     return last
+
+
+def default_audit_path(wal_path: str | Path) -> Path:
+    """`<store>.audit.jsonl` beside `<store>.wal.jsonl` (or `<wal name>.audit.jsonl`)."""
+    wal_path = Path(wal_path)
+    name = wal_path.name
+    stem = name[:-len(".wal.jsonl")] if name.endswith(".wal.jsonl") else name
+    return wal_path.with_name(f"{stem}.audit.jsonl")
+
+
+class AuditLog:
+    """Append-only audit trail, one JSON line per acknowledged change:
+    `{"time": ISO-8601 UTC, "seq": int, "op": str, "indices": [int], "client": "host:port" | null}`.
+
+    Why separate from the WAL: the WAL is truncated at every compaction, the audit trail never is.
+    It never holds the token, the request body or the fact text (only which fact indices changed)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "ab")
+
+    def write(self, seq: int, op: str, indices: list[int], client: str | None) -> None:
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        line = {"time": stamp, "seq": seq, "op": op, "indices": [int(i) for i in indices], "client": client}
+        self._fh.write((json.dumps(line, sort_keys=True) + "\n").encode("utf-8"))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()

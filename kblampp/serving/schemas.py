@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from kblampp.schema import Problem, check_fact
+from kblampp.schema import Problem, check_fact, fact_key
 from kblampp.serving.config import ServerSettings
 from kblampp.timewin import window_days
 
@@ -149,8 +149,15 @@ def check_facts_body(body: Any, settings: ServerSettings) -> list[dict]:
         raise ApiError(422, f"too many facts in one request ({len(items)} > {settings.max_facts_per_request})",
                        [f"body: more than {settings.max_facts_per_request} items"])
     problems: list[Problem] = []
+    first: dict[str, int] = {}
     for item, obj in enumerate(items):
-        problems.extend(check_fact(obj, item))
+        found = check_fact(obj, item)
+        if not found:
+            key = fact_key(obj)
+            if key in first:
+                found = [Problem(item, "<item>", f"duplicate of item {first[key]} in this request")]
+            first.setdefault(key, item)
+        problems.extend(found)
     if problems:
         raise ApiError(422, f"{len(problems)} problem(s) in the submitted fact(s)",
                        [p.format("body") for p in problems])
