@@ -25,7 +25,7 @@ import numpy as np
 
 from kblampp.store_io import StoreError, atomic_dir, read_json, save_npy, write_json_atomic
 
-METHODS = ("hnsw", "ivfpq", "flat")
+METHODS = ("hnsw", "ivfpq", "flat", "milvus")  # milvus: kblampp/milvus_index.py, same API
 SIMILARITIES = ("cosine", "ip")
 DEFAULTS = {
     "hnsw": {"hnsw_m": 32, "ef_construction": 200, "ef_search": 128},
@@ -68,11 +68,8 @@ class KnowledgeIndex:
               ids: np.ndarray | None = None, store_id: str | None = None, n: int | None = None,
               **params) -> "KnowledgeIndex":
         """Index `keys` (rows get fact ids `ids`, default 0..len-1); unknown params are an error."""
-        if method == "milvus":  # the Milvus backend, same API (kblampp/milvus_index.py)
-            from kblampp.milvus_index import MilvusIndex
-            return MilvusIndex.build(keys, similarity, ids=ids, store_id=store_id, n=n, **params)
         if method not in METHODS:
-            raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}, milvus")
+            raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity: {similarity!r} is not one of {', '.join(SIMILARITIES)}")
         unknown = set(params) - set(DEFAULTS[method])
@@ -84,6 +81,9 @@ class KnowledgeIndex:
         if ids.shape != (count,):
             raise ValueError(f"ids: expected shape ({count},), got {ids.shape}")
         full = {**DEFAULTS[method], **params}
+        if method == "milvus":
+            from kblampp.milvus_index import MilvusIndex
+            return MilvusIndex.create(keys, ids, similarity, full, store_id, count if n is None else n)
         index = cls._new_faiss(method, dim, full, count)
         self = cls(index, method, similarity, full, np.zeros(0, np.int64), np.zeros(0, bool), store_id,
                    count if n is None else n)

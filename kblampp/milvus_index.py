@@ -7,6 +7,8 @@ Fact ids are Milvus primary keys, so edits need no label map and removed facts a
 The vectors live in Milvus; `index_milvus/` holds `params.json` (uri, collection, similarity,
 parameters, dim, the store id + N it was built for, counts), checked on load against the collection.
 A Lite path inside the index folder is recorded by its name, so the store folder can move.
+Edits reach Milvus at once; the manifest is committed with the store's edit (`writers`), and load
+compares its row count with the collection's, so an edit interrupted between the two is detected.
 Cosine is inner product on normalised keys (as in faiss), so scores mean the same on both backends.
 No torch here, and pymilvus is imported only when a collection is opened.
 """
@@ -18,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kblampp.knowledge_index import DEFAULTS, SIMILARITIES, IndexMismatchError, _as_f32
+from kblampp.knowledge_index import IndexMismatchError, _as_f32
 from kblampp.store_io import read_json, write_json_atomic
 
 INSERT_CHUNK = 2000  # rows per insert request (keeps one gRPC message small)
@@ -56,24 +58,18 @@ class MilvusIndex:
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
-    def build(cls, keys: np.ndarray, similarity: str = "cosine", ids: np.ndarray | None = None,
-              store_id: str | None = None, n: int | None = None, **params) -> "MilvusIndex":
-        """Index `keys` (rows get fact ids `ids`) in a fresh collection (an old one of that name is dropped)."""
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity: {similarity!r} is not one of {', '.join(SIMILARITIES)}")
-        unknown = set(params) - set(DEFAULTS["milvus"])
-        if unknown:
-            raise ValueError(f"unknown milvus parameter(s) {sorted(unknown)} (known: {sorted(DEFAULTS['milvus'])})")
-        keys = _as_f32(keys, None, "keys")
-        count, dim = keys.shape
-        ids = np.arange(count, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-        if ids.shape != (count,):
-            raise ValueError(f"ids: expected shape ({count},), got {ids.shape}")
-        full = {**DEFAULTS["milvus"], **params}
-        client = _connect(str(full["uri"]), "index")
-        cls._create_collection(client, full, dim)
-        self = cls(client, similarity, full, dim, store_id, count if n is None else n)
+    def create(cls, keys: np.ndarray, ids: np.ndarray, similarity: str, params: dict,
+               store_id: str | None, n: int | None) -> "MilvusIndex":
+        """Index `keys` under fact ids `ids` in a fresh collection (an old one of that name is dropped).
+
+        Called by `KnowledgeIndex.build(keys, "milvus", ...)`, which has checked the arguments."""
+        client = _connect(str(params["uri"]), "index")
+        cls._create_collection(client, params, keys.shape[1])
+        self = cls(client, similarity, params, keys.shape[1], store_id, n)
         self.add(keys, ids, check_live=False)
+        self.client.flush(self.collection)  # seal the rows into segments, then reload so the HNSW graphs
+        self.client.release_collection(self.collection)  # are built now: Milvus Lite otherwise builds them
+        self.client.load_collection(self.collection)  # in the background and searches exactly meanwhile
         return self
 
     @staticmethod

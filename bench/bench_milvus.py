@@ -1,0 +1,92 @@
+"""Recall@k of the Milvus backend (Milvus Lite, HNSW) against faiss HNSW, both against exact search.
+
+    python bench/bench_milvus.py --store_dir /work/main/store/synth_world --copies 8 --queries 1000
+
+Keys: the store's trained keys K.npy, plus `copies - 1` noisy replicas of each (replica = key + noise
+of relative norm --replica_noise), so the index holds N * copies keys with the store's real geometry
+and dense neighbourhoods. Queries: stored keys (random rows) + noise of relative norm --noise, so no
+query is in the index. Both indexes get the same HNSW parameters (M, efConstruction, efSearch) and
+the store index's similarity; recall is `recall_at_k` (tie-aware; `strict` is plain id overlap).
+Prints one JSON object with the machine load. Not a test and not a timing benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kblampp.knowledge_index import KnowledgeIndex, recall_at_k  # noqa: E402
+from kblampp.store_io import read_json  # noqa: E402
+
+
+def noisy(x: np.ndarray, rel: float, rng: np.random.Generator) -> np.ndarray:
+    """x + a random direction scaled to `rel` times each row's norm."""
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    g *= (rel * np.linalg.norm(x, axis=1, keepdims=True) / np.linalg.norm(g, axis=1, keepdims=True))
+    return (x + g).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store_dir", default="/work/main/store/synth_world")
+    p.add_argument("--copies", type=int, default=8, help="index size = store N * copies")
+    p.add_argument("--replica_noise", type=float, default=0.5)
+    p.add_argument("--noise", type=float, default=0.3, help="query = stored key + noise of this relative norm")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--hnsw_m", type=int, default=32)
+    p.add_argument("--ef_construction", type=int, default=200)
+    p.add_argument("--ef_search", type=int, default=128)
+    p.add_argument("--similarity", default=None, help="default: the store index's (else ip)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    store = Path(args.store_dir)
+    base = np.load(store / "K.npy", allow_pickle=False).astype(np.float32)
+    alive = np.load(store / "meta/alive.npy", allow_pickle=False)
+    base = base[alive]
+    similarity = args.similarity
+    if similarity is None:
+        found = sorted(store.glob("index_*/params.json"))
+        similarity = read_json(found[0], "index params")["similarity"] if found else "ip"
+    rng = np.random.default_rng(args.seed)
+    keys = np.concatenate([base] + [noisy(base, args.replica_noise, rng) for _ in range(args.copies - 1)])
+    rows = rng.choice(len(base), size=min(args.queries, len(base)), replace=False)
+    queries = noisy(base[rows], args.noise, rng)
+    hnsw = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search}
+
+    res = {"keys": f"{store}/K.npy ({len(base)} live trained keys) x {args.copies} "
+                   f"(replicas at relative noise {args.replica_noise})",
+           "n": len(keys), "d": keys.shape[1], "queries": len(queries), "query_noise": args.noise,
+           "k": args.k, "similarity": similarity, "hnsw": hnsw, "load_avg_start": os.getloadavg(),
+           "cpu_count": os.cpu_count()}
+    faiss_index = KnowledgeIndex.build(keys, "hnsw", similarity, **hnsw)
+    res["faiss_hnsw"] = recall_at_k(faiss_index, keys, queries, args.k)
+    del faiss_index
+    with tempfile.TemporaryDirectory(prefix="kblampp_milvus_") as tmp:
+        uri = str(Path(tmp) / "milvus.db")
+        milvus = KnowledgeIndex.build(keys, "milvus", similarity, uri=uri, collection="bench", **hnsw)
+        res["milvus_index"] = milvus.client.describe_index("bench", "key")
+        res["milvus_lite_files"] = sorted({f.suffix or f.name for f in Path(uri).rglob("*") if f.is_file()})
+        res["milvus_hnsw"] = recall_at_k(milvus, keys, queries, args.k)
+        milvus.close()
+    res["recall_gap"] = round(res["milvus_hnsw"]["recall"] - res["faiss_hnsw"]["recall"], 4)
+    res["load_avg_end"] = os.getloadavg()
+    import milvus_lite
+    import pymilvus
+
+    res["versions"] = {"pymilvus": pymilvus.__version__, "milvus_lite": milvus_lite.__version__,
+                       "faiss": __import__("faiss").__version__}
+    print(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
