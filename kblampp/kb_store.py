@@ -11,6 +11,7 @@ faiss stays out of this file; `open_kb` imports the index module only when asked
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -116,7 +117,8 @@ def write_store(store_dir: str | Path, facts: Sequence[Fact], raw: dict[str, np.
         "arrays": {name: _array_entry(a) for name, a in arrays.items()},
         "extra": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with atomic_dir(store_dir) as tmp:
+    exists = (Path(store_dir) / "manifest.json").is_file()
+    with writer_lock(store_dir) if exists else contextlib.nullcontext(), atomic_dir(store_dir) as tmp:
         (tmp / "meta").mkdir()
         (tmp / "raw").mkdir()
         for name, a in arrays.items():

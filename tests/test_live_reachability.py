@@ -5,7 +5,7 @@ The server's KB (`StoreLiveKB` behind a real `Engine`, real encoding with a tiny
 HNSW index as the base) is compared with an exact search over the live keys: for every live fact i
 and a query that an exact search ranks i into the top k for whatever tie order (its own key, and
 its key minus the mean key), the server's top k must contain i, and never a deleted fact. Checked
-during 1,200 random edits, after a crash + restart (WAL replay, compaction keeping the exact
+during 1,000 random edits, after a crash + restart (WAL replay, compaction keeping the exact
 segment) and after a restart from the compacted store. The index is HNSW with inner product, as
 the main store's: re-adding edited keys to its graph (before issue 15) left live facts unreachable.
 """
@@ -78,7 +78,7 @@ def test_random_edit_sequences_keep_every_live_fact_reachable(tmp_path):
     assert unreachable(engine.kb) == []
     rng = random.Random(15)
     version = 0
-    for step in range(1, 1201):
+    for step in range(1, 1001):
         live = [i for i in range(engine.kb.num_slots()) if engine.kb.get(i) is not None]
         op, version = rng.random(), version + 1
         if op < 0.35:  # the issue's case: replace a fact with its own content (same key)
@@ -92,17 +92,18 @@ def test_random_edit_sequences_keep_every_live_fact_reachable(tmp_path):
             engine.add_facts([fact(rng.choice(heads), rng.choice(rels), f"added v{version}", "1999")])
         else:
             engine.delete_fact(rng.choice(live))
-        if step % 300 == 0:
+        if step % 250 == 0:
             assert unreachable(engine.kb) == [], f"after {step} edits"
     assert len(engine.kb.index.exact_ids) > 0  # the check above covered the exact segment
     before = {i: engine.kb.get(i) for i in range(engine.kb.num_slots())}
 
-    engine.kb.close()  # a crash: no compaction; the restart replays 1,200 WAL entries into memory
+    engine.kb.close()  # a crash: no compaction; the restart replays 1,000 WAL entries into memory
     again = _engine(world, rebuild_fraction=1e9)
-    assert again.recovered["replayed"] == 1200
+    assert again.recovered["replayed"] == 1000
     assert {i: again.kb.get(i) for i in range(again.kb.num_slots())} == before
     assert unreachable(again.kb) == []
-    np.testing.assert_array_equal(again.kb.arrays["K"].view(), engine.kb.arrays["K"].view())
+    # replay embeds all new facts in one batch: equal up to float32 rounding of the batched matmuls
+    np.testing.assert_allclose(again.kb.arrays["K"].view(), engine.kb.arrays["K"].view(), rtol=0, atol=1e-6)
 
     again.close()  # start-up compacted (one commit, the exact segment saved with the index)
     third = _engine(world, rebuild_fraction=1e9)
@@ -116,12 +117,21 @@ def test_random_edit_sequences_keep_every_live_fact_reachable(tmp_path):
 def test_compaction_rebuilds_or_keeps_the_exact_segment(tmp_path, fraction, rebuilt):
     from kblampp.kb_store import open_kb
 
+    import kblampp.kb_store as kb_store
+
     world, heads, rels = _world(tmp_path)
     engine = _engine(world, rebuild_fraction=fraction)
     for i in range(40):
         engine.replace_fact(i, engine.kb.get(i))
     engine.add_facts([fact("Someone", "born in", "Somewhere", "1950")])
-    engine.compact()
+    commits = []
+    real_commit = kb_store.commit_files
+    kb_store.commit_files = lambda root, writers, **kw: (commits.append(sorted(writers)), real_commit(root, writers, **kw))
+    try:
+        engine.compact()
+    finally:
+        kb_store.commit_files = real_commit
+    assert len(commits) == 1 and "K.npy" in commits[0]  # 41 edits, one store commit: each array written once
     _, index = open_kb(world["store"], "hnsw")
     assert (len(index.exact_ids) == 0) is rebuilt and index.n_live == 301
     assert (int(index.dead.sum()) == 0) is rebuilt

@@ -168,10 +168,10 @@ def test_duplicate_policy(server):
 
 
 def test_fact_limits_over_http(server):
-    long_name = fact("x" * 10_000, "born in", "London")
-    nul = fact("Ada\u0000", "born in", "London")
-    rlo = fact("Ada", "born in", "\u202enodnoL")
-    extra = fact("Ada", "born in", "London")
+    long_name, nul, rlo, extra = (fact("Ada", "born in", f"London {i}") for i in range(4))
+    long_name["head"]["name"] = "x" * 10_000
+    nul["head"]["name"] = "Ada\u0000"
+    rlo["tail"]["name"] = "\u202enodnoL"
     extra["comment"] = "x"
     extra["head"]["wikidata"] = "Q7259"
     r = server.client.post("/v1/facts", json=[long_name, nul, rlo, extra], headers=AUTH)
