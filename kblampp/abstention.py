@@ -24,8 +24,8 @@ from torch import nn
 from transformers import LogitsProcessor
 
 ABSTAIN_FEATURES = ("max_alpha", "alpha_entropy", "top_sem", "top_phi", "top_g_time", "top_score", "score_margin",
-                    "max_sem", "sem_spread", "max_phi", "any_time_ok", "top_time_ok", "time_ok_mass", "has_time",
-                    "copy_gate")
+                    "max_sem", "sem_spread", "max_phi", "any_time_ok", "top_time_ok", "time_ok_mass",
+                    "best_sem_time_ok", "sem_lost_to_time", "has_time", "copy_gate")
 REASONS = {"entity_missing": "entity not found in the KB",
            "relation_missing": "the KB has no such relation for this entity",
            "time_outside": "the fact's time window is outside the question's time"}
@@ -68,10 +68,15 @@ def abstention_features(s: AbstainSignals, gamma: float, eta: float) -> torch.Te
     sem = parts[..., 0].masked_fill(~valid, float("-inf"))
     sem_mean = (parts[..., 0] * valid).sum(-1) / n_valid  # (B,)
     phi = parts[..., 1].masked_fill(~valid, float("-inf"))
+    # the semantically best candidate (the asked head and relation) and how much match the time costs
+    best_sem_ok = time_ok.gather(1, sem.argmax(-1, keepdim=True)).squeeze(1).float()
+    sem_ok = sem.masked_fill(~time_ok, float("-inf"))
+    sem_floor = parts[..., 0].masked_fill(~valid, float("inf")).min(-1).values  # no fitting candidate: the worst
     feats = [alpha.max(-1).values, entropy, top_parts[:, 0], top_parts[:, 1], top_parts[:, 2], best2[:, 0],
              margin.nan_to_num(0.0), sem.max(-1).values, sem.max(-1).values - sem_mean, phi.max(-1).values,
              time_ok.any(-1).float(), time_ok.gather(1, top).squeeze(1).float(), (alpha * time_ok).sum(-1),
-             has_time, s.copy_gate.float()]
+             best_sem_ok, sem.max(-1).values - sem_ok.max(-1).values.clamp_min(sem_floor), has_time,
+             s.copy_gate.float()]
     return torch.stack(feats, dim=-1).nan_to_num(0.0, posinf=0.0, neginf=0.0)
 
 

@@ -37,7 +37,8 @@ def test_features_on_hand_made_signals():
     # s = sem + 2 phi + g: [1.0, 0.5, 1.5] (the empty slot is ignored)
     expected = {"max_alpha": 0.5, "alpha_entropy": ent, "top_sem": 2.0, "top_phi": 0.25, "top_g_time": -2.0,
                 "top_score": 1.5, "score_margin": 0.5, "max_sem": 2.0, "sem_spread": 2.0 - 3.5 / 3, "max_phi": 0.5,
-                "any_time_ok": 1.0, "top_time_ok": 0.0, "time_ok_mass": 0.25, "has_time": 1.0, "copy_gate": 0.25}
+                "any_time_ok": 1.0, "top_time_ok": 0.0, "time_ok_mass": 0.25, "best_sem_time_ok": 0.0,
+                "sem_lost_to_time": 1.0, "has_time": 1.0, "copy_gate": 0.25}
     for name, value in expected.items():
         assert f[F[name]].item() == pytest.approx(value, abs=1e-6), name
 
@@ -45,6 +46,7 @@ def test_features_on_hand_made_signals():
 def test_no_question_time_means_every_window_fits():
     f = abstention_features(hand_signals(tau=(math.nan, math.nan)), 1.0, 1.0)[0]
     assert (f[F["any_time_ok"]], f[F["top_time_ok"]], f[F["has_time"]], f[F["time_ok_mass"]]) == (1.0, 1.0, 0.0, 1.0)
+    assert (f[F["best_sem_time_ok"]], f[F["sem_lost_to_time"]]) == (1.0, 0.0)
     ok = windows_overlap(torch.tensor([[100.0, 200.0], [math.nan, math.nan]]),
                          torch.tensor([[[150.0, INF], [0.0, 50.0]], [[0.0, 1.0], [5.0, 6.0]]]))
     assert ok.tolist() == [[True, False], [True, True]]

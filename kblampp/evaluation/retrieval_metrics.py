@@ -37,9 +37,9 @@ def windows_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
 class RetrievalScore:
     """Scores of one question; temporal fields are None when they do not apply."""
 
-    recall_at_1: float
-    recall_at_k: float
-    top_alpha_precision: float
+    recall_at_1: float | None  # None on unanswerable questions (no fact to retrieve)
+    recall_at_k: float | None
+    top_alpha_precision: float | None
     time_match_mass: float | None = None
     time_mismatch_mass: float | None = None
 
@@ -56,6 +56,8 @@ def score_question(cand_ids: Sequence[int], alpha: Sequence[float], record: QARe
     weights = np.asarray(alpha, dtype=np.float64).reshape(-1)
     if ids.shape != weights.shape:
         raise ValueError(f"qid {record.qid}: cand_ids has {ids.size} entries but alpha has {weights.size}")
+    if not record.answerable:  # nothing to retrieve: retrieval metrics do not apply
+        return RetrievalScore(None, None, None)
     valid = ids >= 0
     if not valid.any():
         return RetrievalScore(0.0, 0.0, 0.0, *_temporal(ids, weights, record, facts))
