@@ -75,8 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pending", type=int, nargs="+", default=[0, 100, 1000])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default); on a shared, overloaded machine 1 "
+                             "avoids threads spinning against other jobs")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(cfg, args.checkpoint, pending, Path(tmp), args.seed))
             print(json.dumps(rows[-1]), flush=True)
     load_after = os.getloadavg()
-    machine = {"cpus": os.cpu_count(), "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+    machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
                "loadavg_1_5_15_after": [round(x, 2) for x in load_after]}
     print(json.dumps({"machine": machine}))
     for row in rows:

@@ -24,6 +24,16 @@ from test_server import TOKEN, fact, make_world
 K = 8
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Edits embed one fact at a time: on a busy CI machine two torch threads spin against other jobs
+    (measured: 100 edits took 17 s CPU with 2 threads, 0.3 s with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _world(tmp_path, **hnsw):
     from kblampp.kb_store import KBValueStore
     from kblampp.knowledge_index import KnowledgeIndex

@@ -1,9 +1,10 @@
 """Write-ahead log of live KB changes: one fsynced JSON line per acknowledged change.
 
 Why: the store's own persistence rewrites whole arrays atomically, too slow per request; the log makes
-each change durable in one small append before the HTTP reply. On start the server replays the log
-over the store (entries with seq <= the store's applied seq are skipped, so replay is idempotent),
-saves the store atomically, then truncates the log atomically (temp file + os.replace).
+each change durable in one small append before the HTTP reply. On start the server (the one holding
+the store's writer lock; a read-only server never opens the log) replays the log into memory
+(entries with seq <= the store's applied seq are skipped, so replay is idempotent), folds it into the
+store in one atomic commit, then truncates the log atomically (temp file + os.replace).
 
 Line format: `{"seq": int, "op": "add"|"replace"|"delete", "index": int, "facts": [..] | "fact": {..},
 "crc": int}` where crc is the CRC32 of the line's JSON without the crc field. A torn last line (crash in
