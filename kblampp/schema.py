@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kblampp.question_time import TIME_KINDS
-from kblampp.synth.families import FAMILIES, FAMILY_TYPE, UNANSWERABLE_REASONS
+from kblampp.synth.families import (FAMILIES, FAMILY_TYPE, REAL_DATA_FAMILIES, REAL_DATA_FAMILY_TYPE,
+                                    REAL_DATA_REASONS, UNANSWERABLE_REASONS)
+
+KNOWN_FAMILIES = FAMILIES + REAL_DATA_FAMILIES
+KNOWN_FAMILY_TYPE = {**FAMILY_TYPE, **REAL_DATA_FAMILY_TYPE}
+KNOWN_REASONS = {**UNANSWERABLE_REASONS, **REAL_DATA_REASONS}
 from kblampp.timewin import window_days
 
 QA_TYPES = ("single-hop", "multi-hop", "temporal", "unanswerable")
@@ -24,7 +29,8 @@ MAX_DISAMB_ENTRIES = 16
 FACT_FIELDS = {"head": {"id", "name", "type"}, "relation": {"id", "name"}, "tail": {"id", "name", "type"},
                "context": {"source", "page_title", "sent_span", "disamb", "ver",
                            # provenance written by the dataset builders (kblampp/builders)
-                           "doc_id", "sentence_id", "uuid", "evidence_index", "sent_id", "extraction_rule", "qid"},
+                           "doc_id", "sentence_id", "uuid", "evidence_index", "sent_id", "extraction_rule", "qid",
+                           "tail_kind", "tail_date", "time_rule"},
                "time_window": {"start", "end", "source"}}
 VER_FIELDS = {"url", "rev_id"}
 # bidirectional embeddings, overrides and isolates: text that displays differently from what it says
@@ -154,7 +160,7 @@ def _closed_object(obj: dict, key: str, line: int, problems: list[Problem]) -> N
     for name in obj:
         if name not in allowed:
             problems.append(Problem(line, f"{key}.{name}", f"unknown field (allowed: {', '.join(sorted(allowed))})"))
-    for name in sorted(allowed - {"name", "sent_span", "start", "end", "disamb", "ver"}):
+    for name in sorted(allowed - {"name", "sent_span", "start", "end", "disamb", "ver", "tail_date"}):
         if name in obj and name != "id":
             reason = _scalar_problem(obj[name], MAX_TEXT_CHARS)
             if reason:
@@ -165,6 +171,10 @@ def _closed_object(obj: dict, key: str, line: int, problems: list[Problem]) -> N
 
 def _context_extras(ctx: dict, line: int, problems: list[Problem]) -> None:
     disamb, ver = ctx.get("disamb"), ctx.get("ver")
+    tail_date = ctx.get("tail_date")
+    if tail_date is not None and (not isinstance(tail_date, dict) or set(tail_date) - {"start", "end"}
+                                  or any(v is not None and not isinstance(v, str) for v in tail_date.values())):
+        problems.append(Problem(line, "context.tail_date", "expected an object {start, end} of ISO dates or null"))
     if disamb is not None:
         if not isinstance(disamb, dict):
             problems.append(Problem(line, "context.disamb", f"expected an object, got {type(disamb).__name__}"))
@@ -318,10 +328,10 @@ def _check_family_fields(obj: dict, line: int, num_facts: int | None, problems: 
     """The optional fields of docs/DESIGN_QA.md: family, answerable, time_constraint, unanswerable_*."""
     family = obj.get("family")
     if "family" in obj:
-        if family not in FAMILIES:
+        if family not in KNOWN_FAMILIES:
             problems.append(Problem(line, "family", f"{family!r} is not a known family"))
-        elif obj.get("type") in QA_TYPES and FAMILY_TYPE[family] != obj["type"]:
-            problems.append(Problem(line, "family", f"{family!r} is a {FAMILY_TYPE[family]} family, "
+        elif obj.get("type") in QA_TYPES and KNOWN_FAMILY_TYPE[family] != obj["type"]:
+            problems.append(Problem(line, "family", f"{family!r} is a {KNOWN_FAMILY_TYPE[family]} family, "
                                                     f"but type is {obj['type']!r}"))
     answerable = obj.get("answerable", True)
     if not isinstance(answerable, bool):
@@ -348,10 +358,10 @@ def _check_family_fields(obj: dict, line: int, num_facts: int | None, problems: 
                 problems.append(Problem(line, key, "only unanswerable records carry it"))
         return
     reason = obj.get("unanswerable_reason")
-    expected = UNANSWERABLE_REASONS.get(family) if family in UNANSWERABLE_REASONS else None
-    if reason not in UNANSWERABLE_REASONS.values():
+    expected = KNOWN_REASONS.get(family)
+    if reason not in KNOWN_REASONS.values():
         problems.append(Problem(line, "unanswerable_reason", f"{reason!r} is not one of "
-                                                             f"{', '.join(UNANSWERABLE_REASONS.values())}"))
+                                                             f"{', '.join(sorted(set(KNOWN_REASONS.values())))}"))
     elif expected is not None and reason != expected:
         problems.append(Problem(line, "unanswerable_reason", f"{reason!r} does not fit family {family!r}"))
     if obj.get("supporting_facts"):

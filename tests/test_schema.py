@@ -151,7 +151,7 @@ def test_family_fields_of_an_unanswerable_record_pass():
                             ("unanswerable_reason", "only unanswerable records carry it"),
                             ("near_miss_facts", "only unanswerable records carry it")]),
     ({"unanswerable_reason": "shy"}, [("unanswerable_reason",
-                                       "'shy' is not one of entity_missing, relation_missing, time_outside")]),
+                                       "'shy' is not one of answer_not_stated, entity_missing, relation_missing, time_outside")]),
     ({"unanswerable_reason": "time_outside"}, [("unanswerable_reason",
                                                 "'time_outside' does not fit family 'unans_entity'")]),
     ({"supporting_facts": [0]}, [("supporting_facts", "must be empty on an unanswerable record")]),

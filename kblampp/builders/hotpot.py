@@ -9,14 +9,18 @@ disambiguation suffix, id `enwiki:<title>` with HTML entities un-escaped), windo
 carry no time; a date tail's parsed ISO range is kept in `context.tail_date`).
 
 QA records (one per question that has an answer; records without one still give facts):
-  family          hotpot_yesno (answer yes/no), hotpot_comparison, or hotpot_bridge;
+  family          hotpot_yesno (answer yes/no), hotpot_comparison, hotpot_bridge, or hotpot_unstated
+                  (a bridge question whose answer no supporting sentence states);
   supporting_facts the facts of the supporting sentences, first hop first, answer fact last;
   answer_fact     the supporting fact whose tail equals the answer after SQuAD normalisation, from the
                   last hop's paragraph when there is one (bridge questions only); absent otherwise;
   answerable      true exactly when there is an answer_fact (yes/no and comparison answers are never a
                   stated tail: false);
   bridge_linked   (bridge questions with two supporting pages) a fact of one page links to the other;
-  type            "multi-hop" (the schema's QA type); question_time null.
+  type            "multi-hop"; question_time null.
+A question the KB cannot answer is written as docs/DESIGN_QA.md lays out (type "unanswerable", answer
+"no answer", reason answer_not_stated): the dataset's answer goes to `source_answer`, the supporting
+sentences' facts to `near_miss_facts`.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from typing import Any
 from kblampp.builders.common import BuildResult, iter_records, make_fact, position, require
 from kblampp.builders.hotpot_text import statements, title_base, unescape_title
 from kblampp.metrics import normalize_answer
+from kblampp.synth.families import NO_ANSWER
 
 TAIL_TYPES = {"title": "ENTITY", "name": "NAME", "date": "DATE", "number": "NUMBER", "native": "NATIVE_NAME"}
 
@@ -201,6 +206,10 @@ def qa_record(rec: dict, qid: str, facts: list[tuple[str, int]], all_facts: list
         qa["answer_fact"] = answer_fact
     if family == "hotpot_bridge" and len(support_titles) >= 2:
         qa["bridge_linked"] = linked
+    if answer_fact is None:  # unanswerable from the KB (docs/DESIGN_QA.md); the dataset's answer is kept aside
+        qa.update(type="unanswerable", family="hotpot_unstated" if family == "hotpot_bridge" else family,
+                  answer=NO_ANSWER, source_answer=qa["answer"], supporting_facts=[], near_miss_facts=ordered,
+                  unanswerable_reason="answer_not_stated")
     return qa
 
 
@@ -210,7 +219,7 @@ def reachability(result: BuildResult) -> dict[str, Any]:
     sentences = result.notes["supporting sentences"]
     relations = [f["relation"]["name"] for f in result.facts]
     vocab = {r: relations.count(r) for r in set(relations)}
-    bridge = [q for q in result.qa if q["family"] == "hotpot_bridge"]
+    bridge = [q for q in result.qa if q["family"] in ("hotpot_bridge", "hotpot_unstated")]
     chains = [q for q in bridge if "bridge_linked" in q]
     share = lambda part, whole: round(part / whole, 3) if whole else None  # noqa: E731
     return {
@@ -219,7 +228,7 @@ def reachability(result: BuildResult) -> dict[str, Any]:
         "sentences without a fact": result.notes["supporting sentences without a fact"],
         "relation vocabulary": len(vocab), "relations used once": sum(1 for n in vocab.values() if n == 1),
         "families": {f: sum(1 for q in result.qa if q["family"] == f)
-                     for f in ("hotpot_bridge", "hotpot_comparison", "hotpot_yesno")},
+                     for f in ("hotpot_bridge", "hotpot_comparison", "hotpot_yesno", "hotpot_unstated")},
         "answerable": sum(1 for q in result.qa if q["answerable"]),
         "answerable share": share(sum(1 for q in result.qa if q["answerable"]), len(result.qa)),
         "bridge answers reachable": share(sum(1 for q in bridge if q["answerable"]), len(bridge)),

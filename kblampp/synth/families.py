@@ -20,4 +20,11 @@ FAMILY_TYPE: dict[str, str] = {
 }
 UNANSWERABLE_REASONS = {"unans_entity": "entity_missing", "unans_relation": "relation_missing",
                         "unans_time": "time_outside"}
+# Families of the real-data builders (HotpotQA): not generated here, but checked like the others.
+# Questions whose answer no supporting sentence states as a tail (comparison, yes/no, or an answer the
+# text never names as an entity) are unanswerable from a KB built from the text.
+REAL_DATA_FAMILIES = ("hotpot_bridge", "hotpot_unstated", "hotpot_comparison", "hotpot_yesno")
+REAL_DATA_FAMILY_TYPE = {"hotpot_bridge": "multi-hop", "hotpot_unstated": "unanswerable",
+                         "hotpot_comparison": "unanswerable", "hotpot_yesno": "unanswerable"}
+REAL_DATA_REASONS = {f: "answer_not_stated" for f in ("hotpot_unstated", "hotpot_comparison", "hotpot_yesno")}
 NO_ANSWER = "no answer"  # the gold `answer` marker of unanswerable records (never matched as a string)
