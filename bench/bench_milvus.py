@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         uri = str(Path(tmp) / "milvus.db")
         milvus = KnowledgeIndex.build(keys, "milvus", similarity, uri=uri, collection="bench", **hnsw)
         res["milvus_index"] = milvus.client.describe_index("bench", "key")
-        res["milvus_lite_files"] = sorted({f.suffix or f.name for f in Path(uri).rglob("*") if f.is_file()})
+        files = [f.suffix or f.name for f in Path(uri).rglob("*") if f.is_file()]
+        res["milvus_lite_files"] = {s: files.count(s) for s in sorted(set(files))}  # .idx: one HNSW per segment
         res["milvus_hnsw"] = recall_at_k(milvus, keys, queries, args.k)
         milvus.close()
     res["recall_gap"] = round(res["milvus_hnsw"]["recall"] - res["faiss_hnsw"]["recall"], 4)

@@ -38,19 +38,15 @@ def test_search_agrees_with_exact_search(tmp_path, similarity):
 
 
 def test_remove_add_and_replace_by_fact_id(tmp_path):
-    keys = _keys(400)
-    index = _build(tmp_path, keys)
-    assert index.remove([5, 7]) == 2 and index.remove([5]) == 0
-    _, ids = index.search(keys[[5, 7, 9]], 10)
-    assert 5 not in ids and 7 not in ids and ids[2, 0] == 9
-    new = _keys(1, seed=9)
-    index.add(new, [5])  # replace: same id, new key
-    _, ids = index.search(new, 1)
-    assert ids[0, 0] == 5 and index.n_live == 399 and index.n == 400
-    with pytest.raises(ValueError, match="fact id 5 is already in the index"):
-        index.add(new, [5])
+    """The faiss test's edit sequence, run on Milvus (imported here so pytest collects it once)."""
+    from test_knowledge_index import test_remove_add_and_replace_by_fact_id as same_on
+
+    same_on("milvus", {"uri": str(tmp_path / "milvus.db")})
+    index = _build(tmp_path, _keys(10))
     with pytest.raises(ValueError, match="fact id 600 appears twice in one add"):
         index.add(_keys(2, seed=3), [600, 600])
+    index.add(_keys(1, seed=3), [600])
+    assert index.n == 601 and index.n_live == 11
 
 
 def test_fewer_keys_than_k_fills_missing_slots(tmp_path):
