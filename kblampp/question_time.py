@@ -191,3 +191,7 @@ def question_time_dict(text: str) -> dict | None:
     """`parse_question_time` in the QA record's `question_time` shape ({start, end} or None)."""
     window = parse_question_time(text)
     return None if window is None else {"start": window[0], "end": window[1]}
+
+
+TIME_KINDS = ("none", "at", "between", "before", "after", "just_before", "right_after",
+              "first", "last", "current", "relative")
