@@ -1,6 +1,7 @@
 """Stage A: backbone frozen, KB modules trained in phases (each on by a non-zero step count):
 
   1. retrieval  - contrastive query/key/scorer training on cached inject-layer states (no LLM forward)
+     time       - the time score's per-kind rows: the answer among its same-(head, relation) facts
   2. copy_gate  - the answer head's gate on cached plain-LM log-probs and the trained retrieval
   3. value      - teacher-forced gold facts, answer CE through the injection path
   4. e2e        - real retrieval: mixture CE + injection CE + retrieval loss
@@ -36,9 +37,10 @@ from kblampp.training.e2e_phase import E2ETrainer
 from kblampp.training.facts import FactTable, hard_negatives
 from kblampp.training.loop import Trainer, load_kb_state, make_accelerator
 from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer, init_query_from_keys
+from kblampp.training.time_phase import TimeTrainer
 from kblampp.training.value_phase import ValueTrainer
 
-PHASES = ("retrieval", "copy_gate", "value", "e2e")
+PHASES = ("retrieval", "time", "copy_gate", "value", "e2e")
 
 
 @dataclass
@@ -100,7 +102,8 @@ def _retrieval_data(ds: QADataset, states: dict[int, torch.Tensor], table: FactT
     answers = [ex.answer_fact for ex in ds.examples]
     return RetrievalData(states, b["e_q"], b["tau"], b["answer_fact"], b["supporting"],
                          [ex.qtype for ex in ds.examples],
-                         hard_negatives(table, answers, [ex.supporting for ex in ds.examples], n_hard))
+                         hard_negatives(table, answers, [ex.supporting for ex in ds.examples], n_hard),
+                         b.get("time_kind"))
 
 
 class StageA:
@@ -185,6 +188,13 @@ class StageA:
         t0 = time.perf_counter()
         results["retrieval"] = self.trainer.run(retr.phase(mods.layer_names(), "kv"), resume)
         self.timings["retrieval_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if sa.time_steps > 0:
+            timer = TimeTrainer(cfg, mods.layer_modules(), mods.table, train_data, retr.keys().detach(), dev_data,
+                                rank, world)
+            results["time"] = self.trainer.run(timer.phase(mods.layer_names()), resume)
+        self.timings["time_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if sa.copy_gate_steps > 0:
