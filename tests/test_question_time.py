@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from kblampp.question_time import find_time_expressions, parse_question_time, question_time_dict
+from kblampp.question_time import (TIME_KINDS, TimeConstraint, find_time_expressions, normalize_question,
+                                   parse_question_time, parse_time_constraint, question_time_dict)
 from kblampp.timewin import window_days
 
 CASES = [
@@ -63,10 +64,12 @@ CASES = [
     ("In 1993, the person who was leader of the party until april 10, 2006 was a member of what party?",
      ("1993", "1993")),
     ("What Davis Cup national team was founded in 1993 after the breakup of Yugoslavia?", ("1993", "1993")),
+    # seasons are periods now ("after the season 2018/2019" used to give no time at all)
+    ("After the season 2018/2019, who was hired as the head coach?", ("2020", None)),
+    ("Who won the 1999/2000 season?", ("1999", "2000")),
     # nothing usable
     ("What did the planetarium become after renovation?", None),
     ("Meg Whitman became part of which organisation in 1?", None),
-    ("After the season 2018/2019, who was hired as the head coach?", None),
     ("Who won from 2 to 5 pm?", None),
     ("What happened in 100 days?", None),
     ("Who led the club from 2010 to 2005?", None),
@@ -102,3 +105,110 @@ def test_find_time_expressions_reports_kind_span_and_describing() -> None:
 def test_non_string_is_rejected() -> None:
     with pytest.raises(TypeError, match="question text must be a string, got int"):
         parse_question_time(1995)  # type: ignore[arg-type]
+
+
+REF = "2024-12-31"
+C = TimeConstraint
+# (question, expected constraint) for every kind, with typos, odd formats, lower case and extra spaces
+TYPED = [
+    # at
+    ("Who was the CEO of Turner Inc on Dec. 3rd, 1999?", C("at", "1999-12-03", "1999-12-03")),
+    ("who was the ceo of turner inc on decmber 3, 1999?", C("at", "1999-12-03", "1999-12-03")),
+    ("Who ran Turner Inc on 3 Dec 1999", C("at", "1999-12-03", "1999-12-03")),
+    ("Who led Turner Inc in  the late 1990s ?", C("at", "1997", "1999")),
+    ("who led turner inc in the '90s?", C("at", "1990", "1999")),
+    ("Who won the 1999/2000 season?", C("at", "1999", "2000")),
+    ("Who led the club in 1999/00?", C("at", "1999", "2000")),
+    ("Who led the club in Febuary 2001?", C("at", "2001-02", "2001-02")),
+    ("who was ceo of y in sept. 2001?", C("at", "2001-09", "2001-09")),
+    ("Who was CEO of Y in the year 1995?", C("at", "1995", "1995")),
+    ("Who was CEO of Y as of 1995?", C("at", "1995", "1995")),
+    # between
+    ("Who was CEO of Y betwen 1990 and 1995?", C("between", "1990", "1995")),
+    ("who was ceo of y from  march 1990 to 1995?", C("between", "1990-03", "1995")),
+    ("Who held the post in 2019-2020?", C("between", "2019", "2020")),
+    # before / after (since/until give the same kinds with the named period included)
+    ("Who was the CEO of Y befor 1990?", C("before", None, "1989")),
+    ("Who was the CEO of Y prior to March 2, 2019?", C("before", None, "2019-03-01")),
+    ("Who was CEO until 2001?", C("before", None, "2001")),
+    ("Who was CEO aftr 1990?", C("after", "1991", None)),
+    ("AFTER DEC 1999, WHO WAS CEO?", C("after", "2000-01", None)),
+    ("who was ceo of y since 2001?", C("after", "2001", None)),
+    # just before / right after
+    ("Who was the CEO of Y just prior to 1990?", C("just_before", None, "1989")),
+    ("who was ceo of y right before  1990 ?", C("just_before", None, "1989")),
+    ("Who was CEO of Y shortly befor 1990?", C("just_before", None, "1989")),
+    ("Who was the last CEO of Y before 2000?", C("just_before", None, "1999")),
+    ("Who was CEO of Y immediately after 1993?", C("right_after", "1994", None)),
+    ("Who was the CEO of Y rigth after 1993?", C("right_after", "1994", None)),
+    ("Who was the first CEO of Y after 2000?", C("right_after", "2001", None)),
+    # succession: the anchor names the other fact, dates come from it
+    ("Who succeeded Alice Smith as CEO of Y?", C("right_after", None, None, "Alice Smith as CEO of Y")),
+    ("who succeded alice smith as ceo of y?", C("right_after", None, None, "alice smith as ceo of y")),
+    ("Who took over from Alice Smith as CEO of Y?", C("right_after", None, None, "Alice Smith as CEO of Y")),
+    ("Who was Alice Smith's successor as CEO of Y?", C("right_after", None, None, "Alice Smith as CEO of Y")),
+    ("Who preceded Alice Smith as CEO of Y?", C("just_before", None, None, "Alice Smith as CEO of Y")),
+    ("Who was the CEO of Y just before Alice Smith?", C("just_before", None, None, "Alice Smith")),
+    ("who was bob jones' predecessor as ceo of y?", C("just_before", None, None, "bob jones as ceo of y")),
+    # first / last
+    ("Who was the first CEO of Y?", C("first", None, None)),
+    ("Who was the earliest chief executive of Y?", C("first", None, None)),
+    ("Who was the last CEO of Y?", C("last", None, None)),
+    ("who was the most recent ceo of y?", C("last", None, None)),
+    # current
+    ("Who is the CEO of Y as of now?", C("current", REF, REF)),
+    ("Who is currently the CEO of Y?", C("current", REF, REF)),
+    ("who is   the ceo of y now?", C("current", REF, REF)),
+    ("Who runs Y at present?", C("current", REF, REF)),
+    ("Who is the curent CEO of Y?", C("current", REF, REF)),
+    # relative: the anchoring clause
+    ("When Alice Smith was CEO of Y, where did Bob work?", C("relative", None, None, "Alice Smith was CEO of Y")),
+    ("while alice smith was ceo of y, which club was she a member of?",
+     C("relative", None, None, "alice smith was ceo of y")),
+    ("In the year Y was founded, who was the CEO of Z?", C("relative", None, None, "Y was founded")),
+    ("Who was the CEO of Y at the time of the Golden Fox Expo?", C("relative", None, None, "the Golden Fox Expo")),
+    ("Who led Y during Bob's tenure as CEO of Z?", C("relative", None, None, "Bob's tenure as CEO of Z")),
+    ("Who was the CEO of the organiser of the Golden Fox Expo when it was held?",
+     C("relative", None, None, "it was held")),
+    # a dated expression outside the relative clause wins; inside it, the clause wins
+    ("When Alice Smith was CEO of Y, who ran Z in 1995?", C("at", "1995", "1995")),
+    ("When Alice Smith joined Y in 1995, who ran Z?", C("relative", None, None, "Alice Smith joined Y in 1995")),
+]
+
+
+@pytest.mark.parametrize("text,expected", TYPED)
+def test_parse_time_constraint_every_kind(text: str, expected: TimeConstraint) -> None:
+    got = parse_time_constraint(text, reference_date=REF)
+    assert got == expected
+    assert got.kind in TIME_KINDS
+    assert parse_question_time(text, REF) == got.window()
+
+
+@pytest.mark.parametrize("text", ["When was Alice born?", "What is the first name of Bob?",
+                                  "What did he do in his 20s?", "Who founded Turner Inc?",
+                                  "Which company does Alice Smith work for?"])
+def test_no_constraint(text: str) -> None:
+    assert parse_time_constraint(text, REF) is None
+
+
+def test_current_without_reference_date_has_no_dates() -> None:
+    got = parse_time_constraint("Who is the CEO of Y now?")
+    assert got == C("current", None, None) and got.window() is None
+    assert parse_question_time("Who is the CEO of Y now?") is None
+
+
+def test_bad_reference_date_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unparsable date"):
+        parse_time_constraint("Who is the CEO now?", reference_date="31/12/2024")
+
+
+def test_constraint_round_trips_as_dict() -> None:
+    got = parse_time_constraint("Who succeeded Alice Smith as CEO of Y?")
+    assert got.to_dict() == {"kind": "right_after", "start": None, "end": None, "anchor": "Alice Smith as CEO of Y"}
+    assert TimeConstraint(**got.to_dict()) == got
+
+
+def test_typo_repair_leaves_correct_words_alone() -> None:
+    text = "Who was the CEO of Turner Inc before 1990, after the match in March?"
+    assert normalize_question(text) == text
+    assert normalize_question("befor 1990 aftr Decmber") == "before 1990 after december"
