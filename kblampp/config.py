@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import types
 import typing
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kblampp.timewin import window_days
 
 
 class ConfigError(ValueError):
@@ -133,6 +136,8 @@ class KBConfig:
     grad_accum: int = 4
     max_seq_len: int = 512
     max_new_tokens: int = 16
+    reference_date: str = "2024-12-31"  # what "now" / "current" in a question means (the synthetic world's last day)
+    abstain_answer: str = "unknown"  # the answer of a row that abstains (right only on unanswerable questions)
     log_interval: int = 50
     save_interval: int = 1000
     eval_interval: int = 0
@@ -185,6 +190,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2024-12-31 as a date
+            return value.isoformat()
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -230,7 +237,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep or not key.strip():
             raise ConfigError(f"--set {item}: expected key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return _build(KBConfig, data, label)
+    cfg = _build(KBConfig, data, label)
+    try:
+        window_days(cfg.reference_date, cfg.reference_date)
+    except ValueError as err:
+        raise ConfigError(f"{label} reference_date: {str(err).partition(': ')[2]}") from None
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:

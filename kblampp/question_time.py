@@ -74,7 +74,9 @@ _LAST_BEFORE = re.compile(r"\b(?:last|latest|most\s+recent)\b[^,;?]*$", re.I)
 _FIRST_AFTER = re.compile(r"\b(?:first|earliest|next)\b[^,;?]*$", re.I)
 
 _AUX = r"(?!(?:was|were|is|are|did|does|do|has|have|had|will|would|can|could|should)\b)"
-_CLAUSE = r"(?P<anchor>[^,?;]*[^,?;\s])"
+# A clause runs to the main question (", who ...") or to the end; names may hold commas ("Miller, Oconnell and Mitchell").
+_CLAUSE = (r"(?P<anchor>[^?;]*?[^,?;\s])(?=\s*,\s*(?:who|whom|whose|what|where|which|when|how|in\s+which|at\s+which"
+           r"|for\s+which)\b|\s*[?;]|\s*$)")
 _RELATIVE = (
     re.compile(rf"\b(?:when|while|whilst|(?:during|at|by)\s+the\s+time)\s+(?!of\b)(?:that\s+)?{_AUX}{_CLAUSE}", re.I),
     re.compile(rf"\bat\s+the\s+time\s+of\s+{_CLAUSE}", re.I),
@@ -90,7 +92,7 @@ _SUCCESSION = (
         rf"|(?:just|right|immediately|directly)\s+after)\s+(?!\d){_CLAUSE}", re.I)),
 )
 _SUCCESSOR_NOUN = re.compile(r"(?:\bwho\s+(?:was|is|became)\s+)?(?P<name>[^,?;]+?)['’]s?\s+(?P<noun>successor|predecessor)"
-                             r"(?P<rest>\s+as\s+[^,?;]*[^,?;\s])?", re.I)
+                             r"(?P<rest>\s+as\s+[^?;]*[^,?;\s])?(?=\s*[?;]|\s*$)", re.I)
 _CURRENT = re.compile(r"\b(?:now|currently|current|presently|at\s+present|today|these\s+days|nowadays"
                       r"|at\s+the\s+moment|as\s+of\s+(?:now|today))\b", re.I)
 _FIRST = re.compile(r"\b(?:first|earliest|original|inaugural|founding)\b(?!\s+name)", re.I)

@@ -44,7 +44,7 @@ def test_embedded_default(repo_root):
 def test_unknown_keys_are_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("backbone: x\nbogus_key: 1\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'bogus_key' \(known: K_top, backbone, "):
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'bogus_key' \(known: K_top, abstain_answer, backbone, "):
         load_config(path)
     path.write_text("optimizer:\n  lr: 1.0e-3\n  momentum: 0.9\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"^{path}: optimizer: unknown key 'momentum' \(known: lr, schedule, "):
@@ -119,3 +119,13 @@ def test_script_args():
     args = parser.parse_args(["--set", "K_top=4", "--set", "optimizer.lr=0.001"])
     cfg = config_from_args(args)
     assert (cfg.K_top, cfg.optimizer.lr) == (4, 0.001)
+
+
+def test_reference_date_is_checked_and_yaml_dates_accepted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("reference_date: 2020-05-01\n", encoding="utf-8")
+    assert load_config(path).reference_date == "2020-05-01"
+    assert load_config(None).reference_date == "2024-12-31" and load_config(None).abstain_answer == "unknown"
+    path.write_text("reference_date: '2020-02-30'\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"^{path}: reference_date: unparsable date '2020-02-30' \(day is out of range"):
+        load_config(path)

@@ -1,0 +1,23 @@
+"""Question families (docs/DESIGN_QA.md): every QA record names one; evaluation reports EM per family.
+
+Why a fixed tuple: the generator, the schema check, the answer checker and the evaluation table must
+agree on the names, and each family belongs to exactly one question `type`.
+"""
+from __future__ import annotations
+
+SURFACE_FAMILIES = ("paraphrase", "lowercase", "initials")
+TIME_FAMILIES = ("in", "on", "between", "before", "after", "just_before", "right_after", "first", "last",
+                 "current", "succession", "relative")
+UNANSWERABLE_FAMILIES = ("unans_entity", "unans_relation", "unans_time")
+FAMILIES = (("single_hop",) + SURFACE_FAMILIES + ("multi_hop_2", "multi_hop_3") + TIME_FAMILIES
+            + UNANSWERABLE_FAMILIES)
+
+FAMILY_TYPE: dict[str, str] = {
+    **{f: "single-hop" for f in ("single_hop",) + SURFACE_FAMILIES},
+    "multi_hop_2": "multi-hop", "multi_hop_3": "multi-hop",
+    **{f: "temporal" for f in TIME_FAMILIES},
+    **{f: "unanswerable" for f in UNANSWERABLE_FAMILIES},
+}
+UNANSWERABLE_REASONS = {"unans_entity": "entity_missing", "unans_relation": "relation_missing",
+                        "unans_time": "time_outside"}
+NO_ANSWER = "no answer"  # the gold `answer` marker of unanswerable records (never matched as a string)
