@@ -8,8 +8,8 @@ one learnable weight row per kind:
   window match  overlap, coverage, contains, log gap (the "in 1995" / "between" / "now" cases);
   distances     signed log-years between the fact window's ends and the constraint's ends;
   order         where the fact stands among the candidates sharing its (head, relation):
-                started by the constraint's end and the latest such ("before", "just before"),
-                running at the constraint's start and the earliest such ("after", "right after"),
+                started by the constraint's end and the latest started ("before", "just before"),
+                still valid at the constraint's start and the earliest ending ("after", "right after"),
                 the earliest / latest of its siblings ("first", "last").
 
 Why order features: a window alone cannot say "the latest one before 2011" — every earlier CEO
@@ -28,7 +28,7 @@ DAYS_PER_YEAR = 365.25
 TIME_CLAMP_DAYS = 1.0e6  # +-2700 years around 1970: open ends (+-inf) become finite but far away
 WINDOW_FEATURES = ("overlap", "coverage", "contains", "log_gap_years")
 DISTANCE_FEATURES = ("start_minus_start", "start_minus_end", "end_minus_start", "end_minus_end")
-ORDER_FEATURES = ("started_by_end", "running_at_start", "latest_started", "earliest_running",
+ORDER_FEATURES = ("started_by_end", "running_at_start", "latest_started", "earliest_ending_running",
                   "earliest", "latest")
 TIME_FEATURES = WINDOW_FEATURES + DISTANCE_FEATURES + ORDER_FEATURES
 DATELESS_KINDS = ("first", "last")  # active without a window (tau NaN is read as fully open)
@@ -58,7 +58,7 @@ def initial_kind_weights() -> torch.Tensor:
             row[col["latest_started"]] = ORDER_MARGIN
         elif kind in ("after", "right_after"):
             row[col["overlap"]], row[col["log_gap_years"]] = 1.0, -1.0
-            row[col["earliest_running"]] = ORDER_MARGIN
+            row[col["earliest_ending_running"]] = ORDER_MARGIN
         elif kind == "first":
             row[col["earliest"]] = ORDER_MARGIN
         elif kind == "last":
@@ -76,6 +76,15 @@ def kinds_from_windows(q_tau: torch.Tensor) -> torch.Tensor:
     kind = torch.where(torch.isinf(lo) & torch.isfinite(hi), kind_index("before"), kind)
     kind = torch.where(torch.isfinite(lo) & torch.isinf(hi), kind_index("after"), kind)
     return torch.where(torch.isnan(q_tau).any(dim=-1), kind_index("none"), kind)
+
+
+def time_active(q_tau: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows whose g_time is not 0 — a kind other than none, with a window or a dateless kind."""
+    dateless = torch.zeros_like(kind, dtype=torch.bool)
+    for name in DATELESS_KINDS:
+        dateless |= kind == kind_index(name)
+    has_window = ~torch.isnan(q_tau).any(dim=-1)
+    return (kind != kind_index("none")) & (has_window | dateless)
 
 
 def _signed_log_years(days: torch.Tensor) -> torch.Tensor:
@@ -107,7 +116,7 @@ def order_features(q_lo: torch.Tensor, q_hi: torch.Tensor, f_lo: torch.Tensor, f
     later = s_lo > f_lo.unsqueeze(-1)  # (..., M, L) sibling began after this fact
     earlier = s_lo < f_lo.unsqueeze(-1)
     rank_before = (s_started & later).sum(-1)  # eligible siblings that began later
-    rank_after = (s_running & earlier).sum(-1)  # eligible siblings that began earlier
+    rank_after = (s_running & (s_hi < f_hi.unsqueeze(-1))).sum(-1)  # eligible siblings that end earlier
     rank_first, rank_last = (s_mask & earlier).sum(-1), (s_mask & later).sum(-1)
 
     def closeness(rank: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -178,11 +187,8 @@ class TimeScorer(nn.Module):
             q_tau = torch.full((B, 2), float("nan"), device=f_min.device)
         q_tau = q_tau.to(f_min.device).float()
         kind = kinds_from_windows(q_tau) if time_kind is None else time_kind.to(device=f_min.device, dtype=torch.long)
-        dateless = torch.zeros_like(kind, dtype=torch.bool)
-        for name in DATELESS_KINDS:
-            dateless |= kind == kind_index(name)
         has_window = ~torch.isnan(q_tau).any(dim=-1)  # (B,)
-        active = (kind != kind_index("none")) & (has_window | dateless)
+        active = time_active(q_tau, kind)
         open_window = torch.tensor([-float("inf"), float("inf")], device=f_min.device).expand(B, 2)
         q = torch.where(has_window[:, None], q_tau, open_window)  # (B, 2); dateless rows: fully open
         if siblings is None:

@@ -106,7 +106,7 @@ def test_before_ranks_latest_earlier_ceo_first_by_hand():
 
 
 def test_after_ranks_next_ceo_above_open_ended_current_one():
-    """'after 2004' = (2005-01-01, inf): CEO 2 (2005-2011) is the earliest running then (rank 0), the
+    """'after 2004' = (2005-01-01, inf): CEO 2 (2005-2011) is the earliest ending of those valid then (rank 0), the
     open-ended current CEO 3 rank 1; CEO 1 ended on 2004-12-31, one day before."""
     g = _score("after", "2005", None)
     gap0 = (dt.date(2005, 1, 1) - dt.date(1999, 6, 30)).days  # 2012 days

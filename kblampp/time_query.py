@@ -1,0 +1,132 @@
+"""A question's typed time constraint as the model reads it: `tau` (lo, hi) days and a `time_kind` id.
+
+One place for training, evaluation and the server: parse the text (`kblampp.question_time`), resolve
+anchored constraints through a first retrieval, and turn the result into KBContext tensors.
+
+Succession and relative questions need two facts: "who succeeded X as CEO of Y" is a `right_after`
+constraint whose date is the end of X's tenure, which only the KB knows. They are answered in two
+retrievals: (1) the anchor clause ("X as CEO of Y") is embedded and retrieved through the first inject
+layer's own query and score (Q = kb_query_ctx(e_anchor) + kb_linear_q(0), s = sem + gamma*phi, no
+time term), the top fact is the anchor; (2) its window becomes the constraint's dates and the question
+is answered as a dated one:
+  just_before (predecessor): (None, anchor start - 1 day)  -> the latest sibling started by then
+  right_after (successor):   (anchor end + 1 day, None)    -> the earliest-ending sibling still valid
+  relative:                  (anchor start, anchor end), or (start, start) for facts that mark a
+                             beginning (place of birth, spouse, founded by) -> the sibling overlapping it
+No backbone forward is needed for step (1): the query's question-state part is left at its bias.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from kblampp.question_time import TIME_KINDS, TimeConstraint, parse_time_constraint
+from kblampp.timewin import days_to_iso, window_days
+
+START_ONLY_RELATIONS = ("place of birth", "spouse", "founded by")  # an anchor that marks a beginning
+DAY = 1.0
+
+
+def needs_anchor(c: TimeConstraint | None) -> bool:
+    """True for a constraint whose dates come from an anchor fact (succession, relative)."""
+    return c is not None and c.anchor is not None and c.start is None and c.end is None
+
+
+def constraint_days(c: TimeConstraint | None) -> tuple[float, float]:
+    """(lo, hi) days of the constraint's dates; (NaN, NaN) when it carries none."""
+    if c is None or (c.start is None and c.end is None):
+        return math.nan, math.nan
+    return window_days(c.start, c.end)
+
+
+def constraint_kind(c: TimeConstraint | None) -> int:
+    return 0 if c is None else TIME_KINDS.index(c.kind)
+
+
+def anchored(c: TimeConstraint, lo: float, hi: float, start_only: bool) -> TimeConstraint:
+    """The constraint with dates from the anchor fact's window [lo, hi] (days; hi may be +inf)."""
+    if c.kind == "just_before":
+        return replace(c, start=None, end=days_to_iso(lo - DAY) if math.isfinite(lo) else None)
+    if c.kind == "right_after":
+        return replace(c, start=days_to_iso(hi + DAY) if math.isfinite(hi) else None, end=None)
+    end = lo if start_only else hi
+    return replace(c, start=days_to_iso(lo), end=days_to_iso(end))
+
+
+@dataclass
+class QuestionTimes:
+    """Per question: the parsed constraint, the anchor fact (or None) and the constraint as used."""
+
+    parsed: list[TimeConstraint | None]
+    anchor_facts: list[int | None]
+    used: list[TimeConstraint | None]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tau (n, 2) float32 days, NaN = no dates; time_kind (n,) long)."""
+        tau = torch.tensor([constraint_days(c) for c in self.used], dtype=torch.float32).reshape(len(self.used), 2)
+        kind = torch.tensor([constraint_kind(c) for c in self.used], dtype=torch.long)
+        return tau, kind
+
+
+@torch.no_grad()
+def first_hop(kb_layer: Any, source: Any, e_anchor: torch.Tensor) -> torch.Tensor:
+    """(n,) fact ids: the anchor clauses' top facts by the layer's own s = sem + gamma*phi (no time)."""
+    device = kb_layer.kb_linear_q.weight.device
+    e = e_anchor.to(device=device, dtype=kb_layer.dtype)
+    h = torch.zeros(e.shape[0], 1, kb_layer.kb_linear_q.in_features, device=device, dtype=kb_layer.dtype)
+    q = kb_layer.query(h, e)  # (n, 1, d_k)
+    k = min(kb_layer.k_top, source.num_facts)
+    ids = source.search(q.reshape(e.shape[0], -1), k).to(device)  # (n, k)
+    rows = source.fetch(ids.clamp_min(0))
+    sem = torch.einsum("nd,nkd->nk", q[:, 0], rows["K"].to(device=device, dtype=kb_layer.dtype)) / math.sqrt(kb_layer.d_k)
+    phi = kb_layer.kb_context_scorer(e, rows["ctx_vec"].to(device).unsqueeze(1)).squeeze(1)  # (n, k)
+    s = (sem + kb_layer.kb_selector.gamma * phi).masked_fill(ids < 0, float("-inf"))
+    return ids.gather(1, s.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+def question_times(questions: Sequence[str], reference_date: str | None = None, kb_layer: Any = None,
+                   source: Any = None, embed: Callable[[list[str]], Any] | None = None,
+                   relation_of: Callable[[int], str] | None = None) -> QuestionTimes:
+    """Parse every question; anchored constraints are resolved by `first_hop` when a layer, source and
+    embedder are given (else they stay undated, so g_time is 0 for them). `relation_of(fact_id)` names
+    the anchor fact's relation (for the start-only rule); without it the whole window is used."""
+    parsed = [parse_time_constraint(q, reference_date) for q in questions]
+    used: list[TimeConstraint | None] = list(parsed)
+    anchors: list[int | None] = [None] * len(parsed)
+    todo = [i for i, c in enumerate(parsed) if needs_anchor(c)]
+    if todo and kb_layer is not None and source is not None and embed is not None:
+        e = torch.as_tensor(embed([parsed[i].anchor for i in todo]), dtype=torch.float32)
+        ids = first_hop(kb_layer, source, e)
+        windows = source.fetch(ids.clamp_min(0))
+        for j, i in enumerate(todo):
+            fact = int(ids[j])
+            lo, hi = float(windows["tau_min"][j]), float(windows["tau_max"][j])
+            start_only = relation_of is not None and relation_of(fact) in START_ONLY_RELATIONS
+            anchors[i], used[i] = fact, anchored(parsed[i], lo, hi, start_only)
+    return QuestionTimes(parsed, anchors, used)
+
+
+def gold_anchor_times(parsed: Sequence[TimeConstraint | None], supporting: Sequence[Sequence[int]],
+                      windows: Callable[[int], tuple[float, float]], relation_of: Callable[[int], str]
+                      ) -> QuestionTimes:
+    """Training: anchored constraints resolved with the gold anchor (the first supporting fact)."""
+    used: list[TimeConstraint | None] = list(parsed)
+    anchors: list[int | None] = [None] * len(parsed)
+    for i, c in enumerate(parsed):
+        if needs_anchor(c) and len(supporting[i]) >= 1:
+            fact = int(supporting[i][0])
+            lo, hi = windows(fact)
+            anchors[i], used[i] = fact, anchored(c, lo, hi, relation_of(fact) in START_ONLY_RELATIONS)
+    return QuestionTimes(list(parsed), anchors, used)
+
+
+def window_satisfies(c: TimeConstraint | None, lo: float, hi: float) -> bool | None:
+    """Whether a fact window [lo, hi] (days) fits the constraint's dates: it overlaps them (for
+    before / after / just_before / right_after the open side counts). None without dates."""
+    q_lo, q_hi = constraint_days(c)
+    if math.isnan(q_lo):
+        return None
+    return lo <= q_hi and hi >= q_lo
