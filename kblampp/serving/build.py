@@ -32,6 +32,7 @@ def build_engine(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings
     kb = StoreLiveKB(store_dir, embedder, method=method, extra_builders=tail_builders(manifest, tokenizer))
     answerer = KBModelAnswerer(model, tokenizer, kb)
     info = {"model": cfg.backbone, "checkpoint": str(checkpoint), "inject_layers": list(cfg.inject_layers),
-            "K_top": cfg.K_top, "answer_head": answerer.answer_head, "load_s": round(time.perf_counter() - t0, 3)}
+            "K_top": cfg.K_top, "answer_head": answerer.answer_head, "reference_date": cfg.reference_date,
+            "load_s": round(time.perf_counter() - t0, 3)}
     wal = Path(wal_path) if wal_path else store_dir.parent / f"{store_dir.name}.wal.jsonl"
     return Engine(kb, answerer, embedder, wal, settings, info=info)

@@ -50,13 +50,21 @@ class KBModelAnswerer:
         self._table, self._tails = table, names
         return table
 
+    def anchor_fact(self, e_anchor: np.ndarray) -> int:
+        """The first retrieval of a succession / relative question: the anchor clause's top fact."""
+        from kblampp.time_query import first_hop
+
+        layer = self.model.kb_layers[str(self.layer)]
+        return int(first_hop(layer, self.kb.source, torch.as_tensor(np.asarray(e_anchor, np.float32))[None])[0])
+
     @torch.inference_mode()
     def answer(self, question: str, e_q: np.ndarray, tau: tuple[float, float] | None,
-               max_new_tokens: int) -> tuple[str, dict[int, list[Any]]]:
+               max_new_tokens: int, time_kind: int | None = None) -> tuple[str, dict[int, list[Any]]]:
         device = next(self.model.parameters()).device
         window = (math.nan, math.nan) if tau is None else tau
+        kind = None if time_kind is None else torch.tensor([time_kind], dtype=torch.long, device=device)
         ctx = KBContext(source=self.kb.source, e_q=torch.as_tensor(np.asarray(e_q, np.float32))[None].to(device),
-                        tau=torch.tensor([window], dtype=torch.float32, device=device), record=True)
+                        tau=torch.tensor([window], dtype=torch.float32, device=device), time_kind=kind, record=True)
         extra: dict[str, Any] = {}
         if self.gate is not None:
             from transformers import LogitsProcessorList
