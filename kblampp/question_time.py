@@ -359,7 +359,3 @@ def question_time_dict(text: str, reference_date: str | None = None) -> dict | N
     """`parse_question_time` in the QA record's `question_time` shape ({start, end} or None)."""
     window = parse_question_time(text, reference_date)
     return None if window is None else {"start": window[0], "end": window[1]}
-
-
-TIME_KINDS = ("none", "at", "between", "before", "after", "just_before", "right_after",
-              "first", "last", "current", "relative")
