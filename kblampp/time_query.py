@@ -64,6 +64,11 @@ class QuestionTimes:
     anchor_facts: list[int | None]
     used: list[TimeConstraint | None]
 
+    def row(self, i: int) -> dict:
+        """Question i's constraint for the evidence: as parsed, the anchor fact, and as used."""
+        show = (lambda c: None if c is None else c.to_dict())
+        return {"parsed": show(self.parsed[i]), "anchor_fact": self.anchor_facts[i], "used": show(self.used[i])}
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau (n, 2) float32 days, NaN = no dates; time_kind (n,) long)."""
         tau = torch.tensor([constraint_days(c) for c in self.used], dtype=torch.float32).reshape(len(self.used), 2)

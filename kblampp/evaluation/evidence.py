@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from kblampp.evaluation.retrieval_metrics import answer_fact_of
+from kblampp.question_time import TimeConstraint
 from kblampp.schema import Fact, QARecord
 
 if TYPE_CHECKING:  # kbqa pulls in torch; the plotting script only reads JSON
@@ -35,8 +36,11 @@ def _finite(x: float) -> float | None:
 
 
 def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", facts: Sequence[Fact],
-                   output: str | None = None) -> dict[str, Any]:
-    """One question's evidence; empty candidate slots (-1) are left out."""
+                   output: str | None = None, time: dict | None = None) -> dict[str, Any]:
+    """One question's evidence; empty candidate slots (-1) are left out. `time` (`QuestionTimes.row`)
+    adds the parsed constraint and, per fact, whether its window satisfies the constraint used."""
+    from kblampp.time_query import window_satisfies  # torch: not needed to read evidence files
+
     ranked = sorted((pair for pair in zip(last.cand_ids, last.alpha) if pair[0] >= 0), key=lambda p: -p[1])
     top = []
     for idx, alpha in ranked:
@@ -45,6 +49,9 @@ def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", 
         f = facts[idx]
         top.append({"index": int(idx), "head": f.head_name, "relation": f.relation_name, "tail": f.tail_name,
                     "context": f.sentence, "time_window": [f.start, f.end], "alpha": float(alpha)})
+        if time is not None:
+            used = time["used"] and TimeConstraint(**time["used"])
+            top[-1]["satisfies_time"] = window_satisfies(used, f.tau_min, f.tau_max)
     entry: dict[str, Any] = {
         "qid": record.qid, "dataset": record.dataset, "question": record.question, "answer": record.answer,
         "pred_answer": pred_answer, "top_k_facts": top,
@@ -56,6 +63,8 @@ def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", 
     }
     if output is not None:
         entry["output"] = output
+    if time is not None:
+        entry["time_constraint"] = time
     return entry
 
 

@@ -18,6 +18,7 @@ from kblampp.evaluation.generate import RequestHook
 from kblampp.kb_context import KBContext
 from kblampp.retrieval import KBSource
 from kblampp.schema import QARecord
+from kblampp.time_query import QuestionTimes, question_times
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,15 @@ def question_taus(records: Sequence[QARecord]) -> torch.Tensor:
     """(n, 2) float32 question windows in days; NaN rows = no time (neutral time score)."""
     rows = [(math.nan, math.nan) if r.tau is None else r.tau for r in records]
     return torch.tensor(rows, dtype=torch.float32).reshape(len(records), 2)
+
+
+def request_times(model: Any, source: KBSource, records: Sequence[QARecord], embed: Any = None,
+                  facts: Sequence[Any] | None = None, reference_date: str | None = None) -> QuestionTimes:
+    """Each question's typed constraint parsed from its text (as the server does); succession and
+    relative anchors dated by the first inject layer's first retrieval when `embed` is given."""
+    layer = model.kb_layers[str(model.inject_layers[0])]
+    relation_of = None if facts is None else (lambda i: facts[i].relation_name)
+    return question_times([r.question for r in records], reference_date, layer, source, embed, relation_of)
 
 
 def forced_ids(records: Sequence[QARecord]) -> torch.Tensor:
@@ -95,6 +105,8 @@ class KBRequest:
     e_q: torch.Tensor  # (n, d_ctx) question embeddings, in question order
     tau: torch.Tensor  # (n, 2)
     variant: KBVariant
+    time_kind: torch.Tensor | None = None  # (n,) index into TIME_KINDS
+    times: QuestionTimes | None = None  # parsed / used constraints and anchors, for the evidence
     tail_table: torch.Tensor | None = None
     forced: torch.Tensor | None = None
     records: dict[int, LastTokenRecord] = field(default_factory=dict)
@@ -126,8 +138,9 @@ class KBRequest:
             if self.forced is None:
                 raise ValueError(f"{self.variant.name}: oracle variant needs forced ids")
             forced = self.forced[idx].to(device)
+        kind = None if self.time_kind is None else self.time_kind[idx].to(device)
         ctx = KBContext(source=self.source, e_q=self.e_q[idx].to(device), tau=self.tau[idx].to(device),
-                        forced_ids=forced, record=True)
+                        time_kind=kind, forced_ids=forced, record=True)
         extra: dict[str, Any] = {}
         processor = None
         if self.variant.answer_head:
@@ -145,13 +158,17 @@ class KBRequest:
 
 
 def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],
-               variant: KBVariant, tail_table: torch.Tensor | None = None) -> KBRequest:
-    """A ready `KBRequest` (a RequestHook) for `records` in order."""
+               variant: KBVariant, tail_table: torch.Tensor | None = None, times: QuestionTimes | None = None
+               ) -> KBRequest:
+    """A ready `KBRequest` (a RequestHook) for `records` in order; `times` from `request_times`
+    (default: parsed from the text, anchors left undated)."""
     if e_q.shape[0] != len(records):
         raise ValueError(f"e_q has {e_q.shape[0]} rows for {len(records)} questions")
-    return KBRequest(model=model, source=source, e_q=e_q, tau=question_taus(records), variant=variant,
+    times = times if times is not None else request_times(model, source, records)
+    tau, kind = times.tensors()
+    return KBRequest(model=model, source=source, e_q=e_q, tau=tau, variant=variant, time_kind=kind, times=times,
                      tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None)
 
 
-__all__ = ["KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus",
+__all__ = ["KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus", "request_times",
            "forced_ids", "selector_overrides", "RequestHook"]

@@ -19,7 +19,7 @@ from kblampp.config import ConfigError, KBConfig
 from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
                                           rag_fact_ids)
 from kblampp.evaluation.generate import Generation, generate_rows
-from kblampp.evaluation.kbqa import KB_VARIANTS, KBRequest, kb_request
+from kblampp.evaluation.kbqa import KB_VARIANTS, KBRequest, kb_request, request_times
 from kblampp.evaluation.report import QuestionResult, is_seen
 from kblampp.evaluation.retrieval_metrics import score_question
 from kblampp.metrics import score_answer
@@ -188,6 +188,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     budget = ec.cfg.max_new_tokens
     plain = backbone_prompts(ec.tokenizer, records)
     q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)
+    times = request_times(ec.model, ec.source, records, ec.embed, ec.facts, ec.cfg.reference_date)
     results: dict[str, list[QuestionResult]] = {}
     requests: dict[str, KBRequest] = {}
     seconds: dict[str, float] = {}
@@ -210,7 +211,8 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             gens = generate_rows(ec.model, ec.tokenizer, prompts, budget, **gen_kwargs)
             results[row] = _results(row, records, gens, seen)
         else:
-            req = kb_request(ec.model, ec.source, torch.from_numpy(q_vecs), records, KB_VARIANTS[row], ec.tail_table)
+            req = kb_request(ec.model, ec.source, torch.from_numpy(q_vecs), records, KB_VARIANTS[row], ec.tail_table,
+                             times)
             gens = generate_rows(ec.model, ec.tokenizer, plain, budget, request=req, **gen_kwargs)
             last = [req.records[i] for i in range(len(records))]
             ret = [score_question(r.cand_ids, r.alpha, rec, ec.facts).as_dict() for r, rec in zip(last, records)]
@@ -284,9 +286,10 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
     if not keep:
         raise ValueError(f"row {row!r} needs the answer head, but the checkpoint has no kb_copy_gate")
     q_vecs = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
-    req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table)
+    times = request_times(ec.model, ec.source, records, ec.embed, ec.facts, ec.cfg.reference_date)
+    req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table, times)
     gens = generate_rows(ec.model, ec.tokenizer, backbone_prompts(ec.tokenizer, records), ec.cfg.max_new_tokens,
                          batch_size=batch_size, request=req, desc=row, progress=progress,
                          questions=[r.question for r in records])
-    return [evidence_entry(rec, gen.pred, req.records[i], ec.facts, output=gen.output)
+    return [evidence_entry(rec, gen.pred, req.records[i], ec.facts, output=gen.output, time=times.row(i))
             for i, (rec, gen) in enumerate(zip(records, gens))]
