@@ -68,6 +68,12 @@ def answer_fact_of(rec: QARecord) -> int:
     return int(rec.supporting_facts[-1])
 
 
+def answerable_records(records: Sequence[QARecord]) -> list[QARecord]:
+    """The records retrieval, the copy gate and the answer CE train on: unanswerable questions have no
+    answer fact (supporting_facts empty, answer_fact null), so they are left to the abstention decision."""
+    return [r for r in records if r.answerable]
+
+
 def encode_record(tokenizer: Any, rec: QARecord, index: int, max_seq_len: int,
                   instruction: str | None = None, end_id: int | None = None,
                   time: tuple[float, float, int] | None = None) -> Example:

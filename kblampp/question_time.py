@@ -70,17 +70,19 @@ _POINT_BARE = re.compile(rf"{_B}(?P<a>{_DATED}){_E}", re.I)
 _DESCRIBING = re.compile(
     r"\b(?:born|died|founded|established|built|chartered|created|formed|opened|launched|relocated|began|started"
     r"|appointed|constructed|completed|incorporated|introduced|released|published|named)\b(?:\s+\S+){0,4}\s*$", re.I)
-_LAST_BEFORE = re.compile(r"\b(?:last|latest|most\s+recent)\b[^,;?]*$", re.I)
-_FIRST_AFTER = re.compile(r"\b(?:first|earliest|next)\b[^,;?]*$", re.I)
+_LAST_BEFORE = re.compile(r"\b(?:last|latest|most\s+recent)\b[^;?]*$", re.I)
+_FIRST_AFTER = re.compile(r"\b(?:first|earliest|next)\b[^;?]*$", re.I)
 
 _AUX = r"(?!(?:was|were|is|are|did|does|do|has|have|had|will|would|can|could|should)\b)"
 # A clause runs to the main question (", who ...") or to the end; names may hold commas ("Miller, Oconnell and Mitchell").
-_CLAUSE = (r"(?P<anchor>[^?;]*?[^,?;\s])(?=\s*,\s*(?:who|whom|whose|what|where|which|when|how|in\s+which|at\s+which"
-           r"|for\s+which)\b|\s*[?;]|\s*$)")
+_CLAUSE_END = (r"(?=\s*,\s*(?:who|whom|whose|what|where|which|when|how|in\s+which|at\s+which|for\s+which)\b"
+               r"|\s*[?;]|\s*$)")
+_CLAUSE = rf"(?P<anchor>[^?;]*?[^,?;\s]){_CLAUSE_END}"
 _RELATIVE = (
     re.compile(rf"\b(?:when|while|whilst|(?:during|at|by)\s+the\s+time)\s+(?!of\b)(?:that\s+)?{_AUX}{_CLAUSE}", re.I),
     re.compile(rf"\bat\s+the\s+time\s+of\s+{_CLAUSE}", re.I),
-    re.compile(rf"\bduring\s+(?P<anchor>[^,?;]*\b(?:tenure|term|time|presidency|membership)\b[^,?;]*[^,?;\s])", re.I),
+    re.compile(rf"\bduring\s+(?P<anchor>[^?;]*?\b(?:tenure|term|time|presidency|membership)\b(?:[^?;]*?[^,?;\s])?)"
+               rf"{_CLAUSE_END}", re.I),
     re.compile(rf"\bin\s+the\s+(?:same\s+)?year\s+(?:that\s+|when\s+|in\s+which\s+)?(?!\d)(?!of\b){_CLAUSE}", re.I),
 )
 _SUCCESSION = (

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kblampp.schema import Problem, iter_jsonl, scan_facts, scan_qa
+from kblampp.config import KBConfig
+from kblampp.schema import QA_TYPES, Problem, iter_jsonl, scan_facts, scan_qa
+
+DEFAULT_REFERENCE_DATE = KBConfig().reference_date
 
 
 @dataclass
@@ -44,17 +47,36 @@ def check_5tuple_file(path: Path, options: dict[str, Any]) -> CheckResult:
 
 
 def _answer_fact_problems(path: Path, valid_lines: set[int]) -> list[Problem]:
-    """The optional `answer_fact` field must be an int listed last in supporting_facts."""
+    """The optional `answer_fact` field must be an int listed last in supporting_facts (null when unanswerable)."""
     out = []
     for line, obj, _problem in iter_jsonl(path):
         if line not in valid_lines or "answer_fact" not in obj:
             continue
         value, support = obj["answer_fact"], obj["supporting_facts"]
+        if value is None and obj.get("answerable", True) is False:
+            continue
         if not isinstance(value, int) or isinstance(value, bool):
             out.append(Problem(line, "answer_fact", f"expected an integer, got {type(value).__name__}"))
         elif not support or support[-1] != value:
             out.append(Problem(line, "answer_fact", f"{value} is not the last of supporting_facts"))
     return out
+
+
+def _recomputed_answer_problems(path: Path, valid_lines: set[int], facts_path: str,
+                                reference_date: str) -> tuple[list[Problem], int]:
+    """Every record with a `family` has its answer recomputed from the facts (kblampp.answer_check)."""
+    from kblampp.answer_check import FactLookup, check_record
+    from kblampp.schema import load_facts
+
+    lookup: FactLookup | None = None
+    out, checked = [], 0
+    for line, obj, _problem in iter_jsonl(path):
+        if line not in valid_lines or "family" not in obj:
+            continue
+        lookup = lookup or FactLookup(load_facts(facts_path))
+        out += [Problem(line, f, reason) for f, reason in check_record(obj, lookup, reference_date)]
+        checked += 1
+    return out, checked
 
 
 def check_qa_file(path: Path, options: dict[str, Any]) -> CheckResult:
@@ -63,11 +85,21 @@ def check_qa_file(path: Path, options: dict[str, Any]) -> CheckResult:
     records, problems = scan_qa(path, num_facts)
     bad_lines = {p.line for p in problems}
     all_lines = {line for line, obj, problem in iter_jsonl(path) if problem is None}
-    problems = sorted(problems + _answer_fact_problems(path, all_lines - bad_lines), key=lambda p: p.line)
-    types = {t: sum(1 for r in records if r.type == t) for t in ("single-hop", "multi-hop", "temporal")}
+    problems += _answer_fact_problems(path, all_lines - bad_lines)
+    checked = 0
+    if facts_path and not problems:
+        found, checked = _recomputed_answer_problems(path, all_lines, facts_path,
+                                                     options.get("reference_date") or DEFAULT_REFERENCE_DATE)
+        problems += found
+    problems.sort(key=lambda p: p.line)
+    types = {t: sum(1 for r in records if r.type == t) for t in QA_TYPES}
+    if not types["unanswerable"]:
+        del types["unanswerable"]
     against = f", indices checked against {facts_path} ({num_facts} facts)" if facts_path else ""
+    recomputed = f", {checked} answers recomputed from the facts" if checked else ""
     counts = ", ".join(f"{n} {t}" for t, n in types.items())
-    return CheckResult("qa", str(path), problems, f"{path}: OK, {len(records)} questions ({counts}){against}")
+    return CheckResult("qa", str(path), problems,
+                       f"{path}: OK, {len(records)} questions ({counts}){against}{recomputed}")
 
 
 def check_store(path: Path, options: dict[str, Any]) -> CheckResult:
@@ -144,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=sorted(CHECKERS), default=None,
                         help="what the file is; auto-detected from its first line when omitted")
     parser.add_argument("--facts", default=None,
-                        help="5-tuple file the QA supporting_facts index into (checks the index range)")
+                        help="5-tuple file the QA supporting_facts index into (checks the index range and recomputes "
+                             "the answer of every record with a `family`)")
+    parser.add_argument("--reference_date", default=DEFAULT_REFERENCE_DATE,
+                        help="what 'now' in a question means when answers are recomputed (ISO date)")
     args = parser.parse_args(argv)
     try:
-        result = run_check(args.path, args.kind, facts=args.facts)
+        result = run_check(args.path, args.kind, facts=args.facts, reference_date=args.reference_date)
     except (OSError, ValueError) as err:
         print(f"error: {err}")
         return 2

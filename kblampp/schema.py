@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from kblampp.timewin import window_days
 
-QA_TYPES = ("single-hop", "multi-hop", "temporal")
+QA_TYPES = ("single-hop", "multi-hop", "temporal", "unanswerable")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,15 @@ class QARecord:
     question_time: tuple[str | None, str | None] | None
     tau: tuple[float, float] | None
     raw: dict = field(repr=False, compare=False, hash=False)
+
+    @property
+    def answerable(self) -> bool:
+        """False for questions the KB cannot answer (docs/DESIGN_QA.md); absent means answerable."""
+        return self.raw.get("answerable", True) is not False
+
+    @property
+    def family(self) -> str | None:
+        return self.raw.get("family")
 
     @property
     def aliases(self) -> list[str]:
@@ -194,21 +203,77 @@ def check_qa(obj: Any, line: int, num_facts: int | None = None) -> list[Problem]
         problems.append(Problem(line, "type", "missing field"))
     elif obj["type"] not in QA_TYPES:
         problems.append(Problem(line, "type", f"{obj['type']!r} is not one of {', '.join(QA_TYPES)}"))
-    sf = obj.get("supporting_facts")
     if "supporting_facts" not in obj:
         problems.append(Problem(line, "supporting_facts", "missing field"))
-    elif not isinstance(sf, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in sf):
-        problems.append(Problem(line, "supporting_facts", "expected a list of integers"))
     else:
-        for i in sf:
-            if i < 0 or (num_facts is not None and i >= num_facts):
-                bound = f"0..{num_facts - 1}" if num_facts is not None else ">= 0"
-                problems.append(Problem(line, "supporting_facts", f"index {i} out of range ({bound})"))
+        _fact_indices(obj["supporting_facts"], "supporting_facts", line, num_facts, problems)
     if "question_time" not in obj:
         problems.append(Problem(line, "question_time", "missing field"))
     elif obj["question_time"] is not None:
         _window(obj["question_time"], "question_time", line, problems)
+    _check_family_fields(obj, line, num_facts, problems)
     return problems
+
+
+def _check_family_fields(obj: dict, line: int, num_facts: int | None, problems: list[Problem]) -> None:
+    """The optional fields of docs/DESIGN_QA.md: family, answerable, time_constraint, unanswerable_*."""
+    from kblampp.question_time import TIME_KINDS
+    from kblampp.synth.families import FAMILIES, FAMILY_TYPE, UNANSWERABLE_REASONS
+
+    family = obj.get("family")
+    if "family" in obj:
+        if family not in FAMILIES:
+            problems.append(Problem(line, "family", f"{family!r} is not a known family"))
+        elif obj.get("type") in QA_TYPES and FAMILY_TYPE[family] != obj["type"]:
+            problems.append(Problem(line, "family", f"{family!r} is a {FAMILY_TYPE[family]} family, "
+                                                    f"but type is {obj['type']!r}"))
+    answerable = obj.get("answerable", True)
+    if not isinstance(answerable, bool):
+        problems.append(Problem(line, "answerable", f"expected true or false, got {type(answerable).__name__}"))
+        return
+    if (obj.get("type") == "unanswerable") == answerable:
+        problems.append(Problem(line, "answerable", f"{answerable} does not fit type {obj.get('type')!r}"))
+    tc = obj.get("time_constraint")
+    if tc is not None:
+        if not isinstance(tc, dict):
+            problems.append(Problem(line, "time_constraint", f"expected an object or null, got {type(tc).__name__}"))
+        elif tc.get("kind") not in TIME_KINDS[1:]:
+            problems.append(Problem(line, "time_constraint.kind", f"{tc.get('kind')!r} is not one of "
+                                                                  f"{', '.join(TIME_KINDS[1:])}"))
+        elif tc.get("anchor") is not None and not isinstance(tc["anchor"], str):
+            problems.append(Problem(line, "time_constraint.anchor", "expected a string or null"))
+        elif tc.get("start") is not None or tc.get("end") is not None:
+            _window(tc, "time_constraint", line, problems)
+        elif "start" not in tc or "end" not in tc:
+            problems.append(Problem(line, "time_constraint", "missing start/end"))
+    if answerable:
+        for key in ("unanswerable_reason", "near_miss_facts"):
+            if key in obj:
+                problems.append(Problem(line, key, "only unanswerable records carry it"))
+        return
+    reason = obj.get("unanswerable_reason")
+    expected = UNANSWERABLE_REASONS.get(family) if family in UNANSWERABLE_REASONS else None
+    if reason not in UNANSWERABLE_REASONS.values():
+        problems.append(Problem(line, "unanswerable_reason", f"{reason!r} is not one of "
+                                                             f"{', '.join(UNANSWERABLE_REASONS.values())}"))
+    elif expected is not None and reason != expected:
+        problems.append(Problem(line, "unanswerable_reason", f"{reason!r} does not fit family {family!r}"))
+    if obj.get("supporting_facts"):
+        problems.append(Problem(line, "supporting_facts", "must be empty on an unanswerable record"))
+    if obj.get("answer_fact") is not None:
+        problems.append(Problem(line, "answer_fact", "must be null on an unanswerable record"))
+    _fact_indices(obj.get("near_miss_facts", []), "near_miss_facts", line, num_facts, problems)
+
+
+def _fact_indices(values: Any, key: str, line: int, num_facts: int | None, problems: list[Problem]) -> None:
+    """A list of fact indices, each within the fact file when its size is known."""
+    if not isinstance(values, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
+        problems.append(Problem(line, key, "expected a list of integers"))
+        return
+    for i in values:
+        if i < 0 or (num_facts is not None and i >= num_facts):
+            bound = f"0..{num_facts - 1}" if num_facts is not None else ">= 0"
+            problems.append(Problem(line, key, f"index {i} out of range ({bound})"))
 
 
 def qa_from_dict(obj: dict) -> QARecord:

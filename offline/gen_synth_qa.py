@@ -1,4 +1,4 @@
-"""Generate single-hop, multi-hop and temporal QA from a world file, split by world.
+"""Generate QA of every question family (docs/DESIGN_QA.md) from a world file, split by world.
 
     python offline/gen_synth_qa.py --world data/5tuple/synth_world.jsonl --out_dir data/qa --prefix synth_world
 writes <prefix>_train.jsonl, <prefix>_dev.jsonl, <prefix>_test.jsonl (the last worlds are dev/test;
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kblampp.synth.llm_client import add_llm_args, client_from_args  # noqa: E402
 from kblampp.synth.llm_gen import make_llm_qa_files  # noqa: E402
 from kblampp.synth.pipeline import make_qa_files  # noqa: E402
+from kblampp.synth.qa import REFERENCE_DATE  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test_worlds", type=int, default=1)
     p.add_argument("--train_variants", type=int, default=1, help="training phrasings per question")
     p.add_argument("--eval_heldout_only", action="store_true", help="dev/test use only held-out phrasings")
+    p.add_argument("--reference_date", default=REFERENCE_DATE, help="what 'now' in a question means (ISO date)")
     p.add_argument("--generator", choices=("programmatic", "llm"), default="programmatic")
     add_llm_args(p)
     args = p.parse_args(argv)
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = make_qa_files(args.world, out_dir, prefix, seed=args.seed, dev_worlds=args.dev_worlds,
                                test_worlds=args.test_worlds, train_variants=args.train_variants,
-                               eval_heldout_only=args.eval_heldout_only)
+                               eval_heldout_only=args.eval_heldout_only, reference_date=args.reference_date)
     print("\n".join(report.lines()))
     return 0
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kblampp.backbone import build_prompt
-from kblampp.data import IGNORE_INDEX, QADataset, answer_fact_of, batch_schedule, encode_record
+from kblampp.data import IGNORE_INDEX, QADataset, answer_fact_of, answerable_records, batch_schedule, encode_record
 from kblampp.schema import qa_from_dict
 from kblampp.training.toy import tiny_tokenizer, toy_facts, toy_qa
 
@@ -96,3 +96,16 @@ def test_batch_schedule_is_a_seeded_permutation_split_across_ranks():
     with pytest.raises(ValueError, match="empty dataset"):
         batch_schedule(0, 2, 0, seed=0)
     assert math.isfinite(len(first_epoch))
+
+
+def test_unanswerable_records_are_left_out_of_training(tok, records):
+    unans = qa_from_dict({"qid": "u1", "dataset": "toy", "question": "Where was Nobody Here born?",
+                          "answer": "no answer", "type": "unanswerable", "supporting_facts": [],
+                          "question_time": None, "answer_fact": None, "family": "unans_entity",
+                          "answerable": False, "unanswerable_reason": "entity_missing", "near_miss_facts": []})
+    with pytest.raises(ValueError, match=r"qid u1: supporting_facts: empty \(no answer fact to train on\)"):
+        answer_fact_of(unans)
+    kept = answerable_records([records[0], unans, records[1]])
+    assert kept == [records[0], records[1]]
+    ds = QADataset(kept, tok, np.zeros((2, 1), np.float32), max_seq_len=256)
+    assert [ex.qid for ex in ds.examples] == [records[0].qid, records[1].qid]

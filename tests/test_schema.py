@@ -92,7 +92,7 @@ def test_check_qa_problems():
     bad = {"qid": 3, "dataset": "d", "question": " ", "type": "open", "supporting_facts": ["0"], "question_time": None}
     assert check_qa(bad, 1) == [
         Problem(1, "qid", "expected a string, got int"), Problem(1, "question", "empty string"),
-        Problem(1, "answer", "missing field"), Problem(1, "type", "'open' is not one of single-hop, multi-hop, temporal"),
+        Problem(1, "answer", "missing field"), Problem(1, "type", "'open' is not one of single-hop, multi-hop, temporal, unanswerable"),
         Problem(1, "supporting_facts", "expected a list of integers"),
     ]
     assert check_qa({**good, "supporting_facts": [-1], "question_time": None}, 1) == [
@@ -128,3 +128,57 @@ def test_duplicate_qid(write_lines, fixtures_dir):
     records, problems = scan_qa(path, num_facts=3)
     assert [r.qid for r in records] == ["Q0001", "Q0002"]
     assert problems == [Problem(3, "qid", "duplicate qid 'Q0001' (first on line 1)")]
+
+
+UNANS = {"qid": "u", "dataset": "d", "question": "Where was Nobody Here born?", "answer": "no answer",
+         "type": "unanswerable", "supporting_facts": [], "question_time": None, "answer_fact": None,
+         "family": "unans_entity", "answerable": False, "time_constraint": None,
+         "unanswerable_reason": "entity_missing", "near_miss_facts": [1]}
+
+
+def test_family_fields_of_an_unanswerable_record_pass():
+    assert check_qa(UNANS, 3, num_facts=2) == []
+    timed = {**UNANS, "family": "unans_time", "unanswerable_reason": "time_outside",
+             "time_constraint": {"kind": "at", "start": "1990", "end": "1990", "anchor": None}}
+    assert check_qa(timed, 3, num_facts=2) == []
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"family": "sideways"}, [("family", "'sideways' is not a known family")]),
+    ({"family": "single_hop"}, [("family", "'single_hop' is a single-hop family, but type is 'unanswerable'")]),
+    ({"answerable": "no"}, [("answerable", "expected true or false, got str")]),
+    ({"answerable": True}, [("answerable", "True does not fit type 'unanswerable'"),
+                            ("unanswerable_reason", "only unanswerable records carry it"),
+                            ("near_miss_facts", "only unanswerable records carry it")]),
+    ({"unanswerable_reason": "shy"}, [("unanswerable_reason",
+                                       "'shy' is not one of entity_missing, relation_missing, time_outside")]),
+    ({"unanswerable_reason": "time_outside"}, [("unanswerable_reason",
+                                                "'time_outside' does not fit family 'unans_entity'")]),
+    ({"supporting_facts": [0]}, [("supporting_facts", "must be empty on an unanswerable record")]),
+    ({"answer_fact": 0}, [("answer_fact", "must be null on an unanswerable record")]),
+    ({"near_miss_facts": [0, 9]}, [("near_miss_facts", "index 9 out of range (0..1)")]),
+    ({"near_miss_facts": "1"}, [("near_miss_facts", "expected a list of integers")]),
+    ({"time_constraint": {"kind": "soon", "start": None, "end": None}},
+     [("time_constraint.kind", "'soon' is not one of at, between, before, after, just_before, right_after, "
+                               "first, last, current, relative")]),
+    ({"time_constraint": {"kind": "at", "start": "1999", "end": "1990", "anchor": None}},
+     [("time_constraint.end", "window ends (1990) before it starts (1999)")]),
+    ({"time_constraint": {"kind": "relative", "start": None, "end": None, "anchor": 5}},
+     [("time_constraint.anchor", "expected a string or null")]),
+    ({"time_constraint": "1990"}, [("time_constraint", "expected an object or null, got str")]),
+])
+def test_family_field_problems_name_the_field(change: dict, expected: list) -> None:
+    got = check_qa({**UNANS, **change}, 7, num_facts=2)
+    assert [(p.field, p.reason) for p in got] == expected
+    assert all(p.line == 7 for p in got)
+
+
+def test_family_problems_print_path_line_field(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps(UNANS) + "\n" + json.dumps({**UNANS, "qid": "v", "family": "nope"}) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(SchemaError) as err:
+        load_qa(path, num_facts=2)
+    assert str(err.value) == f"{path}:2: family: 'nope' is not a known family"
+    records = scan_qa(path, num_facts=2)[0]
+    assert records[0].answerable is False and records[0].family == "unans_entity"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kblampp.schema import load_facts
 from kblampp.synth.jsonl import write_jsonl
-from kblampp.synth.qa import generate_qa, write_qa
+from kblampp.synth.qa import REFERENCE_DATE, generate_qa, write_qa
 from kblampp.synth.world import WorldSizes, fact_world, generate_worlds
 
 
@@ -39,15 +39,21 @@ def make_world_file(out: str | Path, seed: int, num_worlds: int, sizes: WorldSiz
     return StepReport({"facts": Path(out)}, {"facts": n}, time.perf_counter() - t0, details)
 
 
+def qa_counts(splits: dict[str, list[dict]]) -> dict[str, int]:
+    """Questions per split and type, and per split and family (the report of a QA step)."""
+    return {f"{split} {label}": n for split, recs in splits.items()
+            for label, n in Counter([r["type"] for r in recs] + [f"family {r['family']}" for r in recs
+                                                                  if "family" in r]).items()}
+
+
 def make_qa_files(world_path: str | Path, out_dir: str | Path, prefix: str = "synth_world", seed: int = 0,
                   dev_worlds: int = 1, test_worlds: int = 1, train_variants: int = 1,
-                  eval_heldout_only: bool = False) -> StepReport:
+                  eval_heldout_only: bool = False, reference_date: str = REFERENCE_DATE) -> StepReport:
     """Generate programmatic QA from a world file into `<prefix>_{train,dev,test}.jsonl`."""
     t0 = time.perf_counter()
     facts = load_facts(world_path)
     splits = generate_qa(facts, seed=seed, dev_worlds=dev_worlds, test_worlds=test_worlds, dataset=prefix,
-                         train_variants=train_variants, eval_heldout_only=eval_heldout_only)
+                         train_variants=train_variants, eval_heldout_only=eval_heldout_only,
+                         reference_date=reference_date)
     paths = write_qa(splits, out_dir, prefix)
-    details = {f"{split} {t}": n for split, recs in splits.items()
-               for t, n in Counter(r["type"] for r in recs).items()}
-    return StepReport(paths, {s: len(r) for s, r in splits.items()}, time.perf_counter() - t0, details)
+    return StepReport(paths, {s: len(r) for s, r in splits.items()}, time.perf_counter() - t0, qa_counts(splits))

@@ -1,55 +1,45 @@
-"""Programmatic QA from a synthetic world file: single-hop, multi-hop (2-3 facts) and temporal.
+"""Programmatic QA from a synthetic world file, one question family at a time (docs/DESIGN_QA.md).
 
-Every question has exactly one answer fact (`answer_fact`, listed last in `supporting_facts`) whose
-tail name is the gold answer; time-dependent hops are resolved through the facts' windows with
-`resolve_in_time`, the same rule a checker uses to recompute the answer. Worlds are split whole into
-train/dev/test (last worlds held out), and phrasings marked held-out never appear in training.
+Every answerable question has exactly one answer fact (`answer_fact`, listed last in
+`supporting_facts`; succession and relative questions list their anchor fact first) whose tail name
+is the gold answer, and a gold typed `time_constraint` that `kblampp.question_time` must read from the
+text. Whether a time form selects exactly one fact is decided here by construction (the neighbouring
+tenure, the only overlapping window); `kblampp.answer_check` recomputes every answer independently.
+About 10% of each split is unanswerable. Worlds are split whole into train/dev/test (last worlds
+held out), and phrasings marked held-out never appear in training.
 """
 from __future__ import annotations
 
 import datetime as dt
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from kblampp.schema import Fact
-from kblampp.synth.dates import say_day
+from kblampp.synth.families import NO_ANSWER
 from kblampp.synth.jsonl import write_jsonl
-from kblampp.synth.templates import is_heldout, render, template_ids
+from kblampp.synth.templates import is_heldout, render, render_anchor, template_ids
 from kblampp.synth.world import LAST_DAY, RELATION_KEY
-from kblampp.timewin import EPOCH, window_days
+from kblampp.timewin import EPOCH
 
 SPLITS = ("train", "dev", "test")
-CHAINS = ("spouse>born", "employer>hq", "educated>located", "employer>founder", "founder>born",
-          "spouse>educated>located", "employer>founder>born", "spouse>employer>hq")
 SINGLE = ("born", "educated", "employer", "spouse", "residence", "member", "founder", "hq", "located",
           "venue", "organiser")
+PERSON_KEYS = ("born", "educated", "employer", "spouse", "residence", "member")
+REFERENCE_DATE = LAST_DAY.isoformat()
+UNANSWERABLE_SHARE = 0.10
+# share of single-hop questions asked in each surface form (the rest plainly)
+SURFACE_SHARE = {"paraphrase": 0.15, "lowercase": 0.15, "initials": 0.15}
 _COMPANY_SUFFIXES = (" Inc", " PLC", " LLC", " Ltd", " Group")
 
 
-def _day(days: float) -> dt.date:
+def day_of(days: float) -> dt.date:
     return EPOCH + dt.timedelta(days=int(days))
 
 
-def _days(day: dt.date) -> float:
+def days_of(day: dt.date) -> float:
     return float((day - EPOCH).days)
-
-
-def resolve_in_time(candidates: list[Fact], qtime: tuple[float, float]) -> list[int]:
-    """Positions of the candidate facts a question time selects (one expected).
-
-    `in`/`on` (both ends finite): the fact whose window covers the whole question window;
-    `before` (open start): the fact valid at the question window's last day;
-    `after` (open end): the fact valid at the question window's first day."""
-    lo, hi = qtime
-    if math.isinf(lo) and math.isinf(hi):
-        return list(range(len(candidates)))
-    if math.isinf(lo):
-        lo = hi
-    elif math.isinf(hi):
-        hi = lo
-    return [i for i, f in enumerate(candidates) if f.tau_min <= lo and hi <= f.tau_max]
 
 
 def answer_aliases(name: str) -> list[str]:
@@ -63,130 +53,154 @@ def fact_world_of(fact: Fact) -> str:
     return world if isinstance(world, str) else "world_unknown"
 
 
-class _WorldQA:
-    """Question candidates of one world; `emit` picks a phrasing and writes the record."""
+def initials_of(name: str) -> str | None:
+    """'Jane Hubbard' -> 'J. Hubbard' (two-word names only)."""
+    parts = name.split()
+    return f"{parts[0][0]}. {parts[-1]}" if len(parts) == 2 and parts[0][:1].isalpha() else None
 
-    def __init__(self, world: str, indices: list[int], facts: list[Fact], rng: random.Random):
-        self.world, self.facts, self.rng = world, facts, rng
+
+class WorldQA:
+    """One world's facts, indexed for question building; families append items to `items`."""
+
+    def __init__(self, world: str, indices: list[int], facts: list[Fact], rng: random.Random,
+                 reference_date: str, file_names: set[str], initials_count: Counter):
+        self.world, self.facts, self.rng, self.indices = world, facts, rng, indices
+        self.reference_date = reference_date
+        self.ref_days = days_of(dt.date.fromisoformat(reference_date))
+        self.file_names, self.initials_count = file_names, initials_count
         self.by_hr: dict[tuple[str, str], list[int]] = defaultdict(list)
+        self.entity_type: dict[str, str] = {}
+        self.name: dict[str, str] = {}
         for i in indices:
-            key = RELATION_KEY.get(facts[i].relation_name)
-            if key is not None and facts[i].head_id is not None:
-                self.by_hr[(facts[i].head_id, key)].append(i)
+            f = facts[i]
+            key = RELATION_KEY.get(f.relation_name)
+            if key is not None and f.head_id is not None:
+                self.by_hr[(f.head_id, key)].append(i)
+            for part in ("head", "tail"):
+                ent = f.raw[part]
+                if ent.get("id"):
+                    self.entity_type.setdefault(ent["id"], ent.get("type") or "")
+                    self.name.setdefault(ent["id"], ent["name"])
         for group in self.by_hr.values():
             group.sort(key=lambda i: facts[i].tau_min)
         self.items: list[dict] = []
 
+    def heads(self, key: str) -> list[str]:
+        return sorted(h for (h, k) in self.by_hr if k == key)
+
     def only(self, head_id: str | None, key: str) -> int | None:
-        """The single fact of a functional (head, relation); None if absent or ambiguous."""
+        """The single fact of a (head, relation); None if absent or several."""
         found = self.by_hr.get((head_id, key), []) if head_id else []
         return found[0] if len(found) == 1 else None
 
-    def add(self, group: str, qtype: str, chain: list[int], qtime: tuple[str | None, str | None] | None,
-            **values: str) -> None:
-        head = self.facts[chain[0]].head_name
-        self.items.append({"group": group, "type": qtype, "chain": chain, "qtime": qtime,
-                           "values": {"h": head, **values}})
+    def overlapping(self, group: list[int], lo: float, hi: float) -> list[int]:
+        return [i for i in group if self.facts[i].tau_min <= hi and lo <= self.facts[i].tau_max]
 
-    def unique_at(self, idx: int, key: str, qtime: tuple[str | None, str | None]) -> bool:
-        """True when `qtime` selects exactly fact `idx` among its (head, relation) siblings."""
-        siblings = self.by_hr[(self.facts[idx].head_id, key)]
-        hits = resolve_in_time([self.facts[i] for i in siblings], window_days(*qtime))
-        return [siblings[h] for h in hits] == [idx]
+    def now_fact(self, head_id: str, key: str) -> int | None:
+        """The one fact of (head, key) valid at the reference date, if exactly one."""
+        hits = self.overlapping(self.by_hr.get((head_id, key), []), self.ref_days, self.ref_days)
+        return hits[0] if len(hits) == 1 else None
 
     def full_years(self, idx: int) -> list[int]:
         f = self.facts[idx]
-        first = _day(f.tau_min).year + (0 if _day(f.tau_min) == dt.date(_day(f.tau_min).year, 1, 1) else 1)
-        last_day = LAST_DAY if math.isinf(f.tau_max) else _day(f.tau_max)
+        first_day = day_of(f.tau_min)
+        first = first_day.year + (0 if first_day == dt.date(first_day.year, 1, 1) else 1)
+        last_day = LAST_DAY if math.isinf(f.tau_max) else day_of(f.tau_max)
         last = last_day.year - (0 if last_day == dt.date(last_day.year, 12, 31) else 1)
         return list(range(first, last + 1))
 
-    def build(self) -> list[dict]:
-        for (head_id, key), group in sorted(self.by_hr.items()):
-            if key in SINGLE and key != "member" and len(group) == 1:
-                self.add(key, "single-hop", group, None)
-            if key == "member":
-                if len(group) == 1:
-                    self.add(key, "single-hop", group, None)
-                self.timed(key, group, ("in", "on"))
-            if key == "ceo":
-                self.timed(key, group, ("in", "on", "before", "after"))
-                self.ceo_born(group)
-            if key == "organiser":
-                self.organiser_ceo(group)
-        self.chains()
-        return self.items
+    def add(self, group: str, family: str, qtype: str, chain: list[int], qtime=None, kind: str | None = None,
+            dates=None, **values: str) -> dict:
+        """Queue one question; `qtime` is the record's question_time, `dates` the constraint's (default qtime)."""
+        if "h" not in values:
+            values["h"] = self.facts[chain[0]].head_name
+        item = {"group": group, "family": family, "type": qtype, "chain": chain, "qtime": qtime, "kind": kind,
+                "dates": qtime if dates is None else dates, "values": values}
+        self.items.append(item)
+        return item
 
-    def timed(self, key: str, group: list[int], forms: tuple[str, ...]) -> None:
-        rng = self.rng
-        for k, idx in enumerate(group):
-            f = self.facts[idx]
-            years = self.full_years(idx)
-            if "in" in forms and years:
-                y = rng.choice(years)
-                self.try_timed(f"{key}@in", idx, key, (str(y), str(y)), year=str(y))
-            if "on" in forms:
-                hi = min(f.tau_max, _days(LAST_DAY))
-                day = _day(rng.randint(int(f.tau_min), int(hi)))
-                self.try_timed(f"{key}@on", idx, key, (day.isoformat(), day.isoformat()), date=say_day(day))
-            if "before" in forms and k + 1 < len(group):
-                y = _day(self.facts[group[k + 1]].tau_min).year
-                self.try_timed(f"{key}@before", idx, key, (None, str(y - 1)), year=str(y))
-            if "after" in forms and k > 0:
-                y = _day(self.facts[group[k - 1]].tau_max).year
-                self.try_timed(f"{key}@after", idx, key, (str(y + 1), None), year=str(y))
-
-    def try_timed(self, group: str, idx: int, key: str, qtime: tuple[str | None, str | None], **values: str) -> None:
-        if self.unique_at(idx, key, qtime):
-            self.add(group, "temporal", [idx], qtime, **values)
-
-    def ceo_born(self, group: list[int]) -> None:
-        for idx in group:
-            years = self.full_years(idx)
-            born = self.only(self.facts[idx].tail_id, "born")
-            if years and born is not None:
-                y = str(self.rng.choice(years))
-                if self.unique_at(idx, "ceo", (y, y)):
-                    self.add("ceo@in>born", "multi-hop", [idx, born], (y, y), year=y)
-
-    def organiser_ceo(self, group: list[int]) -> None:
-        if len(group) != 1:
-            return
-        event_fact = self.facts[group[0]]
-        qtime = (event_fact.start, event_fact.end)
-        ceos = self.by_hr.get((event_fact.tail_id, "ceo"), [])
-        for idx in ceos:
-            if self.unique_at(idx, "ceo", qtime):
-                self.add("organiser>ceo@event", "multi-hop", [group[0], idx], qtime)
-
-    def chains(self) -> None:
-        starts = sorted({h for (h, _k) in self.by_hr})
-        for group in CHAINS:
-            keys = group.split(">")
-            for head in starts:
-                chain, node = [], head
-                for key in keys:
-                    idx = self.only(node, key)
-                    if idx is None:
-                        break
-                    chain.append(idx)
-                    node = self.facts[idx].tail_id
-                if len(chain) == len(keys):
-                    self.add(group, "multi-hop", chain, None)
+    def sample(self, items: list, cap: int) -> list:
+        """At most `cap` of `items`, drawn with the world's rng (order kept)."""
+        if len(items) <= cap:
+            return items
+        keep = set(self.rng.sample(range(len(items)), cap))
+        return [x for i, x in enumerate(items) if i in keep]
 
 
-def _record(item: dict, facts: list[Fact], template: str, qid: str, dataset: str, world: str) -> dict:
+def _single_hop(wq: WorldQA) -> None:
+    """One question per functional (head, relation); a share of them in a surface form."""
+    for (head_id, key), group in sorted(wq.by_hr.items()):
+        if key not in SINGLE or len(group) != 1:
+            continue
+        item = wq.add(key, "single_hop", "single-hop", group)
+        draw = wq.rng.random()
+        cut = 0.0
+        for surface, share in SURFACE_SHARE.items():
+            cut += share
+            if draw < cut:
+                if surface == "paraphrase":
+                    item.update(group=f"{key}~p", family="paraphrase")
+                elif surface == "lowercase":
+                    item["family"] = "lowercase"
+                elif key in PERSON_KEYS and wq.initials_count.get(initials_of(wq.name[head_id]) or "", 0) == 1:
+                    item["family"] = "initials"
+                break
+
+
+def build_world(wq: WorldQA) -> list[dict]:
+    from kblampp.synth.qa_chains import chains
+    from kblampp.synth.qa_time import relative, timed
+    from kblampp.synth.qa_unans import unanswerable
+
+    _single_hop(wq)
+    timed(wq)
+    relative(wq)
+    chains(wq)
+    unanswerable(wq, round(len(wq.items) * UNANSWERABLE_SHARE / (1 - UNANSWERABLE_SHARE)))
+    return wq.items
+
+
+def _surface(values: dict, family: str) -> dict:
+    if family == "lowercase":
+        return {k: v.lower() for k, v in values.items()}
+    if family == "initials":
+        return {**values, "h": initials_of(values["h"])}
+    return values
+
+
+def _record(item: dict, facts: list[Fact], template: str, qid: str, dataset: str, world: str,
+            reference_date: str) -> dict:
+    values = _surface(item["values"], item["family"])
+    kind, dates = item["kind"], item["dates"]
+    if kind == "current":
+        dates = (reference_date, reference_date)
+    constraint = None if kind is None else {
+        "kind": kind, "start": None if dates is None else dates[0], "end": None if dates is None else dates[1],
+        "anchor": render_anchor(template, **values)}
+    qtime = (reference_date, reference_date) if kind == "current" else item["qtime"]
+    record = {
+        "qid": qid, "dataset": dataset, "question": render(template, **values), "type": item["type"],
+        "question_time": None if qtime is None else {"start": qtime[0], "end": qtime[1]},
+        "world": world, "template": template, "heldout_phrasing": is_heldout(template), "family": item["family"],
+    }
+    if item["type"] == "unanswerable":
+        un = item["unanswerable"]
+        record.update({"answer": NO_ANSWER, "supporting_facts": [], "relation": un["relation"], "answer_fact": None,
+                       "answer_aliases": [], "answerable": False, "time_constraint": constraint,
+                       "unanswerable_reason": un["reason"], "subject": un["subject"],
+                       "near_miss_facts": un["near"]})
+        return {k: record[k] for k in _UNANS_ORDER}
     answer_fact = item["chain"][-1]
     answer = facts[answer_fact].tail_name
-    qtime = item["qtime"]
-    return {
-        "qid": qid, "dataset": dataset, "question": render(template, **item["values"]), "answer": answer,
-        "type": item["type"], "supporting_facts": list(item["chain"]),
-        "question_time": None if qtime is None else {"start": qtime[0], "end": qtime[1]},
-        "world": world, "template": template, "heldout_phrasing": is_heldout(template),
-        "relation": facts[answer_fact].relation_name, "answer_fact": answer_fact,
-        "answer_aliases": answer_aliases(answer),
-    }
+    record.update({"answer": answer, "supporting_facts": list(item["chain"]),
+                   "relation": facts[answer_fact].relation_name, "answer_fact": answer_fact,
+                   "answer_aliases": answer_aliases(answer), "answerable": True, "time_constraint": constraint})
+    return {k: record[k] for k in _ORDER}
+
+
+_ORDER = ("qid", "dataset", "question", "answer", "type", "supporting_facts", "question_time", "world", "template",
+          "heldout_phrasing", "relation", "answer_fact", "answer_aliases", "family", "answerable", "time_constraint")
+_UNANS_ORDER = _ORDER + ("unanswerable_reason", "subject", "near_miss_facts")
 
 
 def split_worlds(worlds: list[str], dev_worlds: int, test_worlds: int) -> dict[str, list[str]]:
@@ -201,24 +215,39 @@ def split_worlds(worlds: list[str], dev_worlds: int, test_worlds: int) -> dict[s
             "test": worlds[n_train + dev_worlds:]}
 
 
+def _file_names(facts: list[Fact]) -> tuple[set[str], Counter]:
+    """Every entity name of the file (casefolded) and how many persons share each initials form."""
+    names: set[str] = set()
+    persons: set[str] = set()
+    for f in facts:
+        for part in ("head", "tail"):
+            ent = f.raw[part]
+            names.add(ent["name"].casefold())
+            if ent.get("type") == "PERSON":
+                persons.add(ent["name"])
+    return names, Counter(initials_of(n) for n in persons)
+
+
 def generate_qa(facts: list[Fact], seed: int = 0, dev_worlds: int = 1, test_worlds: int = 1,
-                dataset: str = "synth_world", train_variants: int = 1,
-                eval_heldout_only: bool = False) -> dict[str, list[dict]]:
+                dataset: str = "synth_world", train_variants: int = 1, eval_heldout_only: bool = False,
+                reference_date: str = REFERENCE_DATE) -> dict[str, list[dict]]:
     """QA records per split. Training questions use only non-held-out phrasings (`train_variants`
     distinct ones per question when available); dev/test draw from all phrasings, or only from the
-    held-out ones with `eval_heldout_only`."""
+    held-out ones with `eval_heldout_only`. "now" in a question means `reference_date`."""
     if train_variants < 1:
         raise ValueError(f"train_variants: must be >= 1, got {train_variants}")
+    dt.date.fromisoformat(reference_date)
     members: dict[str, list[int]] = defaultdict(list)
     for i, fact in enumerate(facts):
         members[fact_world_of(fact)].append(i)
     worlds = list(members)  # order of first appearance in the file
     split_of = {w: s for s, ws in split_worlds(worlds, dev_worlds, test_worlds).items() for w in ws}
+    file_names, initials_count = _file_names(facts)
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for w_pos, world in enumerate(worlds):
         rng = random.Random(seed * 1_000_003 + w_pos)
         split = split_of[world]
-        items = _WorldQA(world, members[world], facts, rng).build()
+        items = build_world(WorldQA(world, members[world], facts, rng, reference_date, file_names, initials_count))
         n = 0
         for item in items:
             ids = template_ids(item["group"])
@@ -229,7 +258,8 @@ def generate_qa(facts: list[Fact], seed: int = 0, dev_worlds: int = 1, test_worl
                 pool = [t for t in ids if is_heldout(t)] if eval_heldout_only else ids
                 chosen = [rng.choice(pool)]
             for template in chosen:
-                out[split].append(_record(item, facts, template, f"{dataset}-{world}-{n:05d}", dataset, world))
+                out[split].append(_record(item, facts, template, f"{dataset}-{world}-{n:05d}", dataset, world,
+                                          reference_date))
                 n += 1
     return out
 

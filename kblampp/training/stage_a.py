@@ -26,7 +26,7 @@ import torch
 from kblampp import hf_arch
 from kblampp.answer_head import KBCopyGate
 from kblampp.config import KBConfig
-from kblampp.data import QADataset
+from kblampp.data import QADataset, answerable_records
 from kblampp.kb_params import save_kb_checkpoint
 from kblampp.model import KBLaMPP
 from kblampp.schema import Fact, QARecord
@@ -77,8 +77,9 @@ def load_inputs(cfg: KBConfig, progress: bool = True) -> StageAInputs:
     facts = load_facts(store.root / "facts.jsonl")
     table = FactTable.from_store(store, facts)
     tail_table = load_or_build_tail_table(store, [f.tail_name for f in facts], tokenizer)
-    train_qa = load_qa(cfg.train_dataset, num_facts=store.n)
-    dev_qa = load_qa(cfg.eval_dataset, num_facts=store.n) if cfg.eval_dataset else []
+    # unanswerable questions carry no answer fact to train retrieval or the answer head on
+    train_qa = answerable_records(load_qa(cfg.train_dataset, num_facts=store.n))
+    dev_qa = answerable_records(load_qa(cfg.eval_dataset, num_facts=store.n)) if cfg.eval_dataset else []
     return StageAInputs(cfg, backbone, tokenizer, lambda texts: embedder.encode(texts, progress=progress),
                         embedder.dim, facts, table, copy.deepcopy(store.encoder), tail_table, train_qa, dev_qa, store)
 
