@@ -5,10 +5,11 @@ anchored constraints through a first retrieval, and turn the result into KBConte
 
 Succession and relative questions need two facts: "who succeeded X as CEO of Y" is a `right_after`
 constraint whose date is the end of X's tenure, which only the KB knows. They are answered in two
-retrievals: (1) the anchor clause ("X as CEO of Y") is embedded and retrieved through the first inject
-layer's own query and score (Q = kb_query_ctx(e_anchor) + kb_linear_q(0), s = sem + gamma*phi, no
-time term), the top fact is the anchor; (2) its window becomes the constraint's dates and the question
-is answered as a dated one:
+retrievals: (1) the first inject layer's own query (Q = kb_query_ctx(e) + kb_linear_q(0), e the
+embedding of the question for succession, of the anchor clause for relative questions) searches 16
+candidates, and the one whose evidence sentence best matches the anchor clause is the anchor fact
+(`first_hop`, `hop_texts`); (2) its window becomes the constraint's dates and the question is
+answered as a dated one:
   just_before (predecessor): (None, anchor start - 1 day)  -> the latest sibling started by then
   right_after (successor):   (anchor end + 1 day, None)    -> the earliest-ending sibling still valid
   relative:                  (anchor start, anchor end), or (start, start) for facts that mark a
@@ -18,10 +19,12 @@ No backbone forward is needed for step (1): the query's question-state part is l
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.nn import functional as F
 
 from kblampp.question_time import TIME_KINDS, TimeConstraint, parse_time_constraint
 from kblampp.timewin import days_to_iso, window_days
@@ -76,20 +79,46 @@ class QuestionTimes:
         return tau, kind
 
 
+FIRST_HOP_K = 16  # candidates the first hop's search returns
+FIRST_HOP_SEM = 0.05  # weight of sem beside the evidence match when picking the anchor among them
+
+
+def names_something(text: str) -> bool:
+    """An anchor clause with a capitalised word names an entity; "the event" / "it was held" do not."""
+    return re.search(r"\b[A-Z]", text) is not None
+
+
 @torch.no_grad()
-def first_hop(kb_layer: Any, source: Any, e_anchor: torch.Tensor) -> torch.Tensor:
-    """(n,) fact ids: the anchor clauses' top facts by the layer's own s = sem + gamma*phi (no time)."""
+def first_hop(kb_layer: Any, source: Any, e_select: torch.Tensor, e_search: torch.Tensor | None = None,
+              k: int = FIRST_HOP_K, sem_weight: float = FIRST_HOP_SEM) -> torch.Tensor:
+    """(n,) anchor fact ids. The layer's own query made from `e_search` (Q = kb_query_ctx(e) +
+    kb_linear_q(0)) searches k candidates; the anchor is the one whose evidence sentence best matches
+    `e_select` (plain cosine, phi's prior: an anchor clause describes a whole fact, tail included, which
+    the keys do not hold), sem_weight * sem breaking near-ties toward the searched (head, relation)."""
     device = kb_layer.kb_linear_q.weight.device
-    e = e_anchor.to(device=device, dtype=kb_layer.dtype)
+    e = e_select.to(device=device, dtype=kb_layer.dtype)
+    e_s = e if e_search is None else e_search.to(device=device, dtype=kb_layer.dtype)
     h = torch.zeros(e.shape[0], 1, kb_layer.kb_linear_q.in_features, device=device, dtype=kb_layer.dtype)
-    q = kb_layer.query(h, e)  # (n, 1, d_k)
-    k = min(kb_layer.k_top, source.num_facts)
-    ids = source.search(q.reshape(e.shape[0], -1), k).to(device)  # (n, k)
+    q = kb_layer.query(h, e_s)  # (n, 1, d_k)
+    ids = source.search(q.reshape(e.shape[0], -1), min(k, source.num_facts)).to(device)  # (n, k)
     rows = source.fetch(ids.clamp_min(0))
-    sem = torch.einsum("nd,nkd->nk", q[:, 0], rows["K"].to(device=device, dtype=kb_layer.dtype)) / math.sqrt(kb_layer.d_k)
-    phi = kb_layer.kb_context_scorer(e, rows["ctx_vec"].to(device).unsqueeze(1)).squeeze(1)  # (n, k)
-    s = (sem + kb_layer.kb_selector.gamma * phi).masked_fill(ids < 0, float("-inf"))
+    keys = rows["K"].to(device=device, dtype=kb_layer.dtype)
+    sem = torch.einsum("nd,nkd->nk", q[:, 0], keys) / math.sqrt(kb_layer.d_k)  # (n, k)
+    ctx = F.normalize(rows["ctx_vec"].to(device=device, dtype=kb_layer.dtype), dim=-1)
+    match = torch.einsum("nd,nkd->nk", F.normalize(e, dim=-1), ctx)  # (n, k) evidence cosine
+    s = (sem_weight * sem + match).masked_fill(ids < 0, float("-inf"))
     return ids.gather(1, s.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+def hop_texts(question: str, c: TimeConstraint) -> tuple[str, str]:
+    """(select text, search text) of an anchored question. Succession: the anchor is a sibling of the
+    answer, so the question itself searches its (head, relation) and the clause ("X as CEO of Y", or
+    just "X") picks X's fact. Relative: the clause searches and picks, unless it names nothing ("the
+    event"), where the question stands in for it."""
+    if c.kind in ("just_before", "right_after"):
+        return c.anchor, question
+    text = c.anchor if names_something(c.anchor) else question
+    return text, text
 
 
 def question_times(questions: Sequence[str], reference_date: str | None = None, kb_layer: Any = None,
@@ -103,8 +132,10 @@ def question_times(questions: Sequence[str], reference_date: str | None = None, 
     anchors: list[int | None] = [None] * len(parsed)
     todo = [i for i, c in enumerate(parsed) if needs_anchor(c)]
     if todo and kb_layer is not None and source is not None and embed is not None:
-        e = torch.as_tensor(embed([parsed[i].anchor for i in todo]), dtype=torch.float32)
-        ids = first_hop(kb_layer, source, e)
+        texts = [hop_texts(questions[i], parsed[i]) for i in todo]
+        e_select = torch.as_tensor(embed([t[0] for t in texts]), dtype=torch.float32)
+        e_search = torch.as_tensor(embed([t[1] for t in texts]), dtype=torch.float32)
+        ids = first_hop(kb_layer, source, e_select, e_search)
         windows = source.fetch(ids.clamp_min(0))
         for j, i in enumerate(todo):
             fact = int(ids[j])
