@@ -12,9 +12,10 @@ from pathlib import Path
 
 from kblampp.config import add_config_args, config_from_args
 
-ROWS_HELP = ("comma-separated rows (default: %(default)s); known: backbone, rag, oracle_context, kblampp, "
-             "kblampp_injection, kblampp_gamma0, kblampp_eta0, kblampp_oracle_value, kblampp_oracle_value_injection")
-DEFAULT_ROWS = "backbone,rag,oracle_context,kblampp,kblampp_injection,kblampp_gamma0,kblampp_eta0,kblampp_oracle_value"
+from kblampp.evaluation.runner import ALL_ROWS, DEFAULT_ROWS as _DEFAULT_ROWS  # noqa: E402
+
+ROWS_HELP = "comma-separated rows (default: %(default)s); known: " + ", ".join(ALL_ROWS)
+DEFAULT_ROWS = ",".join(_DEFAULT_ROWS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qa", help="QA JSONL to evaluate (default: config test_dataset, else eval_dataset)")
     parser.add_argument("--out_dir", help="output folder (default: the checkpoint's run folder / eval)")
     parser.add_argument("--rows", default=DEFAULT_ROWS, help=ROWS_HELP)
-    parser.add_argument("--max_questions", type=int, default=0, help="type-stratified subset (0 = all)")
+    parser.add_argument("--max_questions", type=int, default=0,
+                        help="type-stratified subset (0 = the whole split, the default for reported numbers)")
     parser.add_argument("--types", help="comma-separated question types to keep (single-hop,multi-hop,temporal)")
     parser.add_argument("--batch_size", type=int, default=16, help="questions per generate() call")
     parser.add_argument("--rag_k", type=int, default=0, help="facts written into the RAG prompt (0 = K_top)")

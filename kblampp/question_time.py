@@ -22,7 +22,7 @@ and common typos such as "befor", "betwen", "Decmber" tolerated). X is `YYYY`, `
 When a question holds several dated expressions, the one that constrains the answer is picked:
 expressions right after a describing verb ("born in 1136", "founded in 1991") lose to any other;
 closed windows beat open ones; among equals the last one wins (questions put the constraint at the
-end). A dated expression outside a relative clause beats the clause.
+end). Any dated expression beats a relative clause ("when X joined Y in 1995" reads as 1995).
 """
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ _KEYWORDS = ("january", "february", "march", "april", "august", "september", "oc
              "december", "before", "after", "between", "during", "since", "until", "through", "prior",
              "around", "immediately", "shortly", "present", "currently", "current", "succeeded", "preceded",
              "season", "early", "middle", "right")
-_NOT_TYPOS = frozenset({"alter", "match", "marsh", "marches", "matches", "aster", "attar", "befall", "untie",
+_MONTH_NAMES = _KEYWORDS[:9]
+_NOT_TYPOS = frozenset({"earl", "alter", "match", "marsh", "marches", "matches", "aster", "attar", "befall", "untie",
                         "currant", "currants", "prion", "prism", "sincere", "seasons", "afters",
                         "dearly", "yearly", "riddle", "octet", "decent", "decimal", "decembers", "aground",
                         "among", "durian", "curing", "rights", "rigid"})
@@ -160,22 +161,27 @@ def _distance(a: str, b: str, limit: int) -> int:
     return prev[-1]
 
 
-def _repair(word: str) -> str:
+def _repair(match: re.Match) -> str:
+    word = match[0]
     low = word.lower()
     if len(low) < 4 or low in _NOT_TYPOS or low in _KEYWORDS:
         return word
+    # a capitalised word inside the text is a name ("Earl", "Marc") unless a number follows (a month)
+    name_like = word[0].isupper() and match.start() > 0
+    dated = bool(re.match(r"\s*\.?\s*\d", match.string[match.end():]))
     for key in _KEYWORDS:
         limit = 2 if len(key) >= 7 and len(low) >= 6 else 1
-        if key[0] == low[0] and _distance(low, key, limit) <= limit:
+        if key[0] == low[0] and (not name_like or (dated and key in _MONTH_NAMES)) \
+                and _distance(low, key, limit) <= limit:
             return key
     return word
 
 
 def normalize_question(text: str) -> str:
-    """The text with misspelled time words repaired ("befor" -> "before", "Decmber" -> "december").
+    """The text with misspelled time words repaired ("befor" -> "before", "Decmber 3" -> "december 3").
 
     Correctly spelled text comes back unchanged, so expression spans index either."""
-    return re.sub(r"[A-Za-z]+", lambda m: _repair(m[0]), text)
+    return re.sub(r"[A-Za-z]+", _repair, text)
 
 
 def _year(text: str) -> str:
@@ -310,10 +316,10 @@ def pick_time_expression(found: list[TimeExpr]) -> TimeExpr | None:
     return max(enumerate(found), key=lambda ie: (not ie[1].describing, ie[1].kind != "open", ie[0]))[1]
 
 
-def _clause(text: str, patterns) -> tuple[str, tuple[int, int]] | None:
+def _clause(text: str, patterns) -> str | None:
     for pattern in patterns:
         if m := pattern.search(text):
-            return re.sub(r"\s+", " ", m["anchor"]).strip(), m.span()
+            return re.sub(r"\s+", " ", m["anchor"]).strip()
     return None
 
 
@@ -326,16 +332,12 @@ def parse_time_constraint(text: str, reference_date: str | None = None) -> TimeC
     if reference_date is not None:
         window_days(reference_date, reference_date)  # rejects a bad reference date early
     norm = normalize_question(text)
-    found = find_time_expressions(norm)
-    relative = _clause(norm, _RELATIVE)
-    if relative is not None:
-        lo, hi = relative[1]
-        found = [e for e in found if not (lo <= e.span[0] and e.span[1] <= hi)]
-    best = pick_time_expression(found)
+    best = pick_time_expression(find_time_expressions(norm))
     if best is not None:
         return TimeConstraint(best.order, best.start, best.end)
+    relative = _clause(norm, _RELATIVE)
     if relative is not None:
-        return TimeConstraint("relative", None, None, relative[0])
+        return TimeConstraint("relative", None, None, relative)
     for kind, pattern in _SUCCESSION:
         if m := pattern.search(norm):
             return TimeConstraint(kind, None, None, re.sub(r"\s+", " ", m["anchor"]).strip())

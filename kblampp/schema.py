@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from kblampp.question_time import TIME_KINDS
+from kblampp.synth.families import FAMILIES, FAMILY_TYPE, UNANSWERABLE_REASONS
 from kblampp.timewin import window_days
 
 QA_TYPES = ("single-hop", "multi-hop", "temporal", "unanswerable")
@@ -217,9 +219,6 @@ def check_qa(obj: Any, line: int, num_facts: int | None = None) -> list[Problem]
 
 def _check_family_fields(obj: dict, line: int, num_facts: int | None, problems: list[Problem]) -> None:
     """The optional fields of docs/DESIGN_QA.md: family, answerable, time_constraint, unanswerable_*."""
-    from kblampp.question_time import TIME_KINDS
-    from kblampp.synth.families import FAMILIES, FAMILY_TYPE, UNANSWERABLE_REASONS
-
     family = obj.get("family")
     if "family" in obj:
         if family not in FAMILIES:

@@ -72,6 +72,11 @@ class QuestionTimes:
         show = (lambda c: None if c is None else c.to_dict())
         return {"parsed": show(self.parsed[i]), "anchor_fact": self.anchor_facts[i], "used": show(self.used[i])}
 
+    def select(self, rows: Sequence[int]) -> "QuestionTimes":
+        """The same per-question lists for `rows` only, in that order."""
+        return QuestionTimes([self.parsed[i] for i in rows], [self.anchor_facts[i] for i in rows],
+                             [self.used[i] for i in rows])
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau (n, 2) float32 days, NaN = no dates; time_kind (n,) long)."""
         tau = torch.tensor([constraint_days(c) for c in self.used], dtype=torch.float32).reshape(len(self.used), 2)

@@ -3,8 +3,8 @@
     python scripts/main_job.py [--config configs/embedded_default.yaml] [--num_worlds 5 --persons 80]
 
 Steps: synthetic worlds -> sanity check -> QA splits -> sanity check -> K/V encode (store) -> faiss
-index -> Stage A (retrieval, copy gate, value warm-up, end to end) -> evaluation table (every baseline
-row, KB-edit check) -> evidence JSON -> alpha plots and training curves.
+index -> Stage A (retrieval, copy gate, value warm-up, end to end) -> evaluation table (every row on the
+whole test split: lookup, lookup_chain, the LLM baselines, KBLaM++ and its ablations; KB-edit check) -> evidence JSON -> alpha plots and training curves.
 Each step calls the `kblampp` package (no subprocesses) and prints what it wrote, sizes and times.
 `--until STEP` stops after a step; a rerun resumes Stage A from its last checkpoint.
 """
@@ -174,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev_worlds", type=int, default=1)
     p.add_argument("--test_worlds", type=int, default=1)
     p.add_argument("--train_variants", type=int, default=1, help="training phrasings per question")
-    p.add_argument("--eval_questions", type=int, default=240, help="test questions in the table (0 = all)")
+    p.add_argument("--eval_questions", type=int, default=0, help="test questions in the table (0 = the whole test split)")
     p.add_argument("--kb_edit", type=int, default=50, help="facts edited in the KB-edit check (0 = off)")
     p.add_argument("--evidence_questions", type=int, default=12, help="questions in evidence.json")
     p.add_argument("--until", choices=[name for name, _ in STEPS], help="stop after this step")

@@ -221,7 +221,8 @@ def test_summarize_and_write_report(tmp_path):
     payload = write_report(tmp_path, rows, meta={"max_new_tokens": 16})
     assert json.loads((tmp_path / "results.json").read_text()) == payload
     md = (tmp_path / "results.md").read_text()
-    assert "| backbone | 2 | 50.0 |" in md and "| kblampp | 2 | 100.0 |" in md and "max_new_tokens = 16" in md
+    assert "| backbone | 2 | 50.0 [0.0, 100.0] |" in md and "| kblampp | 2 | 100.0 [100.0, 100.0] |" in md
+    assert "max_new_tokens = 16" in md and "| single-hop (n=1) | multi-hop (n=0) | temporal (n=1) |" in md
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[2])["row"] == "kblampp"
     assert markdown_table({"x": summarize_row([])}).count("–") >= 10
@@ -259,7 +260,10 @@ def test_evaluate_writes_one_table_for_every_row(built):
     assert payload["kb_edit"]["follow_new"] == 1.0 and payload["kb_edit"]["n_edits"] == 2
     assert payload["meta"]["max_new_tokens"] == 8 and payload["meta"]["questions"] == 4
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert md.count("\n| kblampp") == 6 and "KB-edit check (kblampp, 2 single-hop" in md
+    assert md.count("\n| kblampp") == 6 * 4 and "KB-edit check (kblampp, 2 single-hop" in md  # 4 tables
+    assert rows["lookup"]["em"] == 1.0 and rows["lookup_chain"]["em"] == 1.0  # the toy world is single-hop
+    assert rows["lookup"]["abstain_precision"] is None and rows["lookup"]["em_answerable"] == 1.0
+    assert "EM per question family:" in md and "lookup rows not tuned (no dev split)" in md
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(preds) == 4 * len(ALL_ROWS)
     head = [p for p in preds if p["row"] == "kblampp"]
@@ -309,3 +313,26 @@ def test_scripts_have_help(repo_root, script):
 
     proc = subprocess.run([sys.executable, str(repo_root / script), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout and "--config" in proc.stdout
+
+
+class _PieceTokenizer:
+    """decode([i]) = PIECES[i]: enough for the first-line stop rule."""
+
+    PIECES = ["", "Ann", " Lee", "\n", ".\n", "  ", "\n\n", "x"]
+
+    def __len__(self):
+        return len(self.PIECES)
+
+    def decode(self, ids):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_first_line_stop_ends_each_sequence_after_its_answer_line():
+    from kblampp.evaluation.generate import FirstLineStop
+
+    stop = FirstLineStop(_PieceTokenizer(), prompt_len=1)
+    assert stop(torch.tensor([[7], [7]])).tolist() == [False, False]  # nothing generated yet
+    steps = [[6, 1], [1, 2], [2, 4], [3, 7]]  # row 0: "\n\nAnn Lee\n"; row 1: "Ann Lee.\n..."
+    seen = [stop(torch.tensor([[7] + [s[r] for s in steps[:k + 1]] for r in range(2)])).tolist()
+            for k in range(len(steps))]
+    assert seen == [[False, False], [False, False], [False, True], [True, False]]

@@ -13,7 +13,7 @@ from kblampp.schema import load_facts, load_qa
 from kblampp.synth.jsonl import write_jsonl
 from kblampp.synth.llm_client import LLMClient, LLMError, extract_json_array
 from kblampp.synth.llm_gen import make_llm_qa_files, make_llm_world_file
-from kblampp.synth.prompts import QA_PROMPT, QA_WORLD_SUFFIX, WORLD_PROMPT
+from kblampp.synth.prompts import QA_FAMILIES_SUFFIX, QA_PROMPT, QA_WORLD_SUFFIX, WORLD_PROMPT
 from kblampp.synth.world import WorldSizes, generate_worlds
 
 
@@ -144,16 +144,24 @@ def test_qa_generator_maps_indices_and_rejects_bad_items(fake_api, tmp_path):
                                                          clubs=2, events=1, min_ceos=2, max_ceos=2)))
     facts = load_facts(world)
     w1_start = next(i for i, f in enumerate(facts) if f.raw["context"]["disamb"]["world"] == "world_01")
-    a0, a1 = facts[1], facts[w1_start + 1]
+    a0 = facts[1]
+    # world_01: a person's employer (local index e) and that company's headquarters (local index h)
+    e = next(i - w1_start for i in range(w1_start, len(facts)) if facts[i].relation_name == "employer")
+    h = next(i - w1_start for i in range(w1_start, len(facts)) if facts[i].relation_name == "headquarters location"
+             and facts[i].head_id == facts[w1_start + e].tail_id)
+    person, a1 = facts[w1_start + e].head_name, facts[w1_start + h]
     base = {"dataset": "synth_world_01", "type": "single-hop", "question_time": None}
+    located = f"Where is {a0.head_name} located?"
     replies_w0 = [
-        {**base, "qid": "Q1", "question": "Q?", "answer": a0.tail_name, "supporting_facts": [1]},
-        {**base, "qid": "Q2", "question": "Q?", "answer": a0.tail_name, "supporting_facts": [w1_start + 50]},
-        {**base, "qid": "Q3", "question": "Q?", "answer": "Nobody", "supporting_facts": [1]},
+        {**base, "qid": "Q1", "question": located, "answer": a0.tail_name, "supporting_facts": [1]},
+        {**base, "qid": "Q2", "question": located, "answer": a0.tail_name, "supporting_facts": [w1_start + 50]},
+        {**base, "qid": "Q3", "question": located, "answer": "Nobody", "supporting_facts": [1]},
         {**base, "qid": "Q4", "question": "", "answer": a0.tail_name, "supporting_facts": [1]},
+        {**base, "qid": "Q5", "question": "Where is Nowhere College located?", "answer": a0.tail_name,
+         "supporting_facts": [1]},
     ]
-    replies_w1 = [{**base, "qid": "Q1", "type": "multi-hop", "question": "Q?", "answer": a1.tail_name.upper(),
-                   "supporting_facts": [1, 0]}]
+    replies_w1 = [{**base, "qid": "Q1", "type": "multi-hop", "answer": a1.tail_name.upper(),
+                   "question": f"Where is the company that employs {person} headquartered?", "supporting_facts": [h, e]}]
     server.replies += [("text", json.dumps(replies_w0)), ("text", "garbage"), ("text", json.dumps(replies_w1))]
     log: list[str] = []
     report = make_llm_qa_files(_client(url, log), world, tmp_path / "qa", "llmqa", dev_worlds=1, test_worlds=0)
@@ -162,18 +170,22 @@ def test_qa_generator_maps_indices_and_rejects_bad_items(fake_api, tmp_path):
     assert report.counts == {"train": 1, "dev": 1, "test": 0}
     assert (train[0].qid, train[0].supporting_facts, train[0].answer) == ("llmqa-llm-world_00-00000", (1,), a0.tail_name)
     assert train[0].raw["answer_fact"] == 1 and train[0].raw["llm_qid"] == "Q1"
-    # local indices [1, 0] of world_01 -> global, the answer fact moved last, answer spelled as in the KB
-    assert dev[0].supporting_facts == (w1_start, w1_start + 1) and dev[0].answer == a1.tail_name
-    assert dev[0].raw["world"] == "world_01" and dev[0].raw["answer_fact"] == w1_start + 1
+    assert (train[0].raw["family"], train[0].raw["time_constraint"]) == ("single_hop", None)
+    # local indices [h, e] of world_01 -> global, the answer fact moved last, answer spelled as in the KB
+    assert dev[0].supporting_facts == (w1_start + e, w1_start + h) and dev[0].answer == a1.tail_name
+    assert dev[0].raw["world"] == "world_01" and dev[0].raw["answer_fact"] == w1_start + h
+    assert dev[0].raw["family"] == "multi_hop_2"
     n0 = w1_start
     assert [m for m in log if "rejected" in m] == [
         f"world_00: rejected item 1: supporting_facts: index {w1_start + 50} out of range (0..{n0 - 1})",
         "world_00: rejected item 2: answer: 'Nobody' is the tail of no supporting fact",
         "world_00: rejected item 3: question: empty string",
+        f"world_00: rejected item 4: supporting_facts: the question does not name {a0.head_name!r}",
     ]
     prompt = server.requests[0]["body"]["messages"][0]["content"]
-    assert prompt.startswith(QA_PROMPT + QA_WORLD_SUFFIX)
-    assert json.loads(prompt[len(QA_PROMPT + QA_WORLD_SUFFIX):]) == [f.raw for f in facts[:w1_start]]
+    head = QA_PROMPT + QA_FAMILIES_SUFFIX.replace("REFERENCE_DATE", "2024-12-31") + QA_WORLD_SUFFIX
+    assert prompt.startswith(head) and "unans_entity" in prompt
+    assert json.loads(prompt[len(head):]) == [f.raw for f in facts[:w1_start]]
     assert QA_PROMPT.startswith("You are given a fictional world described by a list of facts in 5-tuple format.")
 
 
@@ -188,3 +200,29 @@ def test_world_script_with_llm_generator(fake_api, tmp_path, repo_root, capsys):
     assert f"facts: 1 lines -> {tmp_path / 'w.jsonl'}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--generator llm needs --base_url and --model"):
         main(["--out", str(tmp_path / "x.jsonl"), "--generator", "llm"])
+
+
+def test_llm_qa_validator_checks_every_family(tmp_path):
+    from kblampp.synth.llm_gen import qa_validator
+
+    world = tmp_path / "world.jsonl"
+    write_jsonl(world, generate_worlds(3, 1, WorldSizes(persons=8, organisations=2, cities=3, universities=2,
+                                                         clubs=2, events=1, min_ceos=2, max_ceos=2)))
+    facts = load_facts(world)
+    ceos = [i for i, f in enumerate(facts) if f.relation_name == "chief executive officer"]
+    first, org = min(ceos[:2], key=lambda i: facts[i].tau_min), facts[ceos[0]].head_name
+    person = next(f.head_name for f in facts if f.raw["head"]["type"] == "PERSON")
+    base = {"dataset": "d", "question_time": None, "supporting_facts": []}
+    unans = {**base, "type": "unanswerable", "answer": "unknown", "family": "unans_entity",
+             "answerable": False, "unanswerable_reason": "entity_missing", "relation": "place of birth"}
+    items = [
+        {**base, "qid": "T1", "type": "temporal", "question": f"Who was the first CEO of {org}?",
+         "answer": facts[first].tail_name, "supporting_facts": [first]},
+        {**unans, "qid": "U1", "question": "Where was Zed Quux born?", "subject": "Zed Quux"},
+        {**unans, "qid": "U2", "question": f"Where was {person} born?", "subject": person},
+    ]
+    valid, rejected = qa_validator("world_00", list(range(len(facts))), facts, "d", [0])(items)
+    assert [(r["llm_qid"], r["family"]) for r in valid] == [("T1", "first"), ("U1", "unans_entity")]
+    assert valid[0]["time_constraint"] == {"kind": "first", "start": None, "end": None, "anchor": None}
+    assert (valid[1]["answer"], valid[1]["answer_fact"], valid[1]["answerable"]) == ("no answer", None, False)
+    assert rejected == [f"item 2: unanswerable_reason: {person!r} is in the KB"]

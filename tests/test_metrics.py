@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from kblampp.metrics import (contains_gold, exact_match, extract_answer, f1_score, mean, normalize_answer,
-                             score_answer)
+from kblampp.metrics import (answer_line, bootstrap_interval, contains_gold, exact_match, extract_answer, f1_score, is_abstention, mean,
+                             normalize_answer, score_answer)
 
 
 def test_normalize_squad_rules():
@@ -55,11 +55,70 @@ def test_extract_answer(raw, expected):
     assert extract_answer(raw) == expected
 
 
-def test_score_answer_combines():
+def test_score_answer_headline_is_the_raw_first_line():
     out = score_answer("The answer is Alice Zhang. She was appointed in 2019", ["Alice Zhang"])
-    assert out == {"pred": "Alice Zhang", "em": 1.0, "f1": 1.0, "contained": 1.0}
+    assert out["pred"] == "The answer is Alice Zhang. She was appointed in 2019"
+    assert out["em"] == 0.0 and out["contained"] == 1.0
+    assert out["lenient_pred"] == "Alice Zhang" and out["em_lenient"] == 1.0 and out["abstained"] is False
+    out = score_answer("  Alice Zhang.\nShe was appointed in 2019", "Alice Zhang")
+    assert out["pred"] == "Alice Zhang." and out["em"] == 1.0 and out["f1"] == 1.0
     out = score_answer("She is called Alice Zhang", "Alice Zhang")
     assert out["em"] == 0.0 and out["contained"] == 1.0 and out["f1"] == pytest.approx(2 * (2 / 5) / (2 / 5 + 1))
+
+
+@pytest.mark.parametrize("raw, gold, em", [
+    ("Miller, Oconnell and Mitchell", "Miller, Oconnell and Mitchell", 1.0),  # comma names stay whole
+    ("Miller", "Miller, Oconnell and Mitchell", 0.0),
+    ("Prof. John Smith", "Prof. John Smith", 1.0),  # a title with a period stays whole
+    ("Prof", "Prof. John Smith", 0.0),
+    ("The answer is John Smith.", "John Smith", 0.0),  # a sentence
+    ("John Smith was the CEO of Acme in 2004.", "John Smith", 0.0),
+    ("I am not sure, maybe John Smith", "John Smith", 0.0),  # a hedge
+    ("Perhaps John Smith?", "John Smith", 0.0),
+    ("Not John Smith", "John Smith", 0.0),  # a negation
+    ("It was not John Smith.", "John Smith", 0.0),
+    ("John Smith or Mary Jones", "John Smith", 0.0),  # candidate lists
+    ("John Smith, Mary Jones", "John Smith", 0.0),
+    ("the John Smith!", "John Smith", 1.0),  # SQuAD drops articles and punctuation
+    ("\n  John Smith  \nMary Jones", "John Smith", 1.0),  # first line after the leading whitespace
+])
+def test_official_em_on_the_raw_first_line(raw, gold, em):
+    assert score_answer(raw, gold)["em"] == em
+
+
+@pytest.mark.parametrize("raw, question, lenient, gold, em_lenient", [
+    ("Miller, Oconnell and Mitchell", "Who employs Ann Lee?", "Miller, Oconnell and Mitchell",
+     "Miller, Oconnell and Mitchell", 1.0),
+    ("Ann Lee works for Miller, Oconnell and Mitchell.", "Who employs Ann Lee?", "Miller, Oconnell and Mitchell",
+     "Miller, Oconnell and Mitchell", 1.0),
+    ("Prof. John Smith", "Who founded Acme?", "Prof. John Smith", "Prof. John Smith", 1.0),
+    ("Prof. John Smith founded it. He was 40.", "Who founded Acme?", "Prof. John Smith", "Prof. John Smith", 1.0),
+    ("I am not sure, maybe John Smith", "Who founded Acme?", "I am not sure, maybe John Smith", "John Smith", 0.0),
+    ("It was not John Smith at all", "Who founded Acme?", "It was not John Smith at all", "John Smith", 0.0),
+    ("Either John Smith or Mary Jones", "Who founded Acme?", "Either John Smith or Mary Jones", "John Smith", 0.0),
+])
+def test_lenient_extraction_keeps_names_whole_and_never_credits_hedges(raw, question, lenient, gold, em_lenient):
+    assert extract_answer(raw, question) == lenient
+    assert score_answer(raw, gold, question)["em_lenient"] == em_lenient
+
+
+def test_unanswerable_is_right_exactly_when_the_row_abstains():
+    assert score_answer("Unknown.", "no answer", answerable=False)["em"] == 1.0
+    assert score_answer("unknown\nbecause", "no answer", answerable=False)["f1"] == 1.0
+    out = score_answer("no answer", "no answer", answerable=False)  # the gold marker is never matched
+    assert out["em"] == 0.0 and out["abstained"] is False
+    assert score_answer("John Smith", "no answer", answerable=False)["em"] == 0.0
+    assert score_answer("I don't know", "no answer", answerable=False, abstain_answer="I don't know")["em"] == 1.0
+    out = score_answer("unknown", "John Smith")  # abstaining on an answerable question is wrong
+    assert out["em"] == 0.0 and out["abstained"] is True
+    assert is_abstention("The unknown", "unknown") and not is_abstention("unknown person", "unknown")
+    with pytest.raises(ValueError, match="abstain_answer"):
+        is_abstention("x", "the")
+
+
+def test_answer_line():
+    assert answer_line("") == "" and answer_line("  \n ") == ""
+    assert answer_line("\n\n Paris \n London") == "Paris"
 
 
 def test_mean_empty_is_none():
@@ -97,5 +156,17 @@ def test_extract_answer_with_question(raw, question, expected):
 def test_score_answer_uses_question():
     q = "Which club was Luke Glenn a member of in 1997?"
     out = score_answer("Luke Glenn was a member of the Hidden Thistle Tennis Club.", "Hidden Thistle Tennis Club", q)
-    assert out["em"] == 1.0 and out["pred"] == "Hidden Thistle Tennis Club"
-    assert score_answer("Luke Glenn was a member of the Hidden Thistle Tennis Club.", "Hidden Thistle Tennis Club")["em"] == 0.0
+    assert out["em_lenient"] == 1.0 and out["lenient_pred"] == "Hidden Thistle Tennis Club"
+    assert out["em"] == 0.0  # the headline never cuts a sentence
+    assert score_answer("Luke Glenn was a member of the Hidden Thistle Tennis Club.", "Hidden Thistle Tennis Club")["em_lenient"] == 0.0
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    values = [1.0] * 60 + [0.0] * 40
+    lo, hi = bootstrap_interval(values, resamples=1000, seed=0)
+    assert lo < 0.6 < hi and 0.45 < lo and hi < 0.75
+    assert bootstrap_interval(values, seed=0) == (lo, hi)
+    assert bootstrap_interval([1.0, 1.0, 1.0]) == (1.0, 1.0)
+    assert bootstrap_interval([]) is None
+    with pytest.raises(ValueError, match="resamples"):
+        bootstrap_interval(values, resamples=0)

@@ -170,9 +170,11 @@ TYPED = [
     ("Who led Y during Bob's tenure as CEO of Z?", C("relative", None, None, "Bob's tenure as CEO of Z")),
     ("Who was the CEO of the organiser of the Golden Fox Expo when it was held?",
      C("relative", None, None, "it was held")),
-    # a dated expression outside the relative clause wins; inside it, the clause wins
+    # any dated expression beats a relative clause
     ("When Alice Smith was CEO of Y, who ran Z in 1995?", C("at", "1995", "1995")),
-    ("When Alice Smith joined Y in 1995, who ran Z?", C("relative", None, None, "Alice Smith joined Y in 1995")),
+    ("When Alice Smith joined Y in 1995, who ran Z?", C("at", "1995", "1995")),
+    ("When the Rams relocated to Los Angeles, CA what was their stadium from 1946 to 1980?",
+     C("between", "1946", "1980")),
 ]
 
 
@@ -211,4 +213,7 @@ def test_constraint_round_trips_as_dict() -> None:
 def test_typo_repair_leaves_correct_words_alone() -> None:
     text = "Who was the CEO of Turner Inc before 1990, after the match in March?"
     assert normalize_question(text) == text
-    assert normalize_question("befor 1990 aftr Decmber") == "before 1990 after december"
+    assert normalize_question("befor 1990 aftr decmber") == "before 1990 after december"
+    # capitalised words inside the text are names, unless a number follows a month-like one
+    assert normalize_question("Befor the Earl of Eltham met Marc Durin on Decmber 3") == \
+        "before the Earl of Eltham met Marc Durin on december 3"

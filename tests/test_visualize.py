@@ -78,3 +78,16 @@ def test_visualize_alpha_script(tmp_path, repo_root):
     proc = subprocess.run([sys.executable, str(repo_root / "eval/visualize_alpha.py"), "--evidence", str(bad),
                            "--out_dir", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and "bad.json: expected a JSON list" in proc.stderr
+
+
+def test_alpha_bar_labels_show_the_tail_and_its_window_whole():
+    from kblampp.evaluation.plots import _fact_label, fact_window_text
+
+    fact = {"index": 7, "head": "Miller, Oconnell and Mitchell Holdings International Group of Companies",
+            "relation": "chief executive officer", "tail": "Molly Rodriguez", "time_window": ["1979-07-10", "1983-08-16"]}
+    label = _fact_label(fact, width=40)
+    assert label.split("\n")[0] == "Molly Rodriguez [1979-07-10 – 1983-08-16]"
+    assert label.split("\n")[1].startswith("#7 Miller") and len(label.split("\n")[1]) <= 40
+    assert fact_window_text({"time_window": [None, "1995"]}) == "[… – 1995]"
+    assert fact_window_text({"time_window": ["1990", None]}) == "[1990 – now]"
+    assert fact_window_text({"time_window": [None, None]}) == "[no window]" == fact_window_text({})

@@ -2,8 +2,12 @@
 
 Every row (backbone alone, RAG, oracle context, each KBLaM++ variant) calls `generate_rows` with
 prompts from the ONE prompt builder (`kblampp.backbone.build_prompt`), the same new-token budget, the
-same stop token and the same answer extraction; a row differs only in its prompts (facts written in
-or not) and in the per-batch `request` hook (the KB context and the answer head's logits processor).
+same stop rule and the same answer line; a row differs only in its prompts (facts written in or not)
+and in the per-batch `request` hook (the KB context and the answer head's logits processor).
+
+Only the output's first line is scored, so a sequence stops at its end-of-turn token or at the first
+newline after some text (`FirstLineStop`), and a batch stops when every sequence has: tokens after
+the answer line are never computed.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from kblampp.metrics import extract_answer
+from kblampp.metrics import answer_line
 
 # (row indices of the batch, the tokenized batch) -> context manager yielding extra generate() kwargs
 RequestHook = Callable[[list[int], dict[str, torch.Tensor]], ContextManager[dict[str, Any]]]
@@ -22,7 +27,7 @@ RequestHook = Callable[[list[int], dict[str, torch.Tensor]], ContextManager[dict
 
 @dataclass
 class Generation:
-    """One row's output for one question: raw text, extracted answer, prompt length in tokens."""
+    """One row's output for one question: raw text, its answer line (what is scored), prompt tokens."""
 
     output: str
     pred: str
@@ -43,6 +48,41 @@ def stop_token_id(tokenizer: Any) -> int:
 @contextlib.contextmanager
 def _no_request(indices: list[int], batch: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
     yield {}
+
+
+_LINE_TABLES: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def line_tables(tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per vocabulary id (cached per tokenizer): (has text, has a newline, ends a line it started)."""
+    key = id(tokenizer)
+    if key not in _LINE_TABLES:
+        size = max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
+        text = [tokenizer.decode([i]) for i in range(size)]
+        has_text = torch.tensor([bool(t.strip()) for t in text])
+        has_newline = torch.tensor(["\n" in t for t in text])
+        ends_own_line = torch.tensor([bool(t.split("\n", 1)[0].strip()) and "\n" in t for t in text])
+        _LINE_TABLES[key] = (has_text, has_newline, ends_own_line)
+    return _LINE_TABLES[key]
+
+
+class FirstLineStop(StoppingCriteria):
+    """StoppingCriteria: a sequence is done once its answer line is complete (a newline after some
+    generated text). Leading blank lines do not stop it: the answer line is the first non-empty one."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int):
+        self.has_text, self.has_newline, self.ends_own_line = line_tables(tokenizer)
+        self.prompt_len = prompt_len
+        self.seen_text: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        if input_ids.shape[1] <= self.prompt_len:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        last = input_ids[:, -1].cpu().clamp(0, self.has_text.shape[0] - 1)
+        seen = torch.zeros_like(last, dtype=torch.bool) if self.seen_text is None else self.seen_text
+        done = (seen & self.has_newline[last]) | self.ends_own_line[last]
+        self.seen_text = seen | self.has_text[last]
+        return done.to(input_ids.device)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -72,8 +112,9 @@ def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
                   batch_size: int = 16, request: RequestHook | None = None, desc: str = "generate",
                   progress: bool = True, questions: Sequence[str] | None = None) -> list[Generation]:
     """Greedy answers for `prompts` (input order kept). Prompts are batched by length to cut padding;
-    `request(indices, batch)` wraps each generate() call (KB context, logits processors); with
-    `questions`, the answer extraction may cut a sentence-like output to its answer span."""
+    `request(indices, batch)` wraps each generate() call (KB context, logits processors). A sequence
+    stops at the end-of-turn token or once its first line is complete (`FirstLineStop`); `questions`
+    is accepted for callers that pass it and only checked for length."""
     if questions is not None and len(questions) != len(prompts):
         raise ValueError(f"questions: {len(questions)} for {len(prompts)} prompts")
     if max_new_tokens < 1:
@@ -90,14 +131,14 @@ def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = tokenize_left(tokenizer, [prompts[i] for i in idx], device)
+        first_line = StoppingCriteriaList([FirstLineStop(tokenizer, batch["input_ids"].shape[1])])
         with hook(idx, batch) as extra:
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 eos_token_id=stop, pad_token_id=pad, **extra)
+                                 eos_token_id=stop, pad_token_id=pad, stopping_criteria=first_line, **extra)
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             text = tokenizer.decode(new[row], skip_special_tokens=True)
-            question = None if questions is None else questions[i]
-            results[i] = Generation(output=text, pred=extract_answer(text, question), prompt_tokens=lengths[i])
+            results[i] = Generation(output=text, pred=answer_line(text), prompt_tokens=lengths[i])
         bar.update(len(idx))
     bar.close()
     return [r for r in results if r is not None]

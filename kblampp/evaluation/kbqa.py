@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from kblampp.evaluation.generate import RequestHook
+from kblampp.evaluation.parsed_time import question_tau
 from kblampp.kb_context import KBContext
 from kblampp.retrieval import KBSource
 from kblampp.schema import QARecord
@@ -42,9 +43,21 @@ KB_VARIANTS: dict[str, KBVariant] = {v.name: v for v in (
 )}
 
 
+def time_free_twin(variant: KBVariant, done: Any) -> str | None:
+    """A finished row (a name in `done`) that differs from `variant` only in eta: on a question with no
+    time g_time is exactly 0, so both rows compute the same thing there and its outputs can be reused."""
+    for name in done:
+        other = KB_VARIANTS.get(name)
+        if other is not None and other != variant and replace(other, name=variant.name, eta=variant.eta) == variant:
+            return name
+    return None
+
+
 def question_taus(records: Sequence[QARecord]) -> torch.Tensor:
-    """(n, 2) float32 question windows in days; NaN rows = no time (neutral time score)."""
-    rows = [(math.nan, math.nan) if r.tau is None else r.tau for r in records]
+    """(n, 2) float32 question windows in days, parsed from each question's text (never the record's
+    gold time); NaN rows = no time (neutral time score)."""
+    taus = [question_tau(r.question) for r in records]
+    rows = [(math.nan, math.nan) if t is None else t for t in taus]
     return torch.tensor(rows, dtype=torch.float32).reshape(len(records), 2)
 
 
@@ -170,5 +183,5 @@ def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequenc
                      tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None)
 
 
-__all__ = ["KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus", "request_times",
-           "forced_ids", "selector_overrides", "RequestHook"]
+__all__ = ["time_free_twin", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus",
+           "request_times",           "forced_ids", "selector_overrides", "RequestHook"]

@@ -24,11 +24,18 @@ def safe_name(text: str) -> str:
     return cleaned or "question"
 
 
-def _fact_label(fact: dict[str, Any], width: int = 60) -> str:
+def fact_window_text(fact: dict[str, Any]) -> str:
+    """The fact's time window as shown on a bar: "[1990 – 1995]", "[… – 1995]", "[1990 – now]", or
+    "[no window]"."""
     start, end = (fact.get("time_window") or [None, None])[:2]
-    when = f" [{start or '…'} – {end or 'now'}]" if start or end else ""
-    text = f"#{fact['index']} {fact['head']} | {fact['relation']} | {fact['tail']}{when}"
-    return textwrap.shorten(text, width=width, placeholder="…")
+    return f"[{start or '…'} – {end or 'now'}]" if start or end else "[no window]"
+
+
+def _fact_label(fact: dict[str, Any], width: int = 60) -> str:
+    """Two lines: the tail and its window, always whole (what the answer head would copy and when it
+    holds); then "#index head | relation", shortened to `width`."""
+    source = textwrap.shorten(f"#{fact['index']} {fact['head']} | {fact['relation']}", width=width, placeholder="…")
+    return f"{fact['tail']} {fact_window_text(fact)}\n{source}"
 
 
 def plot_alpha(entry: dict[str, Any], path: str | Path) -> Path:
@@ -37,14 +44,14 @@ def plot_alpha(entry: dict[str, Any], path: str | Path) -> Path:
     facts = entry["top_k_facts"]
     support = set(entry.get("supporting_facts") or [])
     answer_fact = entry.get("answer_fact")
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * max(len(facts), 1)))
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.62 * max(len(facts), 1)))
     if facts:
         labels = [_fact_label(f) for f in facts][::-1]
         alphas = [float(f["alpha"]) for f in facts][::-1]
         colors = [ANSWER_COLOR if f["index"] == answer_fact else SUPPORT_COLOR if f["index"] in support
                   else OTHER_COLOR for f in facts][::-1]
         bars = ax.barh(range(len(facts)), alphas, color=colors)
-        ax.set_yticks(range(len(facts)), labels, fontsize=8)
+        ax.set_yticks(range(len(facts)), labels, fontsize=7.5)
         for bar, a in zip(bars, alphas):
             ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, f"{a:.2f}", va="center", fontsize=8)
     else:

@@ -1,6 +1,7 @@
 """The plan's LLM prompts (section 4.1.1 and 4.1.2 of kblampp_plan_b.zh.md), copied verbatim.
 
-Only `QA_WORLD_SUFFIX` is ours: the QA prompt needs the world's facts after it.
+Only `QA_FAMILIES_SUFFIX` (the question families of docs/DESIGN_QA.md) and `QA_WORLD_SUFFIX` are ours:
+the QA prompt needs the families and the world's facts after it.
 """
 from __future__ import annotations
 
@@ -65,11 +66,30 @@ Notes:
 - For temporal questions, question_time should reflect the time constraint in the question.
 - Output a pure JSON array of such question objects."""
 
+QA_FAMILIES_SUFFIX = """
+
+Cover these question families and add "family" to every question object:
+- "single_hop"; "paraphrase" (no word shared with the relation's name); "lowercase" (names in lower case);
+  "initials" ("J. Hubbard", only where no other person has the same initials and surname);
+- "multi_hop_2", "multi_hop_3": chains of 2 or 3 facts, each fact's tail the next one's head, over as many
+  different relation pairs as the world allows; supporting_facts in chain order;
+- time (type "temporal"): "in" / "on" a date, "between" two years, "before" / "after" a year (exactly one
+  fact of the entity and relation overlaps), "just_before" / "right_after" a year (the latest started
+  before it / the earliest ending after it), "first", "last", "current" (valid on REFERENCE_DATE; say
+  "now" or "currently"), "succession" ("Who succeeded / preceded X as CEO of Y?"; supporting_facts:
+  X's fact first, then the answer's), "relative" ("When X was CEO of Y, where did Z work?", "In the year
+  Y was founded, who ...?"; supporting_facts: the anchoring fact first, then the answer's);
+- unanswerable (type "unanswerable", answer "no answer", supporting_facts [], about 10% of all):
+  "unans_entity" (a person or organisation that is in no fact), "unans_relation" (an entity the world
+  has, asked for a relation it lacks), "unans_time" (a time outside every window of the asked fact);
+  add "subject" (the entity asked about) and "relation" (the relation name asked for).
+Every answer must be the tail of the last supporting fact and follow from the facts alone."""
 QA_WORLD_SUFFIX = "\n\nWorld facts (a JSON array; fact i is the element at 0-based index i):\n"
 
 
-def qa_prompt(world_facts: list[dict]) -> str:
-    """The QA prompt followed by one world's facts as a JSON array (local 0-based indices)."""
+def qa_prompt(world_facts: list[dict], reference_date: str = "2024-12-31") -> str:
+    """The QA prompt, the families it must cover, then one world's facts as a JSON array (local indices)."""
     import json
 
-    return QA_PROMPT + QA_WORLD_SUFFIX + json.dumps(world_facts, ensure_ascii=False)
+    return (QA_PROMPT + QA_FAMILIES_SUFFIX.replace("REFERENCE_DATE", reference_date) + QA_WORLD_SUFFIX
+            + json.dumps(world_facts, ensure_ascii=False))

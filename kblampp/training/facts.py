@@ -64,7 +64,7 @@ class FactTable:
 
     @classmethod
     def from_store(cls, store: Any, facts: Sequence[Fact]) -> "FactTable":
-        """Raw embeddings and meta arrays of a built store (engineer B's `KBValueStore`), facts for ids."""
+        """Raw embeddings and meta arrays of a built store (a `KBValueStore`), facts for ids."""
         raw = {k: store.raw(k) for k in ("e_h", "e_r", "e_t", "e_c")}
         meta = {k: np.asarray(store.arrays[f"meta/{k}.npy"]) for k in ("ctx_vec", "tau_min", "tau_max")}
         if len(facts) != len(raw["e_h"]):
