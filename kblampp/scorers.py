@@ -164,9 +164,27 @@ def candidate_siblings(f_min: torch.Tensor, f_max: torch.Tensor, same_group: tor
     return s_min, s_max, same_group
 
 
+def group_max(g: torch.Tensor, same_group: torch.Tensor | None, sibling_index: torch.Tensor | None) -> torch.Tensor:
+    """Max of g (B, T, K) over each fact's group: the candidates marked in same_group (B, T, K, K), or
+    the facts listed in sibling_index (K, L) (-1 padded; the K axis is then every fact). A fact with no
+    group (a missing candidate) keeps its own g."""
+    if same_group is not None:
+        masked = g.unsqueeze(-2).expand(*g.shape, g.shape[-1]).masked_fill(~same_group, float("-inf"))
+    else:
+        masked = g[..., sibling_index.clamp_min(0)].masked_fill(sibling_index < 0, float("-inf"))  # (B, T, K, L)
+    best = masked.max(dim=-1).values
+    return torch.where(torch.isfinite(best), best, g)
+
+
 class TimeScorer(nn.Module):
     """g_time = W[kind] . time_features; W (len(TIME_KINDS), len(TIME_FEATURES)) learnable, one row per
-    constraint kind (init: `initial_kind_weights`). Exactly 0 for rows without a time constraint."""
+    constraint kind (init: `initial_kind_weights`). Exactly 0 for rows without a time constraint.
+
+    Given the groups (facts sharing a (head, relation)), g is centred on each group's best:
+    g_i - max_{j in group(i)} g_j, so the time term ranks facts within a group (the best gets 0, the
+    others less) and never shifts one group against another: which head and relation the question
+    asks about is sem's and phi's to decide (measured: without centring, a namesake company's CEO
+    valid at the question time outscored the asked company's CEO)."""
 
     def __init__(self):
         super().__init__()
@@ -174,12 +192,13 @@ class TimeScorer(nn.Module):
 
     def forward(self, q_tau: torch.Tensor | None, f_min: torch.Tensor, f_max: torch.Tensor,
                 time_kind: torch.Tensor | None = None, same_group: torch.Tensor | None = None,
-                siblings: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                sibling_index: torch.Tensor | None = None) -> torch.Tensor:
         """q_tau (B, 2) days or None (NaN rows = no time); f_min, f_max (B, T, K) -> g (B, T, K).
 
         time_kind (B,) long index into TIME_KINDS (None: read from the window, `kinds_from_windows`);
-        same_group (B, T, K, K) bool marks candidates sharing a (head, relation), or `siblings` gives
-        each fact's siblings directly (see `time_features`)."""
+        groups: same_group (B, T, K, K) bool over the candidates, or sibling_index (K, L) long when the
+        K axis holds every fact of the KB (scores over all facts in training); neither = no groups
+        (each fact alone, no centring)."""
         if q_tau is None and time_kind is None:
             return f_min.new_zeros(f_min.shape, dtype=self.weight.dtype)
         B = f_min.shape[0]
@@ -191,11 +210,17 @@ class TimeScorer(nn.Module):
         active = time_active(q_tau, kind)
         open_window = torch.tensor([-float("inf"), float("inf")], device=f_min.device).expand(B, 2)
         q = torch.where(has_window[:, None], q_tau, open_window)  # (B, 2); dateless rows: fully open
-        if siblings is None:
+        siblings = None
+        if same_group is not None:
             siblings = candidate_siblings(f_min, f_max, same_group)
+        elif sibling_index is not None:
+            idx = sibling_index.to(f_min.device)
+            siblings = (f_min[..., idx.clamp_min(0)], f_max[..., idx.clamp_min(0)], (idx >= 0).expand(*f_min.shape, -1))
         feats = time_features(q, f_min, f_max, siblings).to(self.weight.dtype)  # (B, T, K, F)
         w = self.weight[kind.clamp(0, len(TIME_KINDS) - 1)]  # (B, F)
         g = torch.einsum("btkf,bf->btk", feats, w)  # (B, T, K)
+        if siblings is not None:
+            g = g - group_max(g, same_group, None if same_group is not None else sibling_index.to(f_min.device))
         return torch.where(active[:, None, None], g, torch.zeros_like(g))
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from kblampp.question_time import TIME_KINDS
-from kblampp.scorers import (TIME_FEATURES, ContextScorer, TimeScorer, candidate_siblings, initial_kind_weights,
+from kblampp.scorers import (TIME_FEATURES, ContextScorer, TimeScorer, initial_kind_weights,
                               kind_index, kinds_from_windows, time_features, upgrade_legacy_weight)
 from kblampp.timewin import window_days
 
@@ -100,8 +100,9 @@ def test_before_ranks_latest_earlier_ceo_first_by_hand():
     1 has rank 1, 0 rank 2; CEO 3 began in April 2011 (not eligible, 91 days after the window)."""
     g = _score("before", None, "2010")
     gap3 = math.log1p(91 / 365.25)
-    want = [1 + 6 / 3, 1 + 6 / 2, 1 + 6 / 1, -gap3, 1 + 6 / 1]  # overlap + 6 * closeness - log gap
-    assert g.tolist() == pytest.approx(want, rel=1e-5)
+    raw = [1 + 6 / 3, 1 + 6 / 2, 1 + 6 / 1, -gap3]  # overlap + 6 * closeness - log gap
+    want = [r - 7.0 for r in raw] + [0.0]  # centred on each group's best (7; fact 4 is alone)
+    assert g.tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert (g[2] - max(g[0], g[1], g[3])).item() == pytest.approx(3.0, rel=1e-5)
 
 
@@ -110,20 +111,20 @@ def test_after_ranks_next_ceo_above_open_ended_current_one():
     open-ended current CEO 3 rank 1; CEO 1 ended on 2004-12-31, one day before."""
     g = _score("after", "2005", None)
     gap0 = (dt.date(2005, 1, 1) - dt.date(1999, 6, 30)).days  # 2012 days
-    assert g.tolist() == pytest.approx([-math.log1p(gap0 / 365.25), -math.log1p(1 / 365.25),
-                                        1 + 6.0, 1 + 3.0, 1 + 6.0], rel=1e-5)
+    raw = [-math.log1p(gap0 / 365.25), -math.log1p(1 / 365.25), 1 + 6.0, 1 + 3.0]
+    assert g.tolist() == pytest.approx([r - 7.0 for r in raw] + [0.0], rel=1e-5, abs=1e-6)
     assert g[2] > g[3] > g[1] > g[0]
 
 
 def test_first_last_need_no_dates_and_current_is_a_point():
     assert _score("first", None, None).argmax().item() in (0, 4)  # 4 is its own group's first
     g_first = _score("first", None, None)
-    assert g_first[:4].tolist() == pytest.approx([6.0, 3.0, 2.0, 1.5])
+    assert g_first[:4].tolist() == pytest.approx([0.0, -3.0, -4.0, -4.5])  # 6 / (1 + rank), minus 6
     g_last = _score("last", None, None)
-    assert g_last[:4].tolist() == pytest.approx([1.5, 2.0, 3.0, 6.0])
+    assert g_last[:4].tolist() == pytest.approx([-4.5, -4.0, -3.0, 0.0])
     g_now = _score("current", "2020-05-01", "2020-05-01")
-    # a one-day window: overlap + contains (coverage of a zero-length window is 0), others disjoint
-    assert g_now[:4].argmax().item() == 3 and g_now[3].item() == pytest.approx(2.0)
+    # a one-day window: CEO 3 overlaps and contains it (2), the others are disjoint (negative)
+    assert g_now[:4].argmax().item() == 3 and g_now[3].item() == 0.0 and (g_now[:3] < -2.0).all()
 
 
 def test_just_before_right_after_for_succession_anchor():
@@ -140,9 +141,9 @@ def test_rank_counts_only_siblings_in_the_same_group():
     tau, kind = torch.tensor([_days(None, "2010")]), torch.tensor([kind_index("before")])
     alone = TimeScorer()(tau, f_min, f_max, time_kind=kind)[0, 0]  # no groups: every fact rank 0
     assert alone[:3].tolist() == pytest.approx([7.0, 7.0, 7.0])
-    explicit = TimeScorer()(tau, f_min, f_max, time_kind=kind,
-                            siblings=candidate_siblings(f_min, f_max, same))
-    assert torch.equal(explicit, TimeScorer()(tau, f_min, f_max, time_kind=kind, same_group=same))
+    index = torch.tensor([[0, 1, 2, 3]] * 4 + [[4, -1, -1, -1]])  # every fact's siblings, as in training
+    listed = TimeScorer()(tau, f_min, f_max, time_kind=kind, sibling_index=index)
+    assert torch.allclose(listed, TimeScorer()(tau, f_min, f_max, time_kind=kind, same_group=same))
 
 
 def test_kind_none_and_undated_window_kinds_are_exactly_zero():
@@ -153,7 +154,7 @@ def test_kind_none_and_undated_window_kinds_are_exactly_zero():
     g = scorer(tau, f_min.expand(3, 1, 5), f_max.expand(3, 1, 5), time_kind=kinds,
                same_group=same.expand(3, 1, 5, 5))
     assert torch.equal(g[0], torch.zeros(1, 5)) and torch.equal(g[2], torch.zeros(1, 5))
-    assert g[1, 0, 3].item() == pytest.approx(6.0)  # "last": no dates needed
+    assert g[1, 0, 3].item() == 0.0 and (g[1, 0, :3] < 0).all()  # "last": no dates needed
 
 
 def test_window_only_callers_read_the_kind_from_the_window():

@@ -73,11 +73,7 @@ def full_scores(kb: KBInjection, h: torch.Tensor, e_q: torch.Tensor, tau: torch.
     if len(timed):
         lo, hi = tau_min.to(h.device), tau_max.to(h.device)
         f_min, f_max = lo.view(1, 1, N).expand(len(timed), 1, N), hi.view(1, 1, N).expand(len(timed), 1, N)
-        sib = None
-        if siblings is not None:
-            idx = siblings.to(h.device)
-            sib = (lo[idx.clamp_min(0)][None, None], hi[idx.clamp_min(0)][None, None], (idx >= 0)[None, None])
-        g_t = kb.kb_time_scorer(tau[timed], f_min, f_max, time_kind=kind[timed], siblings=sib)
+        g_t = kb.kb_time_scorer(tau[timed], f_min, f_max, time_kind=kind[timed], sibling_index=siblings)
         g = g.index_copy(0, timed, g_t.squeeze(1).to(g.dtype))
     sel = kb.kb_selector
     return sem, sem + sel.gamma * phi + sel.eta * g
