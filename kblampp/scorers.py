@@ -180,11 +180,12 @@ class TimeScorer(nn.Module):
     """g_time = W[kind] . time_features; W (len(TIME_KINDS), len(TIME_FEATURES)) learnable, one row per
     constraint kind (init: `initial_kind_weights`). Exactly 0 for rows without a time constraint.
 
-    Given the groups (facts sharing a (head, relation)), g is centred on each group's best:
-    g_i - max_{j in group(i)} g_j, so the time term ranks facts within a group (the best gets 0, the
-    others less) and never shifts one group against another: which head and relation the question
-    asks about is sem's and phi's to decide (measured: without centring, a namesake company's CEO
-    valid at the question time outscored the asked company's CEO)."""
+    Given the groups (facts sharing a (head, relation)), g is shifted by each group's best when that is
+    positive: g_i - max(0, max_{j in group(i)} g_j). The time term then ranks facts within a group (the
+    best fitting one gets 0, the others less) and lowers groups with no fitting fact, but never lifts
+    one group above another: which head and relation the question asks about is sem's and phi's to
+    decide (measured: without the shift, a namesake company's CEO valid at the question time
+    outscored the asked company's CEO)."""
 
     def __init__(self):
         super().__init__()
@@ -220,7 +221,8 @@ class TimeScorer(nn.Module):
         w = self.weight[kind.clamp(0, len(TIME_KINDS) - 1)]  # (B, F)
         g = torch.einsum("btkf,bf->btk", feats, w)  # (B, T, K)
         if siblings is not None:
-            g = g - group_max(g, same_group, None if same_group is not None else sibling_index.to(f_min.device))
+            best = group_max(g, same_group, None if same_group is not None else sibling_index.to(f_min.device))
+            g = g - best.clamp_min(0.0)  # (B, T, K): a group's best fitting fact gets 0, nothing gets more
         return torch.where(active[:, None, None], g, torch.zeros_like(g))
 
 

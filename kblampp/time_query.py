@@ -9,7 +9,8 @@ retrievals: (1) the first inject layer's own query (Q = kb_query_ctx(e) + kb_lin
 embedding of the question for succession, of the anchor clause for relative questions) searches 16
 candidates, and the one whose evidence sentence best matches the anchor clause is the anchor fact
 (`first_hop`, `hop_texts`); (2) its window becomes the constraint's dates and the question is
-answered as a dated one:
+answered as a dated one (for succession the anchor's siblings that the first hop found are forced
+into the second retrieval's candidates: the answer is one of them):
   just_before (predecessor): (None, anchor start - 1 day)  -> the latest sibling started by then
   right_after (successor):   (anchor end + 1 day, None)    -> the earliest-ending sibling still valid
   relative:                  (anchor start, anchor end), or (start, start) for facts that mark a
@@ -30,6 +31,7 @@ from kblampp.question_time import TIME_KINDS, TimeConstraint, parse_time_constra
 from kblampp.timewin import days_to_iso, window_days
 
 START_ONLY_RELATIONS = ("place of birth", "spouse", "founded by")  # an anchor that marks a beginning
+SUCCESSION_KINDS = ("just_before", "right_after")  # with an anchor: predecessor / successor
 DAY = 1.0
 
 
@@ -66,6 +68,19 @@ class QuestionTimes:
     parsed: list[TimeConstraint | None]
     anchor_facts: list[int | None]
     used: list[TimeConstraint | None]
+    hop_group: list[list[int]] | None = None  # succession: the anchor's siblings the first hop found
+
+    def forced(self) -> torch.Tensor | None:
+        """(n, F) candidates the second retrieval must hold (the successor / predecessor is among the
+        anchor's siblings), -1 padded; None when no question has any."""
+        groups = self.hop_group or [[] for _ in self.used]
+        width = max([len(g) for g in groups] + [0])
+        if width == 0:
+            return None
+        out = torch.full((len(groups), width), -1, dtype=torch.long)
+        for i, g in enumerate(groups):
+            out[i, :len(g)] = torch.tensor(g, dtype=torch.long)
+        return out
 
     def row(self, i: int) -> dict:
         """Question i's constraint for the evidence: as parsed, the anchor fact, and as used."""
@@ -74,8 +89,9 @@ class QuestionTimes:
 
     def select(self, rows: Sequence[int]) -> "QuestionTimes":
         """The same per-question lists for `rows` only, in that order."""
+        groups = None if self.hop_group is None else [self.hop_group[i] for i in rows]
         return QuestionTimes([self.parsed[i] for i in rows], [self.anchor_facts[i] for i in rows],
-                             [self.used[i] for i in rows])
+                             [self.used[i] for i in rows], groups)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau (n, 2) float32 days, NaN = no dates; time_kind (n,) long)."""
@@ -95,11 +111,12 @@ def names_something(text: str) -> bool:
 
 @torch.no_grad()
 def first_hop(kb_layer: Any, source: Any, e_select: torch.Tensor, e_search: torch.Tensor | None = None,
-              k: int = FIRST_HOP_K, sem_weight: float = FIRST_HOP_SEM) -> torch.Tensor:
+              k: int = FIRST_HOP_K, sem_weight: float = FIRST_HOP_SEM, with_group: bool = False) -> Any:
     """(n,) anchor fact ids. The layer's own query made from `e_search` (Q = kb_query_ctx(e) +
     kb_linear_q(0)) searches k candidates; the anchor is the one whose evidence sentence best matches
     `e_select` (plain cosine, phi's prior: an anchor clause describes a whole fact, tail included, which
-    the keys do not hold), sem_weight * sem breaking near-ties toward the searched (head, relation)."""
+    the keys do not hold), sem_weight * sem breaking near-ties toward the searched (head, relation).
+    `with_group`: also (n, k) the searched candidates sharing the anchor's (head, relation), -1 elsewhere."""
     device = kb_layer.kb_linear_q.weight.device
     e = e_select.to(device=device, dtype=kb_layer.dtype)
     e_s = e if e_search is None else e_search.to(device=device, dtype=kb_layer.dtype)
@@ -112,7 +129,15 @@ def first_hop(kb_layer: Any, source: Any, e_select: torch.Tensor, e_search: torc
     ctx = F.normalize(rows["ctx_vec"].to(device=device, dtype=kb_layer.dtype), dim=-1)
     match = torch.einsum("nd,nkd->nk", F.normalize(e, dim=-1), ctx)  # (n, k) evidence cosine
     s = (sem_weight * sem + match).masked_fill(ids < 0, float("-inf"))
-    return ids.gather(1, s.argmax(dim=1, keepdim=True)).squeeze(1)
+    best = s.argmax(dim=1, keepdim=True)  # (n, 1)
+    if not with_group:
+        return ids.gather(1, best).squeeze(1)
+    if "head_id" in rows and "rel_id" in rows:
+        h, r = rows["head_id"].to(device), rows["rel_id"].to(device)
+        same = (h == h.gather(1, best)) & (r == r.gather(1, best))
+    else:  # siblings have equal keys
+        same = (keys == keys.gather(1, best.unsqueeze(-1).expand(-1, 1, keys.shape[-1]))).all(-1)
+    return ids.gather(1, best).squeeze(1), ids.masked_fill(~same | (ids < 0), -1)
 
 
 def hop_texts(question: str, c: TimeConstraint) -> tuple[str, str]:
@@ -120,7 +145,7 @@ def hop_texts(question: str, c: TimeConstraint) -> tuple[str, str]:
     answer, so the question itself searches its (head, relation) and the clause ("X as CEO of Y", or
     just "X") picks X's fact. Relative: the clause searches and picks, unless it names nothing ("the
     event"), where the question stands in for it."""
-    if c.kind in ("just_before", "right_after"):
+    if c.kind in SUCCESSION_KINDS:
         return c.anchor, question
     text = c.anchor if names_something(c.anchor) else question
     return text, text
@@ -140,13 +165,17 @@ def question_times(questions: Sequence[str], reference_date: str | None = None, 
         texts = [hop_texts(questions[i], parsed[i]) for i in todo]
         e_select = torch.as_tensor(embed([t[0] for t in texts]), dtype=torch.float32)
         e_search = torch.as_tensor(embed([t[1] for t in texts]), dtype=torch.float32)
-        ids = first_hop(kb_layer, source, e_select, e_search)
+        ids, group = first_hop(kb_layer, source, e_select, e_search, with_group=True)
         windows = source.fetch(ids.clamp_min(0))
+        groups: list[list[int]] = [[] for _ in parsed]
         for j, i in enumerate(todo):
             fact = int(ids[j])
             lo, hi = float(windows["tau_min"][j]), float(windows["tau_max"][j])
             start_only = relation_of is not None and relation_of(fact) in START_ONLY_RELATIONS
             anchors[i], used[i] = fact, anchored(parsed[i], lo, hi, start_only)
+            if parsed[i].kind in SUCCESSION_KINDS:
+                groups[i] = [int(x) for x in group[j].tolist() if x >= 0 and x != fact]
+        return QuestionTimes(parsed, anchors, used, groups)
     return QuestionTimes(parsed, anchors, used)
 
 

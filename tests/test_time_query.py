@@ -73,6 +73,13 @@ def test_first_hop_picks_the_anchor_by_evidence_and_resolves_succession():
     assert t.anchor_facts == [1, 2]
     assert t.used[0] == C("right_after", "2005-01-01", None, "Ann Lee as CEO of Y")
     assert t.used[1] == C("just_before", None, "2004-12-31", "Bo Chan as CEO of Y")
+    # the anchor's siblings the first hop saw are forced into the second retrieval (not fact 3: other head)
+    assert [sorted(g) for g in t.hop_group] == [[0, 2], [0, 1]]
+    forced = t.forced()
+    assert forced.shape == (2, 2) and sorted(forced[0].tolist()) == [0, 2]
+    ids, group = first_hop(layer, kb, e, with_group=True)
+    assert ids.tolist() == [1, 2] and sorted(x for x in group[0].tolist() if x >= 0) == [0, 1, 2]
+    assert question_times(["Who was the CEO of Y in 2001?"]).forced() is None
 
 
 def test_gold_anchor_times_and_window_satisfies():

@@ -122,6 +122,7 @@ class KBRequest:
     times: QuestionTimes | None = None  # parsed / used constraints and anchors, for the evidence
     tail_table: torch.Tensor | None = None
     forced: torch.Tensor | None = None
+    hop_forced: torch.Tensor | None = None  # (n, F) succession: the anchor's siblings, -1 padded
     records: dict[int, LastTokenRecord] = field(default_factory=dict)
 
     @property
@@ -146,7 +147,7 @@ class KBRequest:
 
         device = batch["input_ids"].device
         idx = torch.tensor(indices, dtype=torch.long)
-        forced = None
+        forced = None if self.hop_forced is None else self.hop_forced[idx].to(device)
         if self.variant.oracle:
             if self.forced is None:
                 raise ValueError(f"{self.variant.name}: oracle variant needs forced ids")
@@ -180,7 +181,8 @@ def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequenc
     times = times if times is not None else request_times(model, source, records)
     tau, kind = times.tensors()
     return KBRequest(model=model, source=source, e_q=e_q, tau=tau, variant=variant, time_kind=kind, times=times,
-                     tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None)
+                     tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None,
+                     hop_forced=times.forced())
 
 
 __all__ = ["time_free_twin", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus",

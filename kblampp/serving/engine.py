@@ -20,7 +20,8 @@ from kblampp.question_time import TIME_KINDS, TimeConstraint, parse_time_constra
 from kblampp.serving.config import ServerSettings
 from kblampp.serving.kb_log import KBLog, LogEntry, read_log
 from kblampp.serving.schemas import ApiError
-from kblampp.time_query import START_ONLY_RELATIONS, anchored, constraint_days, needs_anchor, window_satisfies
+from kblampp.time_query import (START_ONLY_RELATIONS, SUCCESSION_KINDS, anchored, constraint_days, hop_texts,
+                                needs_anchor, window_satisfies)
 from kblampp.timewin import window_days
 
 
@@ -198,19 +199,22 @@ class Engine:
             source = "parsed"
         return {"kind": c.kind, "start": c.start, "end": c.end, "anchor": c.anchor, "source": source}, c
 
-    def _anchor(self, c: TimeConstraint, shown: dict) -> TimeConstraint:
-        """Date a succession / relative constraint by the answerer's first retrieval of its anchor."""
+    def _anchor(self, question: str, c: TimeConstraint, shown: dict) -> tuple[TimeConstraint, dict]:
+        """Date a succession / relative constraint by the answerer's first retrieval of its anchor;
+        also the keyword arguments (forced candidates) the answer call needs."""
         first_hop = getattr(self.answerer, "anchor_fact", None)
         if not needs_anchor(c) or first_hop is None:
-            return c
-        index = first_hop(self.embedder.encode([c.anchor], progress=False)[0])
+            return c, {}
+        select, search = hop_texts(question, c)
+        e = self.embedder.encode([select, search], progress=False)
+        index, siblings = first_hop(e[0], e[1])
         fact = self.kb.get(index)
         if fact is None:
-            return c
+            return c, {}
         lo, hi = window_days(*_window_list(fact))
         used = anchored(c, lo, hi, fact["relation"]["name"] in START_ONLY_RELATIONS)
         shown.update(anchor_fact=index, resolved={"start": used.start, "end": used.end})
-        return used
+        return used, ({"forced_ids": siblings} if siblings and c.kind in SUCCESSION_KINDS else {})
 
     def answer(self, question: str, question_time: dict | None, max_new_tokens: int, top_k: int,
                kind: str = "answer", reference_date: str | None = None) -> dict:
@@ -220,11 +224,12 @@ class Engine:
             t1 = time.perf_counter()
             e_q = self.embedder.encode([question], progress=False)[0]
             t2 = time.perf_counter()
+            extra: dict = {}
             if constraint is not None:
-                constraint = self._anchor(constraint, shown_time)
+                constraint, extra = self._anchor(question, constraint, shown_time)
+                extra["time_kind"] = TIME_KINDS.index(constraint.kind)
             lo, hi = constraint_days(constraint)
             tau = None if lo != lo else (lo, hi)  # NaN: no dates
-            extra = {} if constraint is None else {"time_kind": TIME_KINDS.index(constraint.kind)}
             text, records = self.answerer.answer(question, e_q, tau, max_new_tokens, **extra)
             t3 = time.perf_counter()
             evidence = evidence_from_records(records, self.kb, top_k, constraint)
