@@ -263,7 +263,7 @@ def test_evaluate_writes_one_table_for_every_row(built):
     assert md.count("\n| kblampp") == 6 * 4 and "KB-edit check (kblampp, 2 single-hop" in md  # 4 tables
     assert rows["lookup"]["em"] == 1.0 and rows["lookup_chain"]["em"] == 1.0  # the toy world is single-hop
     assert rows["lookup"]["abstain_precision"] is None and rows["lookup"]["em_answerable"] == 1.0
-    assert "EM per question family:" in md and "lookup rows not tuned (no dev split)" in md
+    assert "EM per question family:" in md and "lookup rows tuned on " in md
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(preds) == 4 * len(ALL_ROWS)
     head = [p for p in preds if p["row"] == "kblampp"]
@@ -302,7 +302,7 @@ def test_run_rows_rejects_unknown_row(built):
     from kblampp.evaluation.runner import run_rows
 
     _, ec = built
-    with pytest.raises(ValueError, match="rows: 'gpt' is not one of backbone"):
+    with pytest.raises(ValueError, match="rows: 'gpt' is not one of lookup, lookup_chain, backbone"):
         run_rows(ec, [], ["gpt"], set())
 
 

@@ -52,10 +52,10 @@ def time_free_twin(variant: KBVariant, done: Any) -> str | None:
     return None
 
 
-def question_taus(records: Sequence[QARecord]) -> torch.Tensor:
+def question_taus(records: Sequence[QARecord], reference_date: str | None = None) -> torch.Tensor:
     """(n, 2) float32 question windows in days, parsed from each question's text (never the record's
     gold time); NaN rows = no time (neutral time score)."""
-    taus = [question_tau(r.question) for r in records]
+    taus = [question_tau(r.question, reference_date) for r in records]
     rows = [(math.nan, math.nan) if t is None else t for t in taus]
     return torch.tensor(rows, dtype=torch.float32).reshape(len(records), 2)
 
@@ -158,11 +158,13 @@ class KBRequest:
 
 
 def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],
-               variant: KBVariant, tail_table: torch.Tensor | None = None) -> KBRequest:
-    """A ready `KBRequest` (a RequestHook) for `records` in order."""
+               variant: KBVariant, tail_table: torch.Tensor | None = None,
+               reference_date: str | None = None) -> KBRequest:
+    """A ready `KBRequest` (a RequestHook) for `records` in order; `reference_date` resolves "now"."""
     if e_q.shape[0] != len(records):
         raise ValueError(f"e_q has {e_q.shape[0]} rows for {len(records)} questions")
-    return KBRequest(model=model, source=source, e_q=e_q, tau=question_taus(records), variant=variant,
+    return KBRequest(model=model, source=source, e_q=e_q, tau=question_taus(records, reference_date),
+                     variant=variant,
                      tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None)
 
 

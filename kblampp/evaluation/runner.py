@@ -55,7 +55,8 @@ class EvalContext:
         """The no-LLM rows over this KB (fact texts embedded once, tuned on the config's dev split)."""
         if self.lookup is None:
             alive = np.asarray(self.store.alive, dtype=bool) if self.store is not None else None
-            self.lookup = LookupRows.build(self.facts, self.embed, self.cfg.abstain_answer, alive)
+            self.lookup = LookupRows.build(self.facts, self.embed, self.cfg.abstain_answer, alive,
+                                           reference_date=self.cfg.reference_date)
             dev, label = load_dev(self.cfg.eval_dataset, len(self.facts))
             self.lookup.tune(dev, label)
         return self.lookup
@@ -217,7 +218,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     budget, abstain = ec.cfg.max_new_tokens, ec.cfg.abstain_answer
     plain = backbone_prompts(ec.tokenizer, records)
     q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)  # once, for every row
-    timed = [i for i, r in enumerate(records) if question_tau(r.question) is not None]
+    timed = [i for i, r in enumerate(records) if question_tau(r.question, ec.cfg.reference_date) is not None]
     results: dict[str, list[QuestionResult]] = {}
     requests: dict[str, KBRequest] = {}
     seconds: dict[str, float] = {}
@@ -256,7 +257,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
                                                                                            [None] * len(records))
             if sub:
                 req = kb_request(ec.model, ec.source, torch.from_numpy(q_vecs[idx]), sub, KB_VARIANTS[row],
-                                 ec.tail_table)
+                                 ec.tail_table, ec.cfg.reference_date)
                 sub_gens = generate_rows(ec.model, ec.tokenizer, [plain[i] for i in idx], budget, request=req,
                                          **gen_kwargs)
                 for j, i in enumerate(idx):
@@ -345,7 +346,7 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
     if not keep:
         raise ValueError(f"row {row!r} needs the answer head, but the checkpoint has no kb_copy_gate")
     q_vecs = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
-    req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table)
+    req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table, ec.cfg.reference_date)
     gens = generate_rows(ec.model, ec.tokenizer, backbone_prompts(ec.tokenizer, records), ec.cfg.max_new_tokens,
                          batch_size=batch_size, request=req, desc=row, progress=progress,
                          questions=[r.question for r in records])
