@@ -57,7 +57,8 @@ def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", 
         "pred_answer": pred_answer, "top_k_facts": top,
         "type": record.type,
         "question_time": None if record.question_time is None else list(record.question_time),
-        "supporting_facts": list(record.supporting_facts), "answer_fact": answer_fact_of(record),
+        "supporting_facts": list(record.supporting_facts),
+        "answer_fact": answer_fact_of(record) if record.supporting_facts else None,  # None: unanswerable
         "layer": last.layer, "beta": _finite(last.beta),
         "copy_gate": None if last.copy_gate is None else _finite(last.copy_gate),
     }

@@ -53,10 +53,10 @@ def time_free_twin(variant: KBVariant, done: Any) -> str | None:
     return None
 
 
-def question_taus(records: Sequence[QARecord]) -> torch.Tensor:
+def question_taus(records: Sequence[QARecord], reference_date: str | None = None) -> torch.Tensor:
     """(n, 2) float32 question windows in days, parsed from each question's text (never the record's
     gold time); NaN rows = no time (neutral time score)."""
-    taus = [question_tau(r.question) for r in records]
+    taus = [question_tau(r.question, reference_date) for r in records]
     rows = [(math.nan, math.nan) if t is None else t for t in taus]
     return torch.tensor(rows, dtype=torch.float32).reshape(len(records), 2)
 
@@ -172,13 +172,13 @@ class KBRequest:
 
 
 def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],
-               variant: KBVariant, tail_table: torch.Tensor | None = None, times: QuestionTimes | None = None
-               ) -> KBRequest:
+               variant: KBVariant, tail_table: torch.Tensor | None = None, reference_date: str | None = None,
+               times: QuestionTimes | None = None) -> KBRequest:
     """A ready `KBRequest` (a RequestHook) for `records` in order; `times` from `request_times`
-    (default: parsed from the text, anchors left undated)."""
+    (default: parsed from the text with `reference_date` resolving "now", anchors left undated)."""
     if e_q.shape[0] != len(records):
         raise ValueError(f"e_q has {e_q.shape[0]} rows for {len(records)} questions")
-    times = times if times is not None else request_times(model, source, records)
+    times = times if times is not None else request_times(model, source, records, reference_date=reference_date)
     tau, kind = times.tensors()
     return KBRequest(model=model, source=source, e_q=e_q, tau=tau, variant=variant, time_kind=kind, times=times,
                      tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None,

@@ -55,7 +55,8 @@ class EvalContext:
         """The no-LLM rows over this KB (fact texts embedded once, tuned on the config's dev split)."""
         if self.lookup is None:
             alive = np.asarray(self.store.alive, dtype=bool) if self.store is not None else None
-            self.lookup = LookupRows.build(self.facts, self.embed, self.cfg.abstain_answer, alive)
+            self.lookup = LookupRows.build(self.facts, self.embed, self.cfg.abstain_answer, alive,
+                                           reference_date=self.cfg.reference_date)
             dev, label = load_dev(self.cfg.eval_dataset, len(self.facts))
             self.lookup.tune(dev, label)
         return self.lookup
@@ -177,6 +178,15 @@ def _results(row: str, records: Sequence[QARecord], gens: Sequence[Generation], 
     return out
 
 
+def retrieval_scores(cand_ids: Sequence[int], weights: Sequence[float], record: QARecord,
+                     facts: Sequence[Fact]) -> dict | None:
+    """Retrieval metrics of one question; None where they do not apply (no supporting facts: an
+    unanswerable question, or nothing retrieved)."""
+    if not record.supporting_facts or not list(cand_ids):
+        return None
+    return score_question(cand_ids, weights, record, facts).as_dict()
+
+
 def lookup_results(ec: EvalContext, records: Sequence[QARecord], q_vecs: np.ndarray, seen: set[str],
                    progress: bool = True) -> tuple[dict[str, list[QuestionResult]], dict[str, float]]:
     """Both no-LLM rows and their seconds; their retrieval columns rank the fact(s) each copied from."""
@@ -184,22 +194,24 @@ def lookup_results(ec: EvalContext, records: Sequence[QARecord], q_vecs: np.ndar
     out = {}
     for row, found in answers.items():
         gens = [Generation(output=a.answer, pred=a.answer, prompt_tokens=0) for a in found]
-        ret = [score_question(a.fact_ids[::-1], [1.0] * len(a.fact_ids), rec, ec.facts).as_dict() if a.fact_ids
-               else None for a, rec in zip(found, records)]
+        ret = [retrieval_scores(a.fact_ids[::-1], [1.0] * len(a.fact_ids), rec, ec.facts)
+               for a, rec in zip(found, records)]
         extra = [{"fact_ids": a.fact_ids, "score": round(a.score, 4)} for a in found]
         out[row] = _results(row, records, gens, seen, ec.cfg.abstain_answer, ret, extra)
     return out, seconds
 
 
-def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecord], facts: Sequence[Fact]) -> list[dict]:
+def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecord],
+                         facts: Sequence[Fact]) -> list[dict | None]:
     """RAG's own retrieval, scored like the KB rows: rank weights stand in for alpha (best = top);
     the time masses do not apply to it."""
     out = []
     for row, rec in zip(ids, records):
         best_first = list(row)[::-1]  # rag_fact_ids writes the best last
         weights = [float(len(best_first) - j) for j in range(len(best_first))]
-        d = score_question(best_first, weights, rec, facts).as_dict()
-        d["time_match_mass"] = d["time_mismatch_mass"] = None
+        d = retrieval_scores(best_first, weights, rec, facts)
+        if d is not None:
+            d["time_match_mass"] = d["time_mismatch_mass"] = None
         out.append(d)
     return out
 
@@ -257,14 +269,14 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
                                                                                            [None] * len(records))
             if sub:
                 req = kb_request(ec.model, ec.source, torch.from_numpy(q_vecs[idx]), sub, KB_VARIANTS[row],
-                                 ec.tail_table, times.select(idx))
+                                 ec.tail_table, times=times.select(idx))
                 sub_gens = generate_rows(ec.model, ec.tokenizer, [plain[i] for i in idx], budget, request=req,
                                          **gen_kwargs)
                 for j, i in enumerate(idx):
                     gens[i], last[i] = sub_gens[j], req.records[j]
                 requests[row] = req
             kb_done[row] = (gens, last)
-            ret = [score_question(r.cand_ids, r.alpha, rec, ec.facts).as_dict() for r, rec in zip(last, records)]
+            ret = [retrieval_scores(r.cand_ids, r.alpha, rec, ec.facts) for r, rec in zip(last, records)]
             extra = [{"cand_ids": r.cand_ids, "alpha": [round(a, 4) for a in r.alpha], "beta": round(r.beta, 4),
                       "copy_gate": None if r.copy_gate is None else round(r.copy_gate, 4)} for r in last]
             results[row] = _results(row, records, gens, seen, abstain, ret, extra)
@@ -347,7 +359,7 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
         raise ValueError(f"row {row!r} needs the answer head, but the checkpoint has no kb_copy_gate")
     q_vecs = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
     times = request_times(ec.model, ec.source, records, ec.embed, ec.facts, ec.cfg.reference_date)
-    req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table, times)
+    req = kb_request(ec.model, ec.source, q_vecs, records, KB_VARIANTS[row], ec.tail_table, times=times)
     gens = generate_rows(ec.model, ec.tokenizer, backbone_prompts(ec.tokenizer, records), ec.cfg.max_new_tokens,
                          batch_size=batch_size, request=req, desc=row, progress=progress,
                          questions=[r.question for r in records])
