@@ -65,6 +65,10 @@ class StageAConfig:
     negatives: str = "train_worlds"  # train_worlds (softmax over the training worlds' facts) | all
     query_init_scale: float = 200.0  # start Q = scale * key map of e_q (zero-shot match); 0 = random init
     retrieval_eval_interval: int = 250
+    time_steps: int = 150  # the time score's per-kind rows: softmax over the answer's same-(head, relation) facts
+    time_lr: float = 0.05
+    time_batch: int = 128
+    time_eval_interval: int = 50
     train_kv_encoder: bool = True  # train the K/V MLPs too (store re-encoded and index rebuilt at the end)
     value_steps: int = 60  # teacher-forced gold facts, CE through the injection path
     value_lr: float = 1e-3

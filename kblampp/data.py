@@ -17,6 +17,7 @@ from kblampp.progress import progress_bar
 
 from kblampp.backbone import build_prompt, end_of_turn_id
 from kblampp.schema import QARecord
+from kblampp.scorers import kinds_from_windows
 
 IGNORE_INDEX = -100
 
@@ -54,6 +55,7 @@ class Example:
     supporting: tuple[int, ...]
     answer_fact: int
     qtype: str
+    time_kind: int = -1  # index into TIME_KINDS; -1 = read from the window (open start before, open end after)
 
 
 def answer_fact_of(rec: QARecord) -> int:
@@ -73,10 +75,12 @@ def answerable_records(records: Sequence[QARecord]) -> list[QARecord]:
 
 
 def encode_record(tokenizer: Any, rec: QARecord, index: int, max_seq_len: int,
-                  instruction: str | None = None, end_id: int | None = None) -> Example:
+                  instruction: str | None = None, end_id: int | None = None,
+                  time: tuple[float, float, int] | None = None) -> Example:
     """Tokenize prompt + answer + end token; the prompt is cut from the left if it is too long.
 
-    Pass `end_id` when encoding many records (looking it up reads the whole vocabulary)."""
+    Pass `end_id` when encoding many records (looking it up reads the whole vocabulary). `time` =
+    (lo, hi, kind) from the question's typed constraint replaces the record's window when given."""
     prompt_ids = tokenizer.encode(build_prompt_text(tokenizer, rec.question, instruction), add_special_tokens=False)
     end = answer_end_id(tokenizer) if end_id is None else end_id
     answer_ids = tokenizer.encode(rec.answer, add_special_tokens=False) + [end]
@@ -86,22 +90,28 @@ def encode_record(tokenizer: Any, rec: QARecord, index: int, max_seq_len: int,
     if len(prompt_ids) > keep:
         prompt_ids = prompt_ids[-keep:]
     tau = rec.tau if rec.tau is not None else (math.nan, math.nan)
+    kind = -1
+    if time is not None:
+        tau, kind = (time[0], time[1]), int(time[2])
     return Example(index=index, qid=rec.qid, input_ids=prompt_ids + answer_ids,
                    labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids, prompt_len=len(prompt_ids),
                    tau=(float(tau[0]), float(tau[1])), supporting=tuple(rec.supporting_facts),
-                   answer_fact=answer_fact_of(rec), qtype=rec.type)
+                   answer_fact=answer_fact_of(rec), qtype=rec.type, time_kind=kind)
 
 
 class QADataset(torch.utils.data.Dataset):
     """Tokenized QA records plus each question's context vector e_q (row-aligned array)."""
 
     def __init__(self, records: Sequence[QARecord], tokenizer: Any, e_q: np.ndarray, max_seq_len: int,
-                 instruction: str | None = None):
+                 instruction: str | None = None, times: Sequence[tuple[float, float, int]] | None = None):
         if e_q.ndim != 2 or e_q.shape[0] != len(records):
             raise ValueError(f"e_q: expected shape ({len(records)}, d_ctx), got {tuple(e_q.shape)}")
         self.records = list(records)
         end_id = answer_end_id(tokenizer)
-        self.examples = [encode_record(tokenizer, r, i, max_seq_len, instruction, end_id)
+        if times is not None and len(times) != len(self.records):
+            raise ValueError(f"times: {len(times)} rows for {len(self.records)} records")
+        self.examples = [encode_record(tokenizer, r, i, max_seq_len, instruction, end_id,
+                                       None if times is None else times[i])
                          for i, r in enumerate(progress_bar(records, desc="tokenize QA", disable=len(records) < 2000))]
         self.e_q = torch.from_numpy(np.ascontiguousarray(e_q, dtype=np.float32))
         self.pad_id = pad_id(tokenizer)
@@ -148,10 +158,18 @@ def collate(batch: Sequence[Example], pad: int, e_q: torch.Tensor) -> dict[str, 
         "prompt_len": torch.tensor([ex.prompt_len for ex in batch], dtype=torch.long),
         "last_prompt_pos": torch.tensor([ex.prompt_len - 1 for ex in batch], dtype=torch.long),
         "tau": torch.tensor([ex.tau for ex in batch], dtype=torch.float32),
+        "time_kind": time_kinds([ex.tau for ex in batch], [ex.time_kind for ex in batch]),
         "e_q": e_q[index], "supporting": supporting,
         "answer_fact": torch.tensor([ex.answer_fact for ex in batch], dtype=torch.long),
         "index": index,
     }
+
+
+def time_kinds(taus: Sequence[tuple[float, float]], kinds: Sequence[int]) -> torch.Tensor:
+    """(B,) long kind ids; rows with kind -1 take the kind their window implies."""
+    implied = kinds_from_windows(torch.tensor(list(taus), dtype=torch.float32).reshape(len(taus), 2))
+    given = torch.tensor(list(kinds), dtype=torch.long)
+    return torch.where(given >= 0, given, implied)
 
 
 def batch_schedule(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:

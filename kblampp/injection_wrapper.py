@@ -35,6 +35,19 @@ def force_candidates(ids: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     return torch.cat([f, ids], -1).gather(-1, pick)
 
 
+def same_group(rows: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """(B, T, K, K) bool: candidates i, j share a (head, relation) and both exist. From the source's
+    head_id / rel_id; a source without them falls back to identical keys (K is a function of the
+    head and relation embeddings only, so siblings have equal keys)."""
+    if "head_id" in rows and "rel_id" in rows:
+        h, r = rows["head_id"].to(valid.device), rows["rel_id"].to(valid.device)  # (B, T, K)
+        same = (h.unsqueeze(-1) == h.unsqueeze(-2)) & (r.unsqueeze(-1) == r.unsqueeze(-2))
+    else:
+        keys = rows["K"].to(valid.device)  # (B, T, K, d_k)
+        same = (keys.unsqueeze(-2) == keys.unsqueeze(-3)).all(-1)
+    return same & valid.unsqueeze(-1) & valid.unsqueeze(-2)
+
+
 class KBInjection(nn.Module):
     """Every KB parameter of one inject layer (all attribute names start with `kb_`)."""
 
@@ -71,6 +84,7 @@ class KBInjection(nn.Module):
             raise ValueError("KBContext.source is None: give the request a TensorKB or IndexedKB")
         B, T, _ = h.shape
         e_q, tau, forced = ctx.rows(ctx.e_q, B), ctx.rows(ctx.tau, B), ctx.rows(ctx.forced_ids, B)
+        kind = ctx.rows(ctx.time_kind, B)
         e_q = e_q.to(device=h.device, dtype=self.dtype) if e_q is not None else None  # (B, d_ctx)
         q = self.query(h, e_q)  # (B, T, d_k)
         k = min(self.k_top, ctx.source.num_facts)
@@ -84,7 +98,9 @@ class KBInjection(nn.Module):
         sem = torch.einsum("btd,btkd->btk", q, keys) / math.sqrt(self.d_k)  # (B, T, k)
         phi = self.kb_context_scorer(e_q, rows["ctx_vec"].to(q.device))  # (B, T, k)
         tau_q = tau.to(q.device) if tau is not None else None  # (B, 2) days, NaN rows = no time
-        g_time = self.kb_time_scorer(tau_q, rows["tau_min"].to(q.device), rows["tau_max"].to(q.device))
+        timed = tau is not None or kind is not None  # siblings only matter to a time constraint
+        g_time = self.kb_time_scorer(tau_q, rows["tau_min"].to(q.device), rows["tau_max"].to(q.device),
+                                     time_kind=kind, same_group=same_group(rows, valid) if timed else None)
         values = rows["V"].to(device=q.device, dtype=self.dtype)  # (B, T, k, d_v)
         sel = self.kb_selector(sem, phi, g_time, values, ids, valid)
         windows = torch.stack([rows["tau_min"], rows["tau_max"]], dim=-1).to(q.device)  # (B, T, k, 2)

@@ -31,13 +31,16 @@ class KBContext:
     """What one request tells the injected layers.
 
     e_q: (B, d_ctx) question sentence embeddings; tau: (B, 2) question windows in days, NaN rows (or
-    None) = no time; forced_ids: (B, F) facts that must be among the candidates (-1 = padding).
+    None) = no time; time_kind: (B,) long index into `kblampp.question_time.TIME_KINDS` (None = read
+    from the window: open start "before", open end "after", else "at"); forced_ids: (B, F) facts that
+    must be among the candidates (-1 = padding).
     Rows may be repeated by generate() (beams, num_return_sequences): B_hidden = r * B is accepted.
     """
 
     source: KBSource | None = None
     e_q: torch.Tensor | None = None
     tau: torch.Tensor | None = None
+    time_kind: torch.Tensor | None = None
     forced_ids: torch.Tensor | None = None
     gate_closed: bool = False
     record: bool = False

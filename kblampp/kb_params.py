@@ -89,11 +89,24 @@ def read_kb_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, metadata
 
 
+def upgrade_legacy_tensors(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints written before the typed time constraint hold a window-only time-scorer weight (4,);
+    it becomes the per-kind matrix (`kblampp.scorers.upgrade_legacy_weight`). Other tensors pass."""
+    from kblampp.scorers import upgrade_legacy_weight
+
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if name.endswith("kb_time_scorer.weight") and t.dim() == 1 and name in own and own[name].dim() == 2:
+            out[name] = upgrade_legacy_weight(t)
+    return out
+
+
 def load_kb_checkpoint(model: nn.Module, path: str | Path) -> dict:
     """Copy the checkpoint's KB tensors into `model`; every KB tensor must be found, nothing unexpected,
     every shape equal. Returns the saved config as a dict (see kblampp.config.config_from_dict)."""
     tensors, metadata = read_kb_checkpoint(path)
     own = kb_state_dict(model)
+    tensors = upgrade_legacy_tensors(tensors, own)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     problems = []

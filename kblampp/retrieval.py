@@ -3,6 +3,8 @@
 A source answers two calls and does no file I/O:
   search(q (M, d_k), k) -> LongTensor (M, k) candidate fact ids, best first (-1 = none found)
   fetch(ids (...)) -> {"K" (..., d_k), "V" (..., d_v), "ctx_vec" (..., d_ctx), "tau_min" (...), "tau_max" (...)}
+and, when the source knows them, "head_id" (...) and "rel_id" (...) long: facts sharing both are
+siblings (one (head, relation)), which the time score ranks against each other.
 """
 from __future__ import annotations
 
@@ -13,6 +15,16 @@ import numpy as np
 import torch
 
 FIELDS = ("K", "V", "ctx_vec", "tau_min", "tau_max")
+GROUP_FIELDS = ("head_id", "rel_id")
+
+
+def group_fields(rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """head_id / rel_id from a store's fetch (`entity_ids` (..., 2) = [head, tail], `rel_ids`), if there."""
+    if "head_id" in rows and "rel_id" in rows:
+        return {"head_id": torch.as_tensor(rows["head_id"]), "rel_id": torch.as_tensor(rows["rel_id"])}
+    if "entity_ids" in rows and "rel_ids" in rows:
+        return {"head_id": torch.as_tensor(rows["entity_ids"])[..., 0], "rel_id": torch.as_tensor(rows["rel_ids"])}
+    return {}
 
 
 @runtime_checkable
@@ -34,7 +46,8 @@ class TensorKB:
 
     def __init__(self, K: torch.Tensor, V: torch.Tensor, ctx_vec: torch.Tensor, tau_min: torch.Tensor,
                  tau_max: torch.Tensor, similarity: str = "ip", chunk_elems: int = 1 << 24,
-                 alive: torch.Tensor | None = None):
+                 alive: torch.Tensor | None = None, head_id: torch.Tensor | None = None,
+                 rel_id: torch.Tensor | None = None):
         arrays = {"K": K, "V": V, "ctx_vec": ctx_vec, "tau_min": tau_min, "tau_max": tau_max}
         n = K.shape[0] if K.dim() == 2 else -1
         for name, arr in arrays.items():
@@ -50,6 +63,13 @@ class TensorKB:
             raise ValueError(f"TensorKB: alive: expected a bool tensor of shape ({n},), got "
                              f"{alive.dtype} {tuple(alive.shape)}")
         self.K, self.V, self.ctx_vec, self.tau_min, self.tau_max = K, V, ctx_vec, tau_min, tau_max
+        if (head_id is None) != (rel_id is None):
+            raise ValueError("TensorKB: head_id and rel_id: give both or neither")
+        for name, arr in (("head_id", head_id), ("rel_id", rel_id)):
+            if arr is not None and tuple(arr.shape) != (n,):
+                raise ValueError(f"TensorKB: {name}: expected shape ({n},), got {tuple(arr.shape)}")
+        self.head_id = None if head_id is None else head_id.long().to(K.device)
+        self.rel_id = None if rel_id is None else rel_id.long().to(K.device)
         self.similarity, self.chunk_elems = similarity, chunk_elems
         self.alive = None if alive is None or bool(alive.all()) else alive.to(K.device)
 
@@ -59,7 +79,7 @@ class TensorKB:
         rows = store.fetch(torch.arange(int(store.n)))
         alive = rows.get("alive")
         return cls(**{name: torch.as_tensor(rows[name]).to(device) for name in FIELDS}, similarity=similarity,
-                   alive=None if alive is None else torch.as_tensor(alive, dtype=torch.bool))
+                   alive=None if alive is None else torch.as_tensor(alive, dtype=torch.bool), **group_fields(rows))
 
     @property
     def num_facts(self) -> int:
@@ -86,7 +106,8 @@ class TensorKB:
     def fetch(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows for `ids` of any shape (ids must be >= 0); keeps autograd links to the arrays."""
         ids = ids.to(self.K.device)
-        return {name: getattr(self, name)[ids] for name in FIELDS}
+        names = FIELDS + (GROUP_FIELDS if self.head_id is not None else ())
+        return {name: getattr(self, name)[ids] for name in names}
 
 
 class IndexedKB:
@@ -114,7 +135,8 @@ class IndexedKB:
         missing = [name for name in FIELDS if name not in rows]
         if missing:
             raise KeyError(f"IndexedKB: store.fetch() returned no {', '.join(missing)}")
-        return {name: torch.as_tensor(rows[name]).to(ids.device) for name in FIELDS}
+        out = {name: torch.as_tensor(rows[name]).to(ids.device) for name in FIELDS}
+        return {**out, **{name: t.to(ids.device) for name, t in group_fields(rows).items()}}
 
 
 def random_tensor_kb(n: int, d_k: int, d_v: int, d_ctx: int, seed: int = 0,

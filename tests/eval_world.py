@@ -56,7 +56,8 @@ def build_world(tmp: Path, n_people: int = 4) -> EvalContext:
     store = KBValueStore.load(tmp / "store", embedder=emb)
     cfg = KBConfig(d_k=16, d_v=16, d_ctx=D_CTX, inject_layers=[1], K_top=len(facts), gamma=30.0, eta=3.0,
                    max_new_tokens=8, store_dir=str(tmp / "store"), train_dataset=str(tmp / "train.jsonl"),
-                   test_dataset=str(tmp / "test.jsonl"), eval_dataset=str(tmp / "dev.jsonl"))  # no dev file
+                   eval_dataset=str(tmp / "train.jsonl"),
+                   test_dataset=str(tmp / "test.jsonl"))
     model = KBLaMPP(tiny_llama(), cfg, d_ctx=D_CTX)
     gate = KBCopyGate(model.d_model, init_bias=20.0)  # g ~ 1: copy whenever a candidate matches
     model.register_kb_module("kb_copy_gate", gate)

@@ -263,7 +263,7 @@ def test_evaluate_writes_one_table_for_every_row(built):
     assert md.count("\n| kblampp") == 7 * 4 and "KB-edit check (kblampp, 2 single-hop" in md  # 4 tables
     assert rows["lookup"]["em"] == 1.0 and rows["lookup_chain"]["em"] == 1.0  # the toy world is single-hop
     assert rows["lookup"]["abstain_precision"] is None and rows["lookup"]["em_answerable"] == 1.0
-    assert "EM per question family:" in md and "lookup rows not tuned (no dev split)" in md
+    assert "EM per question family:" in md and "lookup rows tuned on " in md
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(preds) == 4 * len(ALL_ROWS)
     head = [p for p in preds if p["row"] == "kblampp"]
@@ -336,3 +336,16 @@ def test_first_line_stop_ends_each_sequence_after_its_answer_line():
     seen = [stop(torch.tensor([[7] + [s[r] for s in steps[:k + 1]] for r in range(2)])).tolist()
             for k in range(len(steps))]
     assert seen == [[False, False], [False, False], [False, True], [True, False]]
+
+
+def test_retrieval_scores_skip_unanswerable_records(world):
+    from kblampp.evaluation.runner import retrieval_scores
+    from kblampp.schema import qa_from_dict
+
+    facts, records = world
+    unanswerable = qa_from_dict({"qid": "u", "dataset": "t", "question": "Where was Nobody born?", "answer": "no answer",
+                                 "type": "unanswerable", "supporting_facts": [], "question_time": None,
+                                 "answerable": False})
+    assert retrieval_scores([0, 1], [0.9, 0.1], unanswerable, facts) is None
+    assert retrieval_scores([], [], records[0], facts) is None
+    assert retrieval_scores([records[0].supporting_facts[0]], [1.0], records[0], facts)["recall@1"] == 1.0

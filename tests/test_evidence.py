@@ -88,3 +88,19 @@ def test_collect_evidence_on_built_world(tmp_path):
     assert read_evidence(path) == json.loads(json.dumps(entries))
     with pytest.raises(ValueError, match="row: 'backbone' is not a KBLaM"):
         collect_evidence(ec, records, "backbone")
+
+
+def test_entry_shows_the_parsed_constraint_and_whether_each_window_satisfies_it(world):
+    from kblampp.time_query import question_times
+
+    facts, records = world
+    rec = records[1]  # Who employed Ann P00 in 2005? facts 1 (2001-2010) and 2 (2011-) are her employers
+    times = question_times([rec.question])
+    last = LastTokenRecord(cand_ids=[2, 1, 0], alpha=[0.2, 0.7, 0.1], beta=0.25, layer=8)
+    e = evidence_entry(rec, "Acme", last, facts, time=times.row(0))
+    assert e["time_constraint"] == {"parsed": {"kind": "at", "start": "2005", "end": "2005", "anchor": None},
+                                    "anchor_fact": None,
+                                    "used": {"kind": "at", "start": "2005", "end": "2005", "anchor": None}}
+    sat = {f["index"]: f["satisfies_time"] for f in e["top_k_facts"]}
+    assert (sat[1], sat[2], sat[0]) == (True, False, False)  # 2001-2010 yes; 2011- and born 1980 no
+    assert "satisfies_time" not in evidence_entry(rec, "Acme", last, facts)["top_k_facts"][0]

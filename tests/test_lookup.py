@@ -96,3 +96,13 @@ def test_lookup_rows_tune_and_answer():
     assert 6 not in [i for ids in rows.table.by_head.values() for i in ids]  # deleted facts are out
     with pytest.raises(ValueError, match="alive has 2 flags for 7 facts"):
         build_fact_table(FACTS, embed, alive=np.array([True, False]))
+
+
+def test_lookup_follows_the_typed_time_kind_and_anchors(table):
+    questions = ["Who was the first chief executive of Acme?", "Who was the latest chief executive of Acme?",
+                 "Who succeeded Ann Oslo as chief executive of Acme?",
+                 "Who was chief executive of Acme just before Cid Pune?", "Who is the chief executive of Acme now?"]
+    vecs = BowEmbedder().encode(questions)
+    cands = lookup_candidates(table, vecs, questions, reference_date="2024-12-31")
+    answers = lookup_answers(table, cands, LookupSettings(), "unknown")
+    assert [a.answer for a in answers] == ["Ann Oslo", "Cid Pune", "Bob Lima", "Bob Lima", "Cid Pune"]

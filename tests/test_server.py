@@ -20,6 +20,8 @@ import httpx
 import pytest
 import yaml
 
+from kblampp.timewin import window_days
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "tk-5f0c93e1a7d24b68"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -160,7 +162,9 @@ def test_answer_has_well_formed_evidence_chain(server):
     assert alphas == sorted(alphas, reverse=True)
     assert abs(sum(alphas) - 1.0) < 1e-5
     for e in body["evidence"]:
-        assert set(e) == {"index", "head", "relation", "tail", "context", "time_window", "alpha", "beta", "layer"}
+        assert set(e) == {"index", "head", "relation", "tail", "context", "time_window", "alpha", "beta", "layer",
+                          "satisfies_time"}
+        assert e["satisfies_time"] is None  # the question states no time
         src = FACTS[e["index"]]
         assert (e["head"], e["relation"], e["tail"]) == (src["head"]["name"], src["relation"]["name"], src["tail"]["name"])
         assert e["time_window"] == [src["time_window"]["start"], src["time_window"]["end"]]
@@ -173,9 +177,20 @@ def test_answer_has_well_formed_evidence_chain(server):
 
 def test_question_time_parsed_or_given(server):
     parsed = ask(server, "Who employed Alan Turing in 1946?")
-    assert parsed["question_time"] == {"start": "1946", "end": "1946", "source": "parsed"}
+    assert parsed["question_time"] == {"kind": "at", "start": "1946", "end": "1946", "anchor": None, "source": "parsed"}
     given = ask(server, "Who employed Alan Turing?", question_time={"start": "1950", "end": None})
-    assert given["question_time"] == {"start": "1950", "end": None, "source": "request"}
+    assert given["question_time"] == {"kind": "after", "start": "1950", "end": None, "anchor": None, "source": "request"}
+    for body in (parsed, given):  # each fact says whether its window fits the constraint
+        for e in body["evidence"]:
+            start, end = e["time_window"]
+            lo, hi = window_days(start, end)
+            q_lo, q_hi = window_days(body["question_time"]["start"], body["question_time"]["end"])
+            assert e["satisfies_time"] is (lo <= q_hi and hi >= q_lo)
+    typed = ask(server, "Who employed Alan Turing?", question_time={"kind": "last"})
+    assert typed["question_time"]["kind"] == "last"
+    now = ask(server, "Who employs Alan Turing now?", reference_date="1950-06-01")
+    assert now["question_time"] == {"kind": "current", "start": "1950-06-01", "end": "1950-06-01", "anchor": None,
+                                    "source": "parsed"}
     # the time score enters alpha: the same question at another time weighs the facts differently
     assert [e["alpha"] for e in parsed["evidence"]] != [e["alpha"] for e in given["evidence"]]
 
@@ -275,6 +290,8 @@ BAD_ANSWERS = [
     ({"question": "q?", "question_time": {"start": "2020", "end": "2019"}}, 422, "end: window ends (2019) before it starts"),
     ({"question": "q?", "question_time": {"start": "March 2020"}}, 422, "start: unparsable date"),
     ({"question": "q?", "question_time": {"begin": "2020"}}, 422, "body.question_time.begin: Extra inputs are not permitted"),
+    ({"question": "q?", "question_time": {"kind": "soon"}}, 422, "kind: 'soon' is not one of at, between"),
+    ({"question": "q?", "reference_date": "yesterday"}, 422, "reference_date: unparsable date 'yesterday'"),
 ]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from kblampp.evaluation.retrieval_metrics import answer_fact_of
+from kblampp.question_time import TimeConstraint
 from kblampp.schema import Fact, QARecord
 
 if TYPE_CHECKING:  # kbqa pulls in torch; the plotting script only reads JSON
@@ -36,8 +37,11 @@ def _finite(x: float) -> float | None:
 
 
 def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", facts: Sequence[Fact],
-                   output: str | None = None) -> dict[str, Any]:
-    """One question's evidence; empty candidate slots (-1) are left out."""
+                   output: str | None = None, time: dict | None = None) -> dict[str, Any]:
+    """One question's evidence; empty candidate slots (-1) are left out. `time` (`QuestionTimes.row`)
+    adds the parsed constraint and, per fact, whether its window satisfies the constraint used."""
+    from kblampp.time_query import window_satisfies  # torch: not needed to read evidence files
+
     ranked = sorted((pair for pair in zip(last.cand_ids, last.alpha) if pair[0] >= 0), key=lambda p: -p[1])
     top = []
     for idx, alpha in ranked:
@@ -46,12 +50,16 @@ def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", 
         f = facts[idx]
         top.append({"index": int(idx), "head": f.head_name, "relation": f.relation_name, "tail": f.tail_name,
                     "context": f.sentence, "time_window": [f.start, f.end], "alpha": float(alpha)})
+        if time is not None:
+            used = time["used"] and TimeConstraint(**time["used"])
+            top[-1]["satisfies_time"] = window_satisfies(used, f.tau_min, f.tau_max)
     entry: dict[str, Any] = {
         "qid": record.qid, "dataset": record.dataset, "question": record.question, "answer": record.answer,
         "pred_answer": pred_answer, "top_k_facts": top,
         "type": record.type,
         "question_time": None if record.question_time is None else list(record.question_time),
-        "supporting_facts": list(record.supporting_facts), "answer_fact": answer_fact_of(record) if record.raw.get("answerable", True) is not False else None,
+        "supporting_facts": list(record.supporting_facts),
+        "answer_fact": answer_fact_of(record) if record.supporting_facts else None,  # None: unanswerable
         "layer": last.layer, "beta": _finite(last.beta),
         "copy_gate": None if last.copy_gate is None else _finite(last.copy_gate),
     }
@@ -64,6 +72,8 @@ def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", 
         entry["abstain_reason"] = abstain_reason(entry["near_misses"])
     if output is not None:
         entry["output"] = output
+    if time is not None:
+        entry["time_constraint"] = time
     return entry
 
 

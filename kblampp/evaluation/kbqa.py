@@ -19,6 +19,7 @@ from kblampp.evaluation.parsed_time import question_tau
 from kblampp.kb_context import KBContext
 from kblampp.retrieval import KBSource
 from kblampp.schema import QARecord
+from kblampp.time_query import QuestionTimes, question_times
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,21 @@ def abstention_twin(variant: KBVariant, done: Any) -> str | None:
     return None
 
 
-def question_taus(records: Sequence[QARecord]) -> torch.Tensor:
+def question_taus(records: Sequence[QARecord], reference_date: str | None = None) -> torch.Tensor:
     """(n, 2) float32 question windows in days, parsed from each question's text (never the record's
     gold time); NaN rows = no time (neutral time score)."""
-    taus = [question_tau(r.question) for r in records]
+    taus = [question_tau(r.question, reference_date) for r in records]
     rows = [(math.nan, math.nan) if t is None else t for t in taus]
     return torch.tensor(rows, dtype=torch.float32).reshape(len(records), 2)
+
+
+def request_times(model: Any, source: KBSource, records: Sequence[QARecord], embed: Any = None,
+                  facts: Sequence[Any] | None = None, reference_date: str | None = None) -> QuestionTimes:
+    """Each question's typed constraint parsed from its text (as the server does); succession and
+    relative anchors dated by the first inject layer's first retrieval when `embed` is given."""
+    layer = model.kb_layers[str(model.inject_layers[0])]
+    relation_of = None if facts is None else (lambda i: facts[i].relation_name)
+    return question_times([r.question for r in records], reference_date, layer, source, embed, relation_of)
 
 
 def forced_ids(records: Sequence[QARecord]) -> torch.Tensor:
@@ -125,11 +135,14 @@ class KBRequest:
     e_q: torch.Tensor  # (n, d_ctx) question embeddings, in question order
     tau: torch.Tensor  # (n, 2)
     variant: KBVariant
+    time_kind: torch.Tensor | None = None  # (n,) index into TIME_KINDS
+    times: QuestionTimes | None = None  # parsed / used constraints and anchors, for the evidence
     tail_table: torch.Tensor | None = None
     forced: torch.Tensor | None = None
     abstainer: Any = None  # kblampp.abstention.Abstainer, or None (no decision)
     abstain_ids: list[int] | None = None  # `abstain_answer` as tokens
     stop_id: int = -1
+    hop_forced: torch.Tensor | None = None  # (n, F) succession: the anchor's siblings, -1 padded
     records: dict[int, LastTokenRecord] = field(default_factory=dict)
 
     @property
@@ -154,13 +167,14 @@ class KBRequest:
 
         device = batch["input_ids"].device
         idx = torch.tensor(indices, dtype=torch.long)
-        forced = None
+        forced = None if self.hop_forced is None else self.hop_forced[idx].to(device)
         if self.variant.oracle:
             if self.forced is None:
                 raise ValueError(f"{self.variant.name}: oracle variant needs forced ids")
             forced = self.forced[idx].to(device)
+        kind = None if self.time_kind is None else self.time_kind[idx].to(device)
         ctx = KBContext(source=self.source, e_q=self.e_q[idx].to(device), tau=self.tau[idx].to(device),
-                        forced_ids=forced, record=True)
+                        time_kind=kind, forced_ids=forced, record=True)
         extra: dict[str, Any] = {}
         processor = None
         if self.variant.answer_head:
@@ -187,17 +201,21 @@ class KBRequest:
 
 
 def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],
-               variant: KBVariant, tail_table: torch.Tensor | None = None, abstainer: Any = None,
-               abstain_ids: Sequence[int] | None = None, stop_id: int = -1) -> KBRequest:
-    """A ready `KBRequest` (a RequestHook) for `records` in order; with `abstainer`, rows it abstains on
-    write `abstain_ids` then `stop_id`."""
+               variant: KBVariant, tail_table: torch.Tensor | None = None, reference_date: str | None = None,
+               times: QuestionTimes | None = None, abstainer: Any = None, abstain_ids: Sequence[int] | None = None,
+               stop_id: int = -1) -> KBRequest:
+    """A ready `KBRequest` (a RequestHook) for `records` in order; `times` from `request_times`
+    (default: parsed from the text with `reference_date` resolving "now", anchors left undated); with
+    `abstainer`, rows it abstains on write `abstain_ids` then `stop_id`."""
     if e_q.shape[0] != len(records):
         raise ValueError(f"e_q has {e_q.shape[0]} rows for {len(records)} questions")
-    return KBRequest(model=model, source=source, e_q=e_q, tau=question_taus(records), variant=variant,
+    times = times if times is not None else request_times(model, source, records, reference_date=reference_date)
+    tau, kind = times.tensors()
+    return KBRequest(model=model, source=source, e_q=e_q, tau=tau, variant=variant, time_kind=kind, times=times,
                      tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None,
-                     abstainer=abstainer, abstain_ids=None if abstain_ids is None else list(abstain_ids),
-                     stop_id=stop_id)
+                     hop_forced=times.forced(), abstainer=abstainer,
+                     abstain_ids=None if abstain_ids is None else list(abstain_ids), stop_id=stop_id)
 
 
 __all__ = ["time_free_twin", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus",
-           "forced_ids", "selector_overrides", "RequestHook"]
+           "request_times",           "forced_ids", "selector_overrides", "RequestHook"]

@@ -3,10 +3,13 @@
 Embed the question and each fact's "head relation" text with the store's embedding model, drop the
 facts whose window does not overlap the time parsed from the question, copy the tail of the best
 fact. Facts sharing a text (one head, one relation, several windows) tie on similarity; the tie goes
-to the window the question points at: "before X" -> the latest one starting before X, "after X" ->
-the earliest one still running after X, a closed window -> the largest overlap. It abstains (answers
-`abstain_answer`) when the best similarity is under a threshold tuned on dev, or, when tuned so, when
-the best-matching text has facts but none in the question's time.
+to the one the question's parsed time kind points at: "first" -> the earliest start, "last" -> the
+latest, "before X" -> the latest one starting before X, "after X" -> the earliest one still running
+after X, a closed window -> the largest overlap. A succession or relative question ("who succeeded
+X as CEO of Y", "when X was CEO of Y, ...") first finds its anchor fact (tail and head named in the
+anchor clause) and takes its time from that fact's window. It abstains (answers `abstain_answer`)
+when the best similarity is under a threshold tuned on dev, or, when tuned so, when the
+best-matching text has facts but none in the question's time.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kblampp.evaluation.parsed_time import question_tau
+from kblampp.evaluation.parsed_time import QuestionTime, question_time
 from kblampp.schema import Fact
 
 Embed = Callable[[list[str]], np.ndarray]
@@ -89,18 +92,52 @@ def in_time(table: FactTable, ids: Sequence[int] | np.ndarray, tau: tuple[float,
     return (table.tau_min[ids] <= tau[1]) & (table.tau_max[ids] >= tau[0])
 
 
-def prefer_in_time(table: FactTable, ids: Sequence[int], tau: tuple[float, float] | None) -> int:
-    """Among facts sharing a text (all in time), the one the question's window points at."""
+def prefer_in_time(table: FactTable, ids: Sequence[int], qt: QuestionTime | None) -> int:
+    """Among facts sharing a text (all in time), the one the question's time points at."""
     ids = list(ids)
-    if tau is None or len(ids) == 1:
+    if qt is None or len(ids) == 1 or (qt.tau is None and qt.kind not in ("first", "last")):
         return ids[0]
-    lo, hi = tau
+    if qt.kind == "first":
+        return min(ids, key=lambda i: (table.tau_min[i], i))
+    if qt.kind == "last":
+        return max(ids, key=lambda i: (table.tau_min[i], -i))
+    lo, hi = qt.tau
     if np.isinf(lo) and not np.isinf(hi):  # "before X": the latest start
         return max(ids, key=lambda i: (table.tau_min[i], -i))
     if np.isinf(hi) and not np.isinf(lo):  # "after X": the earliest end
         return min(ids, key=lambda i: (table.tau_max[i], i))
     overlap = [min(hi, table.tau_max[i]) - max(lo, table.tau_min[i]) for i in ids]
     return ids[int(np.argmax(overlap))]
+
+
+def anchor_fact(table: FactTable, anchor: str, q_vec: np.ndarray) -> int | None:
+    """The fact an anchor clause names ("Molly Rodriguez as CEO of Acme"): its tail (and head, when
+    one matches) appear in the clause; ties go to the text most similar to the question."""
+    text = f" {anchor.lower()} "
+    live = [i for i in range(len(table.facts)) if table.alive[i]]
+    named = [i for i in live if len(table.facts[i].tail_name) > 2 and f" {table.facts[i].tail_name.lower()} " in text]
+    both = [i for i in named if f" {table.facts[i].head_name.lower()} " in text]
+    ids = both or named or [i for i in live if f" {table.facts[i].head_name.lower()} " in text]
+    if not ids:
+        return None
+    sims = table.text_vecs[table.text_id[ids]] @ q_vec
+    return ids[int(np.argmax(sims))]
+
+
+def resolve_anchor(table: FactTable, qt: QuestionTime, q_vec: np.ndarray) -> QuestionTime:
+    """A dateless anchored time made concrete from the anchor fact's window: right after it ends
+    (succeeded), just before it starts (preceded), or during it (relative)."""
+    if qt.anchor is None or qt.tau is not None:
+        return qt
+    fid = anchor_fact(table, qt.anchor, q_vec)
+    if fid is None:
+        return qt
+    lo, hi = float(table.tau_min[fid]), float(table.tau_max[fid])
+    if qt.kind == "right_after":
+        return QuestionTime(qt.kind, None if np.isinf(hi) else (hi + 1.0, hi + 1.0), qt.anchor)
+    if qt.kind == "just_before":
+        return QuestionTime(qt.kind, None if np.isinf(lo) else (lo - 1.0, lo - 1.0), qt.anchor)
+    return QuestionTime(qt.kind, None if np.isinf(lo) and np.isinf(hi) else (lo, hi), qt.anchor)
 
 
 @dataclass
@@ -121,15 +158,15 @@ class LookupAnswer:
     abstained: bool = False
 
 
-def best_fact(table: FactTable, q_vec: np.ndarray, tau: tuple[float, float] | None) -> tuple[int | None, float, bool]:
+def best_fact(table: FactTable, q_vec: np.ndarray, qt: QuestionTime) -> tuple[int | None, float, bool]:
     """(fact id or None, its similarity, whether the best text overall had facts but none in time)."""
     sims = table.text_vecs @ q_vec  # (T,)
     outside = False
     for rank, t in enumerate(np.argsort(-sims, kind="stable")):
         ids = table.facts_of_text.get(int(t), [])
-        ok = [i for i, keep in zip(ids, in_time(table, ids, tau)) if keep]
+        ok = [i for i, keep in zip(ids, in_time(table, ids, qt.tau)) if keep]
         if ok:
-            return prefer_in_time(table, ok, tau), float(sims[t]), outside
+            return prefer_in_time(table, ok, qt), float(sims[t]), outside
         outside = outside or (rank == 0 and bool(ids))
     return None, float("-inf"), outside
 
@@ -152,10 +189,18 @@ def normalise_rows(vecs: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def lookup_candidates(table: FactTable, q_vecs: np.ndarray, questions: Sequence[str]) -> LookupCandidates:
+def question_times(table: FactTable, q: np.ndarray, questions: Sequence[str],
+                   reference_date: str | None = None) -> list[QuestionTime]:
+    """Each question's parsed time, anchors resolved against the KB (`q` = normalised question vectors)."""
+    return [resolve_anchor(table, question_time(text, reference_date), q[i]) for i, text in enumerate(questions)]
+
+
+def lookup_candidates(table: FactTable, q_vecs: np.ndarray, questions: Sequence[str],
+                      reference_date: str | None = None) -> LookupCandidates:
     """The best in-time fact of every question (time parsed from the question text)."""
     q = normalise_rows(q_vecs)
-    found = [best_fact(table, q[i], question_tau(text)) for i, text in enumerate(questions)]
+    times = question_times(table, q, questions, reference_date)
+    found = [best_fact(table, q[i], times[i]) for i in range(len(questions))]
     return LookupCandidates([f for f, _, _ in found], np.asarray([s for _, s, _ in found]),
                             np.asarray([o for _, _, o in found], bool))
 

@@ -17,43 +17,49 @@ from typing import Sequence
 import numpy as np
 
 from kblampp.evaluation.lookup import (DevGolds, FactTable, LookupAnswer, LookupSettings, TextVectors, abstain_mask,
-                                       entity_key, in_time, normalise_rows, prefer_in_time, tune_abstention)
-from kblampp.evaluation.parsed_time import question_tau
-
-Tau = tuple[float, float] | None
+                                       entity_key, in_time, normalise_rows, prefer_in_time, question_times,
+                                       tune_abstention)
+from kblampp.evaluation.parsed_time import QuestionTime
 SEED_TEXTS = 2  # the question's entity = heads of this many best-matching fact texts
 BIAS_GRID = np.round(np.arange(-0.30, 0.301, 0.01), 2)
 
 
-def hop_facts(table: FactTable, head: str, tau: Tau) -> list[int]:
-    """In-time facts of one entity, one per relation text (the one the window points at)."""
+def hop_facts(table: FactTable, head: str, qt: QuestionTime) -> list[int]:
+    """In-time facts of one entity, one per relation text (the one the question's time points at)."""
     ids = table.by_head.get(head, [])
     groups: dict[int, list[int]] = {}
-    for i, ok in zip(ids, in_time(table, ids, tau)):
+    for i, ok in zip(ids, in_time(table, ids, qt.tau)):
         if ok:
             groups.setdefault(int(table.text_id[i]), []).append(i)
-    return [prefer_in_time(table, g, tau) for g in groups.values()]
+    return [prefer_in_time(table, g, qt) for g in groups.values()]
 
 
-def _fact_window(table: FactTable, i: int) -> Tau:
+def _after_hop(table: FactTable, i: int, qt: QuestionTime) -> QuestionTime:
+    """The next hop's time: the question's when it has dates, else the window of the dated fact just
+    followed (a fact without a window leaves it as it was)."""
+    if qt.tau is not None:
+        return qt
     lo, hi = float(table.tau_min[i]), float(table.tau_max[i])
-    return None if np.isinf(lo) and np.isinf(hi) else (lo, hi)
+    return qt if np.isinf(lo) and np.isinf(hi) else QuestionTime("relative", (lo, hi))
 
 
-def chains(table: FactTable, heads: Sequence[str], tau: Tau, max_hops: int = 3) -> list[tuple[int, ...]]:
+def chains(table: FactTable, heads: Sequence[str], qt: QuestionTime | tuple[float, float] | None,
+           max_hops: int = 3) -> list[tuple[int, ...]]:
     """Every chain of 1..max_hops facts from `heads` (no entity visited twice), time-filtered per hop."""
+    if not isinstance(qt, QuestionTime):
+        qt = QuestionTime("none" if qt is None else "at", qt)
     out: list[tuple[int, ...]] = []
 
-    def extend(path: tuple[int, ...], head: str, seen: frozenset[str], hop_tau: Tau) -> None:
-        for i in hop_facts(table, head, hop_tau):
+    def extend(path: tuple[int, ...], head: str, seen: frozenset[str], hop_time: QuestionTime) -> None:
+        for i in hop_facts(table, head, hop_time):
             f = table.facts[i]
             out.append(path + (i,))
             nxt = entity_key(f.tail_id, f.tail_name)
             if len(path) + 1 < max_hops and nxt not in seen:
-                extend(path + (i,), nxt, seen | {nxt}, tau if tau is not None else _fact_window(table, i))
+                extend(path + (i,), nxt, seen | {nxt}, _after_hop(table, i, hop_time))
 
     for head in dict.fromkeys(heads):
-        extend((), head, frozenset([head]), tau)
+        extend((), head, frozenset([head]), qt)
     return out
 
 
@@ -63,9 +69,9 @@ def chain_text(table: FactTable, path: Sequence[int]) -> str:
     return " ".join([first.head_name] + [table.facts[i].relation_name for i in path])
 
 
-def seed_heads(table: FactTable, q_vec: np.ndarray, n: int = SEED_TEXTS) -> list[str]:
-    """The heads of the `n` fact texts most similar to the question."""
-    best = np.argsort(-(table.text_vecs @ q_vec), kind="stable")[:n]
+def seed_heads(table: FactTable, q_vec: np.ndarray, n: int | None = None) -> list[str]:
+    """The heads of the `n` (default SEED_TEXTS) fact texts most similar to the question."""
+    best = np.argsort(-(table.text_vecs @ q_vec), kind="stable")[:n or SEED_TEXTS]
     heads = []
     for t in best:
         for i in table.facts_of_text.get(int(t), []):
@@ -87,10 +93,11 @@ class ChainCandidates:
 
 
 def chain_candidates(table: FactTable, chain_vecs: TextVectors, q_vecs: np.ndarray, questions: Sequence[str],
-                     outside: np.ndarray, max_hops: int = 3) -> ChainCandidates:
+                     outside: np.ndarray, max_hops: int = 3, reference_date: str | None = None) -> ChainCandidates:
     """The best chain of every length for every question (its time parsed from the text)."""
     q = normalise_rows(q_vecs)
-    all_paths = [chains(table, seed_heads(table, q[n]), question_tau(text), max_hops) for n, text in enumerate(questions)]
+    times = question_times(table, q, questions, reference_date)
+    all_paths = [chains(table, seed_heads(table, q[n]), times[n], max_hops) for n in range(len(questions))]
     text_ids = chain_vecs.ids([chain_text(table, p) for paths in all_paths for p in paths])  # one embedding pass
     paths_out, scores, offset = [], np.full((len(questions), max_hops), -np.inf), 0
     for n, paths in enumerate(all_paths):

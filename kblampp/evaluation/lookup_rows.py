@@ -30,18 +30,22 @@ class LookupRows:
     chain_vecs: TextVectors | None = None
     tuned_on: str = "not tuned (no dev split)"
     setup_s: float = 0.0  # embedding the fact texts and tuning on dev
+    reference_date: str | None = None  # what "now" means in a question
 
     @classmethod
-    def build(cls, facts: Sequence[Any], embed: Any, abstain_answer: str, alive: np.ndarray | None = None) -> "LookupRows":
+    def build(cls, facts: Sequence[Any], embed: Any, abstain_answer: str, alive: np.ndarray | None = None,
+              reference_date: str | None = None) -> "LookupRows":
         t0 = time.perf_counter()
         table = build_fact_table(facts, embed, alive)
-        return cls(table, embed, abstain_answer, chain_vecs=TextVectors(embed), setup_s=time.perf_counter() - t0)
+        return cls(table, embed, abstain_answer, chain_vecs=TextVectors(embed), setup_s=time.perf_counter() - t0,
+                   reference_date=reference_date)
 
     def _candidates(self, records: Sequence[QARecord], q_vecs: np.ndarray | None = None) -> tuple[LookupCandidates, Any]:
         questions = [r.question for r in records]
         q = np.asarray(self.embed(questions) if q_vecs is None else q_vecs, dtype=np.float32)
-        cands = lookup_candidates(self.table, q, questions)
-        return cands, chain_candidates(self.table, self.chain_vecs, q, questions, cands.outside)
+        cands = lookup_candidates(self.table, q, questions, self.reference_date)
+        return cands, chain_candidates(self.table, self.chain_vecs, q, questions, cands.outside,
+                                       reference_date=self.reference_date)
 
     def tune(self, dev: Sequence[QARecord], label: str) -> None:
         """Abstention knobs of `lookup`, biases + knobs of `lookup_chain`, each by best dev EM."""
@@ -62,10 +66,11 @@ class LookupRows:
         questions = [r.question for r in records]
         q = np.asarray(self.embed(questions) if q_vecs is None else q_vecs, dtype=np.float32)
         t0 = time.perf_counter()
-        cands = lookup_candidates(self.table, q, questions)
+        cands = lookup_candidates(self.table, q, questions, self.reference_date)
         found = lookup_answers(self.table, cands, self.lookup_settings, self.abstain_answer)
         t1 = time.perf_counter()
-        chain = chain_candidates(self.table, self.chain_vecs, q, questions, cands.outside)
+        chain = chain_candidates(self.table, self.chain_vecs, q, questions, cands.outside,
+                                 reference_date=self.reference_date)
         chained = chain_answers(self.table, chain, self.chain_settings, self.abstain_answer)
         t2 = time.perf_counter()
         return {"lookup": found, "lookup_chain": chained}, {"lookup": t1 - t0, "lookup_chain": t2 - t0}

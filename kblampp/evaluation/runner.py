@@ -21,9 +21,9 @@ from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, conte
                                           rag_fact_ids)
 from kblampp.evaluation.generate import Generation, generate_rows
 from kblampp.evaluation.kbqa import (KB_VARIANTS, KBRequest, LastTokenRecord, abstention_twin, kb_request,
+                                     request_times,
                                      time_free_twin)
 from kblampp.evaluation.lookup_rows import LOOKUP_ROWS, LookupRows, load_dev
-from kblampp.evaluation.parsed_time import question_tau
 from kblampp.evaluation.report import QuestionResult, is_seen, record_answerable, record_family
 from kblampp.evaluation.retrieval_metrics import score_question
 from kblampp.metrics import score_answer
@@ -59,7 +59,8 @@ class EvalContext:
         """The no-LLM rows over this KB (fact texts embedded once, tuned on the config's dev split)."""
         if self.lookup is None:
             alive = np.asarray(self.store.alive, dtype=bool) if self.store is not None else None
-            self.lookup = LookupRows.build(self.facts, self.embed, self.cfg.abstain_answer, alive)
+            self.lookup = LookupRows.build(self.facts, self.embed, self.cfg.abstain_answer, alive,
+                                           reference_date=self.cfg.reference_date)
             dev, label = load_dev(self.cfg.eval_dataset, len(self.facts))
             self.lookup.tune(dev, label)
             if self.cfg.abstention.lookup_threshold is not None:  # the config's floor beats the tuned one
@@ -67,14 +68,17 @@ class EvalContext:
                 self.lookup.tuned_on += f"; similarity floor {self.cfg.abstention.lookup_threshold} from the config"
         return self.lookup
 
-    def kb_request(self, q_vecs: torch.Tensor, records: Sequence[QARecord], row: str) -> KBRequest:
-        """The KB request of one KBLaM++ row; rows that abstain write `cfg.abstain_answer`."""
+    def kb_request(self, q_vecs: torch.Tensor, records: Sequence[QARecord], row: str,
+                   times: Any = None) -> KBRequest:
+        """The KB request of one KBLaM++ row (`times`: the questions' parsed constraints, from
+        `request_times`); rows that abstain write `cfg.abstain_answer`."""
         from kblampp.abstention import answer_token_ids
         from kblampp.evaluation.generate import stop_token_id
 
         ids = answer_token_ids(self.tokenizer, self.cfg.abstain_answer) if self.abstainer is not None else None
         return kb_request(self.model, self.source, q_vecs, records, KB_VARIANTS[row], self.tail_table,
-                          self.abstainer, ids, stop_token_id(self.tokenizer))
+                          reference_date=self.cfg.reference_date, times=times, abstainer=self.abstainer,
+                          abstain_ids=ids, stop_id=stop_token_id(self.tokenizer))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -200,6 +204,15 @@ def _results(row: str, records: Sequence[QARecord], gens: Sequence[Generation], 
     return out
 
 
+def retrieval_scores(cand_ids: Sequence[int], weights: Sequence[float], record: QARecord,
+                     facts: Sequence[Fact]) -> dict | None:
+    """Retrieval metrics of one question; None where they do not apply (no supporting facts: an
+    unanswerable question, or nothing retrieved)."""
+    if not record.supporting_facts or not list(cand_ids):
+        return None
+    return score_question(cand_ids, weights, record, facts).as_dict()
+
+
 def lookup_results(ec: EvalContext, records: Sequence[QARecord], q_vecs: np.ndarray, seen: set[str],
                    progress: bool = True) -> tuple[dict[str, list[QuestionResult]], dict[str, float]]:
     """Both no-LLM rows and their seconds; their retrieval columns rank the fact(s) each copied from."""
@@ -207,22 +220,24 @@ def lookup_results(ec: EvalContext, records: Sequence[QARecord], q_vecs: np.ndar
     out = {}
     for row, found in answers.items():
         gens = [Generation(output=a.answer, pred=a.answer, prompt_tokens=0) for a in found]
-        ret = [score_question(a.fact_ids[::-1], [1.0] * len(a.fact_ids), rec, ec.facts).as_dict() if a.fact_ids
-               else None for a, rec in zip(found, records)]
+        ret = [retrieval_scores(a.fact_ids[::-1], [1.0] * len(a.fact_ids), rec, ec.facts)
+               for a, rec in zip(found, records)]
         extra = [{"fact_ids": a.fact_ids, "score": round(a.score, 4)} for a in found]
         out[row] = _results(row, records, gens, seen, ec.cfg.abstain_answer, ret, extra)
     return out, seconds
 
 
-def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecord], facts: Sequence[Fact]) -> list[dict]:
+def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecord],
+                         facts: Sequence[Fact]) -> list[dict | None]:
     """RAG's own retrieval, scored like the KB rows: rank weights stand in for alpha (best = top);
     the time masses do not apply to it."""
     out = []
     for row, rec in zip(ids, records):
         best_first = list(row)[::-1]  # rag_fact_ids writes the best last
         weights = [float(len(best_first) - j) for j in range(len(best_first))]
-        d = score_question(best_first, weights, rec, facts).as_dict()
-        d["time_match_mass"] = d["time_mismatch_mass"] = None
+        d = retrieval_scores(best_first, weights, rec, facts)
+        if d is not None:
+            d["time_match_mass"] = d["time_mismatch_mass"] = None
         out.append(d)
     return out
 
@@ -241,7 +256,8 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     instruction = answer_instruction(abstain)
     plain = backbone_prompts(ec.tokenizer, records, instruction)
     q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)  # once, for every row
-    timed = [i for i, r in enumerate(records) if question_tau(r.question) is not None]
+    times = request_times(ec.model, ec.source, records, ec.embed, ec.facts, ec.cfg.reference_date)
+    timed = [i for i, c in enumerate(times.parsed) if c is not None]  # g_time can be non-zero (first/last too)
     results: dict[str, list[QuestionResult]] = {}
     requests: dict[str, KBRequest] = {}
     seconds: dict[str, float] = {}
@@ -284,14 +300,14 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             if sibling is not None:
                 last = [replace(r, abstained=None, p_unanswerable=None) for r in last]
             if sub:
-                req = ec.kb_request(torch.from_numpy(q_vecs[idx]), sub, row)
+                req = ec.kb_request(torch.from_numpy(q_vecs[idx]), sub, row, times=times.select(idx))
                 sub_gens = generate_rows(ec.model, ec.tokenizer, [plain[i] for i in idx], budget, request=req,
                                          **gen_kwargs)
                 for j, i in enumerate(idx):
                     gens[i], last[i] = sub_gens[j], req.records[j]
                 requests[row] = req
             kb_done[row] = (gens, last)
-            ret = [score_question(r.cand_ids, r.alpha, rec, ec.facts).as_dict() for r, rec in zip(last, records)]
+            ret = [retrieval_scores(r.cand_ids, r.alpha, rec, ec.facts) for r, rec in zip(last, records)]
             extra = [{"cand_ids": r.cand_ids, "alpha": [round(a, 4) for a in r.alpha], "beta": round(r.beta, 4),
                       "copy_gate": None if r.copy_gate is None else round(r.copy_gate, 4),
                       "abstained": r.abstained,
@@ -379,10 +395,11 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
     if not keep:
         raise ValueError(f"row {row!r} needs the answer head, but the checkpoint has no kb_copy_gate")
     q_vecs = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
-    req = ec.kb_request(q_vecs, records, row)
+    times = request_times(ec.model, ec.source, records, ec.embed, ec.facts, ec.cfg.reference_date)
+    req = ec.kb_request(q_vecs, records, row, times=times)
     prompts = backbone_prompts(ec.tokenizer, records, answer_instruction(ec.cfg.abstain_answer))
     gens = generate_rows(ec.model, ec.tokenizer, prompts, ec.cfg.max_new_tokens,
                          batch_size=batch_size, request=req, desc=row, progress=progress,
                          questions=[r.question for r in records])
-    return [evidence_entry(rec, gen.pred, req.records[i], ec.facts, output=gen.output)
+    return [evidence_entry(rec, gen.pred, req.records[i], ec.facts, output=gen.output, time=times.row(i))
             for i, (rec, gen) in enumerate(zip(records, gens))]

@@ -273,7 +273,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         req = _parse(AnswerRequest, await _json_body(request))
         mnt, topk = check_answer_request(req, settings)
         qt = req.question_time.model_dump() if req.question_time is not None else None
-        return await run_in_threadpool(engine.answer, req.question, qt, mnt, topk, "answer", req.abstain)
+        return await run_in_threadpool(engine.answer, req.question, qt, mnt, topk, "answer", req.abstain,
+                                       req.reference_date)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict:

@@ -54,7 +54,8 @@ def _build(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings, stor
                                    abstain_answer=cfg.abstain_answer)
         info = {"model": cfg.backbone, "checkpoint": str(checkpoint), "inject_layers": list(cfg.inject_layers),
                 "K_top": cfg.K_top, "answer_head": answerer.answer_head,
-                "abstain_threshold": None if answerer.abstainer is None else answerer.abstainer.threshold}
+                "abstain_threshold": None if answerer.abstainer is None else answerer.abstainer.threshold,
+                "reference_date": cfg.reference_date}
         wal = Path(wal_path) if wal_path else store_dir.parent / f"{store_dir.name}.wal.jsonl"
         engine = Engine(kb, answerer, embedder, wal, settings, info=info, audit_path=audit_path)
     except BaseException:

@@ -19,10 +19,12 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from kblampp.question_time import parse_question_time
+from kblampp.question_time import TIME_KINDS, TimeConstraint, parse_time_constraint
 from kblampp.serving.config import ServerSettings
 from kblampp.serving.kb_log import AuditLog, KBLog, LogEntry, default_audit_path, read_log
 from kblampp.serving.schemas import ApiError
+from kblampp.time_query import (START_ONLY_RELATIONS, SUCCESSION_KINDS, anchored, constraint_days, hop_texts,
+                                needs_anchor, window_satisfies)
 from kblampp.timewin import window_days
 
 
@@ -30,7 +32,8 @@ class Answerer(Protocol):
     """The model side: greedy answer text plus the inject layers' records (`KBContext.records`)."""
 
     def answer(self, question: str, e_q: np.ndarray, tau: tuple[float, float] | None,
-               max_new_tokens: int, abstain: bool = True) -> tuple[str, dict[int, list[Any]], dict | None]: ...
+               max_new_tokens: int, abstain: bool = True, time_kind: int | None = None
+               ) -> tuple[str, dict[int, list[Any]], dict | None]: ...
 
 
 class LiveKB(Protocol):
@@ -83,7 +86,14 @@ def _window_list(fact: dict) -> list[str | None]:
     return [tw.get("start"), tw.get("end")]
 
 
-def evidence_from_records(records: dict[int, list[Any]], kb: LiveKB, top_k: int) -> list[dict]:
+def _satisfies(constraint: TimeConstraint | None, fact: dict) -> bool | None:
+    """Whether the fact's window fits the constraint's dates (None: the constraint has none)."""
+    start, end = _window_list(fact)
+    return window_satisfies(constraint, *window_days(start, end))
+
+
+def evidence_from_records(records: dict[int, list[Any]], kb: LiveKB, top_k: int,
+                          constraint: TimeConstraint | None = None) -> list[dict]:
     """The plan's top_k_facts at the last prompt token of each inject layer, highest alpha first.
 
     records[layer][0] is the prefill call (B=1, T=prompt length); its last position is where the
@@ -110,7 +120,7 @@ def evidence_from_records(records: dict[int, list[Any]], kb: LiveKB, top_k: int)
             out.append({"index": index, "head": fact["head"]["name"], "relation": fact["relation"]["name"],
                         "tail": fact["tail"]["name"], "context": fact["context"]["sent_span"],
                         "time_window": _window_list(fact), "alpha": float(alpha[j]), "beta": beta,
-                        "layer": int(layer)})
+                        "layer": int(layer), "satisfies_time": _satisfies(constraint, fact)})
     return out
 
 
@@ -196,33 +206,58 @@ class Engine:
             self._compact_locked()
 
     # ---- questions ------------------------------------------------------------------------------
-    def resolve_time(self, question: str, question_time: dict | None) -> tuple[dict | None, tuple[float, float] | None]:
-        """The window used: the request's, else one parsed from the question text, else none."""
+    def resolve_time(self, question: str, question_time: dict | None, reference_date: str | None = None
+                     ) -> tuple[dict | None, TimeConstraint | None]:
+        """The typed constraint used: the request's (kind read from the window when not given), else
+        the one parsed from the question text (with the request's or the config's reference date)."""
         if question_time is not None:
             start, end = question_time.get("start"), question_time.get("end")
-            source = "request"
+            kind = question_time.get("kind") or ("before" if start is None and end is not None else
+                                                 "after" if end is None and start is not None else "at")
+            c, source = TimeConstraint(kind, start, end, question_time.get("anchor")), "request"
         else:
-            parsed = parse_question_time(question)
-            if parsed is None:
+            c = parse_time_constraint(question, reference_date or self.info.get("reference_date"))
+            if c is None:
                 return None, None
-            (start, end), source = parsed, "parsed"
-        if start is None and end is None:
-            return {"start": None, "end": None, "source": source}, None
-        return {"start": start, "end": end, "source": source}, window_days(start, end)
+            source = "parsed"
+        return {"kind": c.kind, "start": c.start, "end": c.end, "anchor": c.anchor, "source": source}, c
+
+    def _anchor(self, question: str, c: TimeConstraint, shown: dict) -> tuple[TimeConstraint, dict]:
+        """Date a succession / relative constraint by the answerer's first retrieval of its anchor;
+        also the keyword arguments (forced candidates) the answer call needs."""
+        first_hop = getattr(self.answerer, "anchor_fact", None)
+        if not needs_anchor(c) or first_hop is None:
+            return c, {}
+        select, search = hop_texts(question, c)
+        e = self.embedder.encode([select, search], progress=False)
+        index, siblings = first_hop(e[0], e[1])
+        fact = self.kb.get(index)
+        if fact is None:
+            return c, {}
+        lo, hi = window_days(*_window_list(fact))
+        used = anchored(c, lo, hi, fact["relation"]["name"] in START_ONLY_RELATIONS)
+        shown.update(anchor_fact=index, resolved={"start": used.start, "end": used.end})
+        return used, ({"forced_ids": siblings} if siblings and c.kind in SUCCESSION_KINDS else {})
 
     def answer(self, question: str, question_time: dict | None, max_new_tokens: int, top_k: int,
-               kind: str = "answer", abstain: bool = True) -> dict:
+               kind: str = "answer", abstain: bool = True, reference_date: str | None = None) -> dict:
         """The answer with its evidence; when the model abstains, `answer` is None, `abstained` True and
         `near_misses` lists the candidates with the reason each one does not answer."""
         t0 = time.perf_counter()
-        shown_time, tau = self.resolve_time(question, question_time)
+        shown_time, constraint = self.resolve_time(question, question_time, reference_date)
         with self._locked() as queue_ms:
             t1 = time.perf_counter()
             e_q = self.embedder.encode([question], progress=False)[0]
             t2 = time.perf_counter()
-            text, records, decision = self.answerer.answer(question, e_q, tau, max_new_tokens, abstain=abstain)
+            extra: dict = {}
+            if constraint is not None:
+                constraint, extra = self._anchor(question, constraint, shown_time)
+                extra["time_kind"] = TIME_KINDS.index(constraint.kind)
+            lo, hi = constraint_days(constraint)
+            tau = None if lo != lo else (lo, hi)  # NaN: no dates
+            text, records, decision = self.answerer.answer(question, e_q, tau, max_new_tokens, abstain=abstain, **extra)
             t3 = time.perf_counter()
-            evidence = evidence_from_records(records, self.kb, top_k)
+            evidence = evidence_from_records(records, self.kb, top_k, constraint)
             self._counts[kind] += 1
         abstained = bool(decision and decision["abstained"])
         out = {"answer": None if abstained else text, "abstained": abstained, "evidence": evidence,

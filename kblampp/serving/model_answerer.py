@@ -55,13 +55,27 @@ class KBModelAnswerer:
         self._table, self._tails = table, names
         return table
 
+    def anchor_fact(self, e_select: np.ndarray, e_search: np.ndarray) -> tuple[int, list[int]]:
+        """The first retrieval of a succession / relative question (`kblampp.time_query.first_hop`):
+        the anchor fact and the anchor's siblings it found."""
+        from kblampp.time_query import first_hop
+
+        layer = self.model.kb_layers[str(self.layer)]
+        as_t = (lambda e: torch.as_tensor(np.asarray(e, np.float32))[None])
+        ids, group = first_hop(layer, self.kb.source, as_t(e_select), as_t(e_search), with_group=True)
+        return int(ids[0]), [int(x) for x in group[0].tolist() if x >= 0 and x != int(ids[0])]
+
     @torch.inference_mode()
     def answer(self, question: str, e_q: np.ndarray, tau: tuple[float, float] | None,
-               max_new_tokens: int, abstain: bool = True) -> tuple[str, dict[int, list[Any]], dict | None]:
+               max_new_tokens: int, abstain: bool = True, time_kind: int | None = None,
+               forced_ids: list[int] | None = None) -> tuple[str, dict[int, list[Any]], dict | None]:
         device = next(self.model.parameters()).device
         window = (math.nan, math.nan) if tau is None else tau
+        kind = None if time_kind is None else torch.tensor([time_kind], dtype=torch.long, device=device)
+        forced = torch.tensor([forced_ids], dtype=torch.long, device=device) if forced_ids else None
         ctx = KBContext(source=self.kb.source, e_q=torch.as_tensor(np.asarray(e_q, np.float32))[None].to(device),
-                        tau=torch.tensor([window], dtype=torch.float32, device=device), record=True)
+                        tau=torch.tensor([window], dtype=torch.float32, device=device), time_kind=kind,
+                        forced_ids=forced, record=True)
         extra: dict[str, Any] = {}
         if self.gate is not None:
             from transformers import LogitsProcessorList

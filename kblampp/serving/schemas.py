@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from kblampp.schema import Problem, check_fact, fact_key
 from kblampp.serving.config import ServerSettings
+from kblampp.question_time import TIME_KINDS
 from kblampp.timewin import window_days
 
 
@@ -32,18 +33,34 @@ class _Strict(BaseModel):
 
 
 class QuestionTime(_Strict):
+    """A typed time constraint (docs/DESIGN_QA.md); `kind` defaults to what the window implies."""
+
     start: str | None = None
     end: str | None = None
+    kind: str | None = None
+    anchor: str | None = None
 
     @model_validator(mode="after")
     def _valid_window(self) -> "QuestionTime":
         window_days(self.start, self.end)  # raises ValueError "start: ..." / "end: ..."
+        if self.kind is not None and (self.kind == "none" or self.kind not in TIME_KINDS):
+            raise ValueError(f"kind: {self.kind!r} is not one of {', '.join(TIME_KINDS[1:])}")
         return self
 
 
 class AnswerRequest(_Strict):
     question: str
     question_time: QuestionTime | None = None
+    reference_date: str | None = None  # what "now" means for this question (default: the config's)
+
+    @model_validator(mode="after")
+    def _valid_reference_date(self) -> "AnswerRequest":
+        if self.reference_date is not None:
+            try:
+                window_days(self.reference_date, self.reference_date)
+            except ValueError as err:
+                raise ValueError(f"reference_date: {str(err).partition(': ')[2]}") from None
+        return self
     max_new_tokens: int | None = None
     top_k_evidence: int | None = None
     abstain: bool = True  # false: always answer (the model's abstention decision is not applied)

@@ -28,6 +28,8 @@ class StageModules:
 
     def __post_init__(self) -> None:
         self.holder = nn.ModuleDict({"model": self.model, "kv": self.kv})
+        self.group_ids = self.table.group_ids()  # (head_id, rel_id): the candidates' siblings in the model
+        self.siblings = self.table.sibling_index()  # (N, L): the same siblings for scores over all facts
 
     @property
     def device(self) -> torch.device:
@@ -75,12 +77,14 @@ class StageModules:
         with torch.set_grad_enabled(grad):
             K = self.kv.encode_keys(t.e_h, t.e_r)
             V = self.kv.encode_values(t.e_t, t.e_c, t.tau_min.float(), t.tau_max.float())
-        return TensorKB(K, V, t.ctx_vec, t.tau_min.float(), t.tau_max.float(), similarity=self.cfg.index.similarity)
+        head_id, rel_id = self.group_ids
+        return TensorKB(K, V, t.ctx_vec, t.tau_min.float(), t.tau_max.float(), similarity=self.cfg.index.similarity,
+                        head_id=head_id, rel_id=rel_id)
 
     def forward(self, batch: dict[str, torch.Tensor], kb: TensorKB, forced: bool = False, record: bool = False
                 ) -> tuple[Any, KBContext]:
         """One patched forward over the batch with its e_q / tau (and gold facts forced if asked)."""
-        ctx = KBContext(source=kb, e_q=batch["e_q"], tau=batch["tau"],
+        ctx = KBContext(source=kb, e_q=batch["e_q"], tau=batch["tau"], time_kind=batch.get("time_kind"),
                         forced_ids=batch["supporting"] if forced else None, record=record)
         with self.model.kb_request(ctx):
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

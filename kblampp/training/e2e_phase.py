@@ -40,7 +40,8 @@ def last_prompt_retrieval_loss(mods: StageModules, batch: dict[str, torch.Tensor
     total: torch.Tensor | float = 0.0
     for layer, kb in mods.layer_modules().items():
         h = ctx.records[layer][0].hidden[rows, batch["last_prompt_pos"]]
-        _, s = full_scores(kb, h, batch["e_q"], batch["tau"], keys, table.ctx_vec, table.tau_min, table.tau_max)
+        _, s = full_scores(kb, h, batch["e_q"], batch["tau"], keys, table.ctx_vec, table.tau_min, table.tau_max,
+                           batch.get("time_kind"), mods.siblings)
         logits = s / mods.cfg.temperature
         if columns is not None:
             logits = logits.masked_fill(~columns, float("-inf"))

@@ -79,6 +79,26 @@ class FactTable:
                    head_names=[f.head_name for f in facts], tail_names=[f.tail_name for f in facts],
                    worlds=fact_worlds(facts))
 
+    def group_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head_id, rel_id) (N,) long: facts sharing both share a (head, relation) (siblings)."""
+        heads: dict[str, int] = {}
+        rels: dict[str, int] = {}
+        h = torch.tensor([heads.setdefault(k, len(heads)) for k in self.head_keys], dtype=torch.long)
+        r = torch.tensor([rels.setdefault(k, len(rels)) for k in self.relation_keys], dtype=torch.long)
+        return h.to(self.e_h.device), r.to(self.e_h.device)
+
+    def sibling_index(self) -> torch.Tensor:
+        """(N, L) long, -1 padded: row i lists every fact sharing fact i's (head, relation), i included."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, key in enumerate(zip(self.head_keys, self.relation_keys)):
+            groups.setdefault(key, []).append(i)
+        width = max((len(g) for g in groups.values()), default=1)
+        out = torch.full((self.num_facts, width), -1, dtype=torch.long)
+        for members in groups.values():
+            row = torch.tensor(members, dtype=torch.long)
+            out[row, :len(members)] = row
+        return out.to(self.e_h.device)
+
     def world_mask(self, worlds: set[str]) -> torch.Tensor | None:
         """(N,) bool: facts of the given worlds; None when the facts carry no world tags."""
         if not self.worlds or not worlds or all(w is None for w in self.worlds):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from kblampp.progress import progress_bar
 
 from kblampp.config import KBConfig, config_to_dict, save_resolved
-from kblampp.kb_params import is_kb_name
+from kblampp.kb_params import is_kb_name, upgrade_legacy_tensors
 
 StepFn = Callable[[int], tuple[torch.Tensor, dict[str, float], int]]
 EvalFn = Callable[[int], dict[str, Any]]
@@ -49,6 +49,7 @@ def load_kb_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], sou
                   select: Select = is_kb_name) -> None:
     """Copy saved tensors in; every selected tensor of the module must be present (and nothing extra)."""
     own = {n: t for n, t in module.state_dict().items() if select(n)}
+    tensors = upgrade_legacy_tensors(tensors, own)
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:

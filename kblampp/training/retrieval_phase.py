@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kblampp.config import KBConfig
 from kblampp.data import batch_schedule
 from kblampp.injection_wrapper import KBInjection
+from kblampp.scorers import kinds_from_windows, time_active
 from kblampp.training.facts import FactTable
 from kblampp.training.losses import hard_negative_nce, info_nce, positive_mask, topk_hits
 from kblampp.training.loop import Phase
@@ -27,7 +28,8 @@ QUERY_PARTS = ("kb_linear_q", "kb_query_ctx", "kb_context_scorer", "kb_time_scor
 @dataclass
 class RetrievalData:
     """Cached per-question inputs: hidden[layer] (n, d_model) at the last prompt token, e_q (n, d_ctx),
-    tau (n, 2) NaN = no time, answer (n,), supporting (n, S) -1 padded, hard (n, H) -1 padded."""
+    tau (n, 2) NaN = no time, answer (n,), supporting (n, S) -1 padded, hard (n, H) -1 padded,
+    time_kind (n,) long index into TIME_KINDS (None = read from the window)."""
 
     hidden: dict[int, torch.Tensor]
     e_q: torch.Tensor
@@ -36,6 +38,7 @@ class RetrievalData:
     supporting: torch.Tensor
     qtypes: list[str]
     hard: torch.Tensor
+    time_kind: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.e_q.shape[0])
@@ -43,15 +46,18 @@ class RetrievalData:
     def to(self, device: torch.device | str) -> "RetrievalData":
         return RetrievalData({k: v.to(device) for k, v in self.hidden.items()}, self.e_q.to(device),
                              self.tau.to(device), self.answer.to(device), self.supporting.to(device), self.qtypes,
-                             self.hard.to(device))
+                             self.hard.to(device), None if self.time_kind is None else self.time_kind.to(device))
 
 
 def full_scores(kb: KBInjection, h: torch.Tensor, e_q: torch.Tensor, tau: torch.Tensor, keys: torch.Tensor,
-                ctx_vec: torch.Tensor, tau_min: torch.Tensor, tau_max: torch.Tensor
+                ctx_vec: torch.Tensor, tau_min: torch.Tensor, tau_max: torch.Tensor,
+                time_kind: torch.Tensor | None = None, siblings: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sem, s), both (B, N): s = sem + gamma*phi + eta*g_time of each row's query against every fact.
 
     The model searches candidates by sem alone (the ANN over keys) and weighs them by s, so both count.
+    g_time ranks each fact among `siblings` (N, L) (-1 padded; `FactTable.sibling_index`): every fact of
+    its (head, relation), which the model's retrieved set holds when the search finds the group.
 
     phi is the ContextScorer's own formula (normalize(e_q) W normalize(c)) written as one matmul, so
     the (B, N, d_ctx) tensor the candidate-wise scorer would build is never materialised."""
@@ -61,12 +67,14 @@ def full_scores(kb: KBInjection, h: torch.Tensor, e_q: torch.Tensor, tau: torch.
     scorer = kb.kb_context_scorer
     u = F.normalize(e_q.to(scorer.weight.dtype), dim=-1) @ scorer.weight
     phi = u @ F.normalize(ctx_vec.to(scorer.weight.dtype), dim=-1).T  # (B, N)
-    timed = torch.nonzero(~torch.isnan(tau).any(dim=1)).squeeze(1)  # g_time is exactly 0 for the others
+    kind = kinds_from_windows(tau) if time_kind is None else time_kind.to(tau.device)
+    timed = torch.nonzero(time_active(tau, kind)).squeeze(1)  # g_time is exactly 0 for the others
     g = phi.new_zeros(B, N)
     if len(timed):
-        f_min = tau_min.to(h.device).view(1, 1, N).expand(len(timed), 1, N)
-        f_max = tau_max.to(h.device).view(1, 1, N).expand(len(timed), 1, N)
-        g = g.index_copy(0, timed, kb.kb_time_scorer(tau[timed], f_min, f_max).squeeze(1).to(g.dtype))
+        lo, hi = tau_min.to(h.device), tau_max.to(h.device)
+        f_min, f_max = lo.view(1, 1, N).expand(len(timed), 1, N), hi.view(1, 1, N).expand(len(timed), 1, N)
+        g_t = kb.kb_time_scorer(tau[timed], f_min, f_max, time_kind=kind[timed], sibling_index=siblings)
+        g = g.index_copy(0, timed, g_t.squeeze(1).to(g.dtype))
     sel = kb.kb_selector
     return sem, sem + sel.gamma * phi + sel.eta * g
 
@@ -120,8 +128,11 @@ class RetrievalTrainer:
     def scores(self, layer: int, data: RetrievalData, rows: torch.Tensor, keys: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.table
+        if getattr(self, "_siblings", None) is None:
+            self._siblings = t.sibling_index()
+        kind = None if data.time_kind is None else data.time_kind[rows]
         return full_scores(self.layers[layer], data.hidden[layer][rows], data.e_q[rows], data.tau[rows], keys,
-                           t.ctx_vec, t.tau_min, t.tau_max)
+                           t.ctx_vec, t.tau_min, t.tau_max, kind, self._siblings)
 
     def step(self, micro: int) -> tuple[torch.Tensor, dict[str, float], int]:
         rows = torch.tensor(batch_schedule(len(self.train), self.sa.retrieval_batch, micro, self.cfg.seed,

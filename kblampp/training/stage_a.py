@@ -1,6 +1,7 @@
 """Stage A: backbone frozen, KB modules trained in phases (each on by a non-zero step count):
 
   1. retrieval  - contrastive query/key/scorer training on cached inject-layer states (no LLM forward)
+     time       - the time score's per-kind rows: the answer among its same-(head, relation) facts
   2. copy_gate  - the answer head's gate on cached plain-LM log-probs and the trained retrieval
   3. value      - teacher-forced gold facts, answer CE through the injection path
   4. e2e        - real retrieval: mixture CE + injection CE + retrieval loss
@@ -39,9 +40,12 @@ from kblampp.training.e2e_phase import E2ETrainer
 from kblampp.training.facts import FactTable, hard_negatives
 from kblampp.training.loop import Trainer, load_kb_state, make_accelerator
 from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer, init_query_from_keys
+from kblampp.training.time_phase import TimeTrainer
+from kblampp.question_time import parse_time_constraint
+from kblampp.time_query import gold_anchor_times
 from kblampp.training.value_phase import ValueTrainer
 
-PHASES = ("retrieval", "copy_gate", "value", "e2e")
+PHASES = ("retrieval", "time", "copy_gate", "value", "e2e")
 
 
 @dataclass
@@ -103,12 +107,30 @@ def _subset(records: Sequence[QARecord], limit: int, seed: int) -> list[QARecord
     return [records[i] for i in keep]
 
 
+def training_times(records: Sequence[QARecord], facts: Sequence[Fact], cfg: KBConfig) -> list[tuple[float, float, int]]:
+    """(lo, hi, kind) per question from its text (the parser every row uses); anchored constraints
+    (succession, relative) take their dates from the gold anchor fact, the first supporting fact. A
+    question the parser finds no time in keeps its record's window (kind read from the window)."""
+    parsed = [parse_time_constraint(r.question, cfg.reference_date) for r in records]
+    times = gold_anchor_times(parsed, [r.supporting_facts for r in records],
+                              lambda i: (facts[i].tau_min, facts[i].tau_max), lambda i: facts[i].relation_name)
+    tau, kind = times.tensors()
+    out = []
+    for r, c, (lo, hi), k in zip(records, times.used, tau.tolist(), kind.tolist()):
+        if c is None and r.tau is not None:
+            out.append((float(r.tau[0]), float(r.tau[1]), -1))
+        else:
+            out.append((lo, hi, k))
+    return out
+
+
 def _retrieval_data(ds: QADataset, states: dict[int, torch.Tensor], table: FactTable, n_hard: int) -> RetrievalData:
     b = ds.batch(range(len(ds)))
     answers = [ex.answer_fact for ex in ds.examples]
     return RetrievalData(states, b["e_q"], b["tau"], b["answer_fact"], b["supporting"],
                          [ex.qtype for ex in ds.examples],
-                         hard_negatives(table, answers, [ex.supporting for ex in ds.examples], n_hard))
+                         hard_negatives(table, answers, [ex.supporting for ex in ds.examples], n_hard),
+                         b.get("time_kind"))
 
 
 class StageA:
@@ -132,9 +154,11 @@ class StageA:
         pad = inp.tokenizer.pad_token_id if inp.tokenizer.pad_token_id is not None else inp.tokenizer.eos_token_id
         self.pad = int(pad)
         train = _subset(answerable_records(inp.train_qa), sa.max_train_questions, self.cfg.seed)
-        self.train_ds = QADataset(train, inp.tokenizer, np.zeros((len(train), 1), np.float32), self.cfg.max_seq_len)
+        self.train_ds = QADataset(train, inp.tokenizer, np.zeros((len(train), 1), np.float32), self.cfg.max_seq_len,
+                                  times=training_times(train, inp.facts, self.cfg))
         dev = _subset(answerable_records(inp.dev_qa), sa.dev_max_questions, self.cfg.seed)
-        self.dev_ds = QADataset(dev, inp.tokenizer, np.zeros((len(dev), 1), np.float32), self.cfg.max_seq_len) if dev else None
+        self.dev_ds = QADataset(dev, inp.tokenizer, np.zeros((len(dev), 1), np.float32), self.cfg.max_seq_len,
+                                times=training_times(dev, inp.facts, self.cfg)) if dev else None
         self.timings: dict[str, float] = {}
 
     # ---- caches ---------------------------------------------------------------------------------
@@ -193,6 +217,13 @@ class StageA:
         t0 = time.perf_counter()
         results["retrieval"] = self.trainer.run(retr.phase(mods.layer_names(), "kv"), resume)
         self.timings["retrieval_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if sa.time_steps > 0:
+            timer = TimeTrainer(cfg, mods.layer_modules(), mods.table, train_data, retr.keys().detach(), dev_data,
+                                rank, world)
+            results["time"] = self.trainer.run(timer.phase(mods.layer_names()), resume)
+        self.timings["time_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if sa.copy_gate_steps > 0:

@@ -78,7 +78,7 @@ class StageBTrainer:
         layer = self.mods.first_layer
         rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
         h = ctx.records[layer][0].hidden[rows, batch["last_prompt_pos"]].unsqueeze(1)  # (B, 1, d_model)
-        sub = KBContext(source=kb_source, e_q=batch["e_q"], tau=batch["tau"])
+        sub = KBContext(source=kb_source, e_q=batch["e_q"], tau=batch["tau"], time_kind=batch.get("time_kind"))
         sel, _ = self.mods.layer_modules()[layer].select(h, sub)
         return sel.alpha[:, 0], sel.cand_ids[:, 0]
 
