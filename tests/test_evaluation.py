@@ -347,5 +347,6 @@ def test_retrieval_scores_skip_unanswerable_records(world):
                                  "type": "unanswerable", "supporting_facts": [], "question_time": None,
                                  "answerable": False})
     assert retrieval_scores([0, 1], [0.9, 0.1], unanswerable, facts) is None
+    assert not is_seen(unanswerable, {"no answer"}) and seen_answers([unanswerable]) == set()
     assert retrieval_scores([], [], records[0], facts) is None
     assert retrieval_scores([records[0].supporting_facts[0]], [1.0], records[0], facts)["recall@1"] == 1.0

@@ -63,13 +63,14 @@ def record_answerable(record: QARecord) -> bool:
 
 
 def seen_answers(train_records: Iterable[QARecord]) -> set[str]:
-    """Normalised answers and aliases of the training questions."""
-    return {normalize_answer(a) for r in train_records for a in r.aliases if normalize_answer(a)}
+    """Normalised answers and aliases of the answerable training questions ("no answer" is a marker)."""
+    return {normalize_answer(a) for r in train_records if record_answerable(r) for a in r.aliases
+            if normalize_answer(a)}
 
 
 def is_seen(record: QARecord, seen: set[str]) -> bool:
-    """Any alias of the gold answer occurs among the training answers."""
-    return any(normalize_answer(a) in seen for a in record.aliases)
+    """Any alias of the gold answer occurs among the training answers (never for unanswerable ones)."""
+    return record_answerable(record) and any(normalize_answer(a) in seen for a in record.aliases)
 
 
 def abstention_scores(results: Sequence[QuestionResult]) -> dict[str, float | None]:
