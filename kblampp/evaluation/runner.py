@@ -155,7 +155,7 @@ def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = Tr
             "answer_head": hasattr(model, "kb_copy_gate"), "load_s": round(time.perf_counter() - t0, 2),
             "abstain_threshold": None if abstainer is None else abstainer.threshold}
     return EvalContext(cfg, model, tokenizer, lambda texts: embedder.encode(texts, progress=progress),
-                       store, source, facts, tail_table, info, abstainer)
+                       store, source, facts, tail_table, info, abstainer=abstainer)
 
 
 def select_questions(records: Sequence[QARecord], max_questions: int = 0, types: Sequence[str] | None = None,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kblampp.abstention import AbstainSignals, KBAbstainHead, abstention_features, calibrate_threshold
+from kblampp.abstention import AbstainSignals, KBAbstainHead, abstention_features, calibrate_threshold, prf
 from kblampp.config import KBConfig
 from kblampp.kb_context import KBContext
 from kblampp.schema import QARecord
@@ -180,19 +180,14 @@ def train_on_checkpoint(cfg: KBConfig, checkpoint: str | Path, output_dir: str |
     import shutil
 
     from kblampp.config import save_resolved
-    from kblampp.embedding import load_embedder
-    from kblampp.evaluation.runner import FINAL_CHECKPOINT, build_source, load_model, resolve_checkpoint
+    from kblampp.evaluation.runner import FINAL_CHECKPOINT, resolve_checkpoint
     from kblampp.kb_params import save_kb_checkpoint
-    from kblampp.kb_store import KBValueStore
     from kblampp.schema import load_qa
 
     ckpt = resolve_checkpoint(checkpoint)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    embedder = load_embedder(cfg.embedding_model, device=cfg.device)
-    store = KBValueStore.load(cfg.store_dir, embedder=embedder)
-    model, tokenizer = load_model(cfg, ckpt, embedder.dim)
-    source, _ = build_source(cfg, store)
+    embedder, store, model, tokenizer, source = _load_run(cfg, ckpt)
     train = load_qa(cfg.train_dataset, num_facts=store.n)
     dev = load_qa(cfg.eval_dataset, num_facts=store.n) if cfg.eval_dataset else []
     with torch.enable_grad():
@@ -207,3 +202,46 @@ def train_on_checkpoint(cfg: KBConfig, checkpoint: str | Path, output_dir: str |
     report["init_from"] = str(ckpt)
     (out / "abstention_summary.json").write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
     return report
+
+
+def _load_run(cfg: KBConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any, Any]:
+    """(embedder, store, model, tokenizer, KB source) of a run, through the evaluation's loader."""
+    from kblampp.embedding import load_embedder
+    from kblampp.evaluation.runner import build_source, load_model
+    from kblampp.kb_store import KBValueStore
+
+    embedder = load_embedder(cfg.embedding_model, device=cfg.device)
+    store = KBValueStore.load(cfg.store_dir, embedder=embedder)
+    model, tokenizer = load_model(cfg, checkpoint, embedder.dim)
+    source, _ = build_source(cfg, store)
+    return embedder, store, model, tokenizer, source
+
+
+@torch.no_grad()
+def decision_report(cfg: KBConfig, checkpoint: str | Path, qa_path: str | Path, cache_dir: str | Path,
+                    progress: bool = True) -> dict[str, Any]:
+    """The trained decision on a whole QA file. It is taken at the last prompt token, before any answer
+    token, so it needs no generation: abstention P/R/F1, abstention rate per family, and the share of
+    answerable questions abstained on whose top-alpha candidate is the answer fact (an upper bound
+    on the answers the decision takes away from the answer head, which copies that candidate)."""
+    from kblampp.evaluation.runner import resolve_checkpoint
+    from kblampp.schema import load_qa
+
+    embedder, store, model, tokenizer, source = _load_run(cfg, resolve_checkpoint(checkpoint))
+    head = getattr(model, "kb_abstain", None)
+    if head is None:
+        raise ValueError(f"{checkpoint}: the checkpoint has no kb_abstain (train it with train/train_abstention.py)")
+    records = load_qa(qa_path, num_facts=store.n)
+    h, e = question_hidden(model, tokenizer, cfg, records, lambda texts: embedder.encode(texts, progress=progress),
+                           Path(cache_dir), progress)
+    data = collect(model, source, records, h, e)
+    p = head(data.features.to(head.mean.device)).cpu().numpy()
+    t = float(head.threshold) if cfg.abstention.threshold is None else float(cfg.abstention.threshold)
+    unans, abst = data.labels.numpy() > 0, p >= t
+    ok = data.answer_ok.numpy() & ~unans
+    n_ans = max(int((~unans).sum()), 1)
+    return {"qa": str(qa_path), "threshold": t, "n": len(records), "n_unanswerable": int(unans.sum()),
+            **prf(abst, unans), "abstained_answerable": float((abst & ~unans).sum() / n_ans),
+            "abstained_answerable_top_alpha_right": float((abst & ok).sum() / n_ans),
+            "answerable_top_alpha_right": float(ok.sum() / n_ans),
+            "abstain_rate_by_family": per_family_abstention(p, data, t)}

@@ -1,0 +1,46 @@
+"""The trained abstention decision on a whole QA split, from the model's own signals (no generation):
+abstention precision / recall / F1, abstention rate per question family, and the answerable questions
+it abstains on whose top-alpha candidate is the answer fact.
+
+    python eval/eval_abstention.py --config configs/embedded_default.yaml --checkpoint runs/main_abstain
+
+The decision is taken at the last prompt token before any answer token is written, so these numbers
+are exactly those of the `kblampp` row's abstentions; eval/eval_qa.py gives the answers' EM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kblampp.config import add_config_args, config_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--checkpoint", required=True, help="run folder (kb_final.safetensors with kb_abstain)")
+    parser.add_argument("--qa", help="QA JSONL (default: the config's test_dataset)")
+    parser.add_argument("--out", help="JSON file to write (default: <run folder>/abstention_<qa name>.json)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    qa = args.qa or cfg.test_dataset
+    if not qa:
+        parser.error("no --qa and no test_dataset in the config")
+
+    import torch
+
+    from kblampp.training.abstention_phase import decision_report
+
+    run = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    with torch.no_grad():
+        report = decision_report(cfg, args.checkpoint, qa, run / "cache", progress=not args.no_progress)
+    out = Path(args.out) if args.out else run / f"abstention_{Path(qa).stem}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
