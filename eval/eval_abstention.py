@@ -43,4 +43,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kblampp.cli import run_main
+    raise SystemExit(run_main(main))

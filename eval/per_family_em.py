@@ -81,4 +81,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kblampp.cli import run_main
+    raise SystemExit(run_main(main))
