@@ -69,7 +69,8 @@ def _check_fixture(result, path: Path) -> None:
         ("4", "Tom Reed", [], [0], 0, {"start": "1987", "end": "1989"}, "between"),
         ("5", "Anna Berg", [], [1], 1, None, "single_hop"),
     ]
-    assert all(q["type"] == "temporal" and q["dataset"] == "timeqa" for q in result.qa)
+    assert all(q["type"] == ("temporal" if q["question_time"] else "single-hop") and q["dataset"] == "timeqa"
+               for q in result.qa)
     assert [p.format() for p in result.problems] == [
         f"{path}:4: from[0]/end[0]: context there is 'pur Rove', not the target 'Tom Reed'",
         f"{path}:6: idx: 'Larkspur_Rovers-P286-7' is not /wiki/<page>#<PID>#<k>",

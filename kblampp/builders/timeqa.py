@@ -25,8 +25,8 @@ from urllib.parse import unquote
 from kblampp.builders.common import BuildResult, iter_records, make_fact, position, require
 from kblampp.builders.text_windows import PageTime, close_open_ends, find_page_times, infer_window
 from kblampp.builders.wikidata_labels import property_label
-from kblampp.question_time import parse_question_time
-from kblampp.schema import QA_TYPES
+from kblampp.question_time import TimeConstraint, parse_time_constraint
+from kblampp.synth.families import NO_ANSWER
 
 _IDX = re.compile(r"^/wiki/([^#]+)#(P\d+)#(\d+)$")
 _ABBREV = {"mr", "mrs", "ms", "dr", "prof", "maj", "col", "gen", "lt", "capt", "sgt", "rev", "st", "jr", "sr",
@@ -34,7 +34,6 @@ _ABBREV = {"mr", "mrs", "ms", "dr", "prof", "maj", "col", "gen", "lt", "capt", "
            "pvt", "vs", "vol", "fr", "bros", "corp", "dept", "univ", "est", "approx", "u.s", "d.c", "e.g", "i.e"}
 _END = re.compile(r" [.?!](?= |$)")
 _NEXT = re.compile(r"\s*(\S)")
-NO_ANSWER = "no answer"  # DESIGN_QA.md: the unanswerable marker, never matched as a string
 RULE_ORDER = ("range", "point", "neighbour-range", "neighbour-point")
 MAX_EVIDENCE_CHARS = 400
 
@@ -249,21 +248,23 @@ def _add_facts(tails: dict[tuple[str, str, str], _Tail], result: BuildResult,
     return index
 
 
-def question_family(window: tuple[str | None, str | None] | None) -> str:
-    """DESIGN_QA.md family of a TimeQA question from its parsed window's shape."""
-    if window is None:
+def question_family(constraint: TimeConstraint | None) -> str:
+    """DESIGN_QA.md family of a TimeQA question from its parsed constraint (single_hop: no time)."""
+    if constraint is None:
         return "single_hop"
-    start, end = window
-    if start is None:
-        return "before"
-    if end is None:
-        return "after"
-    return "in" if start == end else "between"
+    if constraint.kind in ("at", "between"):
+        if constraint.start != constraint.end:
+            return "between"
+        return "on" if constraint.start and len(constraint.start) == 10 else "in"
+    if constraint.kind in ("just_before", "right_after") and constraint.anchor:
+        return "succession"
+    return constraint.kind
 
 
 def _add_question(q: _Question, index: dict[tuple[str, str, str], int], pairs: set[tuple[str, str]],
                   result: BuildResult, keep_unanswerable: bool) -> None:
-    window = parse_question_time(q.rec["question"])
+    constraint = parse_time_constraint(q.rec["question"])
+    window = None if constraint is None else constraint.window()
     if window is None:
         result.notes["questions with no parsable time (open window, question_time null)"] += 1
     qt = None if window is None else {"start": window[0], "end": window[1]}
@@ -273,10 +274,7 @@ def _add_question(q: _Question, index: dict[tuple[str, str, str], int], pairs: s
         result.notes["unanswerable questions (targets [''])" + (" kept" if keep_unanswerable else " skipped")] += 1
         if keep_unanswerable:
             reason = "time_outside" if (q.page, q.pid) in pairs else "relation_missing"
-            # the schema learns type "unanswerable" (and answer_fact null) with the abstention work;
-            # until then "temporal", and no answer_fact key
-            qtype = "unanswerable" if "unanswerable" in QA_TYPES else "temporal"
-            result.qa.append(base | {"answer": NO_ANSWER, "type": qtype, "supporting_facts": [], "question_time": qt,
+            result.qa.append(base | {"answer": NO_ANSWER, "type": "unanswerable", "supporting_facts": [], "question_time": qt,
                                      "answer_aliases": [], "answerable": False,
                                      "unanswerable_reason": reason, "near_miss_facts": [],
                                      "family": "unans_time" if reason == "time_outside" else "unans_relation"} | extra)
@@ -285,6 +283,7 @@ def _add_question(q: _Question, index: dict[tuple[str, str, str], int], pairs: s
     answers = [k[2] for k in q.tails]
     # the answer's fact goes last in supporting_facts (the project's convention for answer_fact)
     support = [i for i in dict.fromkeys(indices) if i != indices[0]] + indices[:1]
-    result.qa.append(base | {"answer": answers[0], "type": "temporal", "supporting_facts": support,
-                             "question_time": qt, "answer_aliases": answers[1:], "answerable": True,
-                             "answer_fact": indices[0], "family": question_family(window)} | extra)
+    family = question_family(constraint)
+    result.qa.append(base | {"answer": answers[0], "type": "single-hop" if family == "single_hop" else "temporal",
+                             "supporting_facts": support, "question_time": qt, "answer_aliases": answers[1:],
+                             "answerable": True, "answer_fact": indices[0], "family": family} | extra)
