@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     from kblampp.evaluation.evidence import write_evidence
-    from kblampp.evaluation.runner import collect_evidence, load_eval_context, resolve_checkpoint, select_questions
+    from kblampp.evaluation.runner import collect_evidence, load_eval_context, select_questions
+    from kblampp.inference.loading import resolve_checkpoint
     from kblampp.schema import load_qa
 
     ckpt = resolve_checkpoint(args.checkpoint)

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    from kblampp.evaluation.runner import evaluate, load_eval_context, resolve_checkpoint
+    from kblampp.evaluation.runner import evaluate, load_eval_context
+    from kblampp.inference.loading import resolve_checkpoint
 
     qa = args.qa or cfg.test_dataset or cfg.eval_dataset
     ckpt = resolve_checkpoint(args.checkpoint)

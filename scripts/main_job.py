@@ -113,7 +113,8 @@ def step_stage_a(job: Job) -> None:
 
 
 def _eval_context(job: Job):
-    from kblampp.evaluation.runner import load_eval_context, resolve_checkpoint
+    from kblampp.evaluation.runner import load_eval_context
+    from kblampp.inference.loading import resolve_checkpoint
 
     if job.cache_eval is None:
         job.files["checkpoint"] = resolve_checkpoint(ROOT / job.cfg.output_dir)

@@ -171,7 +171,8 @@ def step_encode_synth_only(job: TimeQAJob) -> None:
 
 def _evaluate(cfg, name: str, rows: tuple[str, ...], job: TimeQAJob) -> None:
     """`rows` of the run `cfg` on the test questions of each level -> <output_dir>/eval/<name>_<level>/."""
-    from kblampp.evaluation.runner import evaluate, load_eval_context, resolve_checkpoint
+    from kblampp.evaluation.runner import evaluate, load_eval_context
+    from kblampp.inference.loading import resolve_checkpoint
 
     ec = None
     qa_dir, prefix = main_job.qa_location(job.cfg)

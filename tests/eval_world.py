@@ -15,7 +15,8 @@ import numpy as np
 
 from kblampp.answer_head import KBCopyGate, load_or_build_tail_table
 from kblampp.config import KBConfig
-from kblampp.evaluation.runner import EvalContext, build_source
+from kblampp.evaluation.runner import EvalContext
+from kblampp.inference.loading import build_source
 from kblampp.kb_store import KBValueStore, embed_facts, write_store
 from kblampp.kv_encoder import KVEncoder
 from kblampp.model import KBLaMPP

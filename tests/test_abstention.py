@@ -152,7 +152,7 @@ def _run(ec, records, rows=("kblampp", "kblampp_no_abstention")):
     """Per row: (generations, the request's last-token records), through the evaluation's own path."""
     from kblampp.backbone import answer_instruction
     from kblampp.evaluation.baselines import backbone_prompts
-    from kblampp.evaluation.generate import generate_rows
+    from kblampp.inference.generate import generate_rows
 
     q = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
     prompts = backbone_prompts(ec.tokenizer, records, answer_instruction(ec.cfg.abstain_answer))

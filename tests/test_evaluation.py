@@ -14,7 +14,7 @@ from kblampp.backbone import build_prompt, format_fact
 from kblampp.config import KBConfig
 from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
                                           rag_fact_ids)
-from kblampp.evaluation.generate import generate_rows, tokenize_left
+from kblampp.inference.generate import generate_rows, tokenize_left
 from kblampp.evaluation.kbqa import KB_VARIANTS, forced_ids, kb_request, question_taus, selector_overrides
 from kblampp.evaluation.report import (QuestionResult, is_seen, markdown_table, seen_answers, summarize_row,
                                        write_report)
@@ -328,7 +328,7 @@ class _PieceTokenizer:
 
 
 def test_first_line_stop_ends_each_sequence_after_its_answer_line():
-    from kblampp.evaluation.generate import FirstLineStop
+    from kblampp.inference.generate import FirstLineStop
 
     stop = FirstLineStop(_PieceTokenizer(), prompt_len=1)
     assert stop(torch.tensor([[7], [7]])).tolist() == [False, False]  # nothing generated yet

@@ -358,7 +358,7 @@ def test_stage_b_lora_trains_adapters_and_alpha_losses(world, tmp_path):
     with fresh.kb_request(ctx), torch.no_grad():
         assert torch.isfinite(fresh(input_ids=ids).logits).all()
     # the evaluation's loader (also the server's) rebuilds the same Stage B model from the run folder
-    from kblampp.evaluation.runner import load_model
+    from kblampp.inference.loading import load_model
 
     tiny_llama().save_pretrained(tmp_path / "backbone")
     world["tok"].save_pretrained(tmp_path / "backbone")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kblampp.evaluation.generate import generate_rows
+from kblampp.inference.generate import generate_rows
 from kblampp.evaluation.retrieval_metrics import answer_fact_of
 from kblampp.metrics import exact_match, mean, normalize_answer
 from kblampp.schema import Fact, QARecord, load_facts
@@ -101,7 +101,7 @@ def run_kb_edit(ec: Any, records: Sequence[QARecord], n: int, batch_size: int = 
     `ec.store.embedder`, edited, and a new source / tail table built from the copy."""
     from kblampp.answer_head import load_or_build_tail_table
     from kblampp.evaluation.kbqa import KB_VARIANTS, kb_request
-    from kblampp.evaluation.runner import build_source
+    from kblampp.inference.loading import build_source
     from kblampp.backbone import build_prompt
     from kblampp.kb_store import KBValueStore
 

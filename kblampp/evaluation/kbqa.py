@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from kblampp.evaluation.generate import RequestHook
+from kblampp.inference.generate import RequestHook
 from kblampp.evaluation.parsed_time import question_tau
 from kblampp.kb_context import KBContext
 from kblampp.retrieval import KBSource

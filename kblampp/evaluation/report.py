@@ -168,7 +168,7 @@ def _table(summary: dict[str, dict[str, Any]], columns: Sequence[tuple[str, str,
 
 def _group_table(summary: dict[str, dict[str, Any]], title: str, groups: list[tuple[str, str]],
                  cell: Any) -> list[str]:
-    lines = [f"| Row | " + " | ".join(name for name, _ in groups) + " |",
+    lines = ["| Row | " + " | ".join(name for name, _ in groups) + " |",
              "|---|" + "|".join("---:" for _ in groups) + "|"]
     for row, stats in summary.items():
         lines.append(f"| {row} | " + " | ".join(cell(stats, key) for _, key in groups) + " |")

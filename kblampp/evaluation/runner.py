@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from kblampp.backbone import answer_instruction
-from kblampp.config import ConfigError, KBConfig
+from kblampp.config import KBConfig
 from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
                                           rag_fact_ids)
-from kblampp.evaluation.generate import Generation, generate_rows
+from kblampp.inference.generate import Generation, generate_rows
+from kblampp.inference.loading import build_source, load_model, resolve_checkpoint
 from kblampp.evaluation.kbqa import (KB_VARIANTS, KBRequest, LastTokenRecord, abstention_twin, kb_request,
                                      request_times,
                                      time_free_twin)
@@ -36,7 +37,6 @@ PROMPT_ROWS = ("backbone", "rag", "oracle_context")
 ALL_ROWS = LOOKUP_ROWS + PROMPT_ROWS + tuple(KB_VARIANTS)
 DEFAULT_ROWS = ("lookup", "lookup_chain", "backbone", "rag", "oracle_context", "kblampp", "kblampp_no_abstention",
                 "kblampp_injection", "kblampp_gamma0", "kblampp_eta0", "kblampp_oracle_value")
-FINAL_CHECKPOINT = "kb_final.safetensors"
 
 
 @dataclass
@@ -73,65 +73,12 @@ class EvalContext:
         """The KB request of one KBLaM++ row (`times`: the questions' parsed constraints, from
         `request_times`); rows that abstain write `cfg.abstain_answer`."""
         from kblampp.abstention import answer_token_ids
-        from kblampp.evaluation.generate import stop_token_id
+        from kblampp.inference.generate import stop_token_id
 
         ids = answer_token_ids(self.tokenizer, self.cfg.abstain_answer) if self.abstainer is not None else None
         return kb_request(self.model, self.source, q_vecs, records, KB_VARIANTS[row], self.tail_table,
                           reference_date=self.cfg.reference_date, times=times, abstainer=self.abstainer,
                           abstain_ids=ids, stop_id=stop_token_id(self.tokenizer))
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A KB checkpoint file, or a Stage A/B run folder holding `kb_final.safetensors`."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / FINAL_CHECKPOINT).is_file():
-            return p / FINAL_CHECKPOINT
-        raise FileNotFoundError(f"{p}: no {FINAL_CHECKPOINT} in this run folder (did training finish?)")
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: checkpoint not found")
-    return p
-
-
-def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, Any]:
-    """(KBLaMPP with the checkpoint's KB tensors, tokenizer); the copy gate is registered when the
-    checkpoint has one, and a Stage B run (stage_b_adapter.json beside it) gets its LoRA adapters."""
-    from kblampp.abstention import head_from_tensors
-    from kblampp.answer_head import KBCopyGate
-    from kblampp.backbone import load_backbone
-    from kblampp.kb_params import load_kb_checkpoint, read_kb_checkpoint
-    from kblampp.model import KBLaMPP
-
-    backbone, tokenizer = load_backbone(cfg)
-    model = KBLaMPP(backbone, cfg, d_ctx=d_ctx)
-    tensors, _ = read_kb_checkpoint(checkpoint)
-    if any(".kb_copy_gate." in f".{name}" for name in tensors):
-        model.register_kb_module("kb_copy_gate", KBCopyGate(model.d_model))
-    abstain = head_from_tensors(tensors)
-    if abstain is not None:  # a run with the trained abstention decision
-        model.register_kb_module("kb_abstain", abstain)
-    if (Path(checkpoint).parent / "stage_b_adapter.json").is_file():  # a Stage B run: LoRA / top layers too
-        from kblampp.training.stage_b import load_stage_b
-
-        load_stage_b(model, Path(checkpoint).parent)
-    else:
-        load_kb_checkpoint(model, checkpoint)
-    return model.to(cfg.device).eval(), tokenizer
-
-
-def build_source(cfg: KBConfig, store: Any) -> tuple[Any, Any]:
-    """(KB source, index or None): the faiss index when cfg.retrieval == 'faiss', else exact top-k."""
-    from kblampp.retrieval import IndexedKB, TensorKB
-
-    if cfg.retrieval == "faiss":
-        from kblampp.knowledge_index import KnowledgeIndex
-
-        index = KnowledgeIndex.load(store.index_dir(cfg.index.method), expect_n=store.n, expect_dim=store.d_k,
-                                    expect_store_id=store.store_id)
-        return IndexedKB(index, store), index
-    if cfg.retrieval != "exact":
-        raise ConfigError(f"retrieval: {cfg.retrieval!r} is not one of exact, faiss")
-    return TensorKB.from_store(store, device=cfg.device, similarity=cfg.index.similarity), None
 
 
 def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = True) -> EvalContext:

@@ -37,7 +37,7 @@ def _build(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings, stor
     from kblampp.abstention import model_abstainer
     from kblampp.answer_head import tail_builders
     from kblampp.embedding import load_embedder
-    from kblampp.evaluation.runner import load_model
+    from kblampp.inference.loading import load_model
     from kblampp.serving.live_kb import StoreLiveKB
     from kblampp.serving.model_answerer import KBModelAnswerer
 

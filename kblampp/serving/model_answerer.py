@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kblampp.backbone import DEFAULT_ABSTAIN_ANSWER, answer_instruction, build_prompt
-from kblampp.evaluation.generate import generate_rows
+from kblampp.inference.generate import generate_rows
 from kblampp.kb_context import KBContext
 
 
@@ -89,7 +89,7 @@ class KBModelAnswerer:
             from transformers import LogitsProcessorList
 
             from kblampp.abstention import AbstainLogitsProcessor, answer_token_ids
-            from kblampp.evaluation.generate import stop_token_id
+            from kblampp.inference.generate import stop_token_id
 
             decision = AbstainLogitsProcessor(self.abstainer, ctx, self.layer,
                                               answer_token_ids(self.tokenizer, self.abstain_answer),

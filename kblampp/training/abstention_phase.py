@@ -180,7 +180,7 @@ def train_on_checkpoint(cfg: KBConfig, checkpoint: str | Path, output_dir: str |
     import shutil
 
     from kblampp.config import save_resolved
-    from kblampp.evaluation.runner import FINAL_CHECKPOINT, resolve_checkpoint
+    from kblampp.inference.loading import FINAL_CHECKPOINT, resolve_checkpoint
     from kblampp.kb_params import save_kb_checkpoint
     from kblampp.schema import load_qa
 
@@ -207,7 +207,7 @@ def train_on_checkpoint(cfg: KBConfig, checkpoint: str | Path, output_dir: str |
 def _load_run(cfg: KBConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any, Any]:
     """(embedder, store, model, tokenizer, KB source) of a run, through the evaluation's loader."""
     from kblampp.embedding import load_embedder
-    from kblampp.evaluation.runner import build_source, load_model
+    from kblampp.inference.loading import build_source, load_model
     from kblampp.kb_store import KBValueStore
 
     embedder = load_embedder(cfg.embedding_model, device=cfg.device)
@@ -224,7 +224,7 @@ def decision_report(cfg: KBConfig, checkpoint: str | Path, qa_path: str | Path, 
     token, so it needs no generation: abstention P/R/F1, abstention rate per family, and the share of
     answerable questions abstained on whose top-alpha candidate is the answer fact (an upper bound
     on the answers the decision takes away from the answer head, which copies that candidate)."""
-    from kblampp.evaluation.runner import resolve_checkpoint
+    from kblampp.inference.loading import resolve_checkpoint
     from kblampp.schema import load_qa
 
     embedder, store, model, tokenizer, source = _load_run(cfg, resolve_checkpoint(checkpoint))

@@ -33,7 +33,7 @@ from kblampp.kb_params import save_kb_checkpoint
 from kblampp.model import KBLaMPP
 from kblampp.schema import Fact, QARecord
 from kblampp.training.abstention_phase import train_abstention
-from kblampp.training.cache import cached_question_states, inject_layer_states
+from kblampp.training.cache import cached_question_states
 from kblampp.training.common import StageModules
 from kblampp.training.copy_gate_phase import CopyGateTrainer, answer_position_cache
 from kblampp.training.e2e_phase import E2ETrainer

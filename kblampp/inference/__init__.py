@@ -1,0 +1,1 @@
+"""Loading and generation shared by evaluation and serving (neither imports the other)."""
