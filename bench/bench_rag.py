@@ -77,7 +77,7 @@ def timed(fn: Any) -> tuple[Any, float]:
 
 def run(args: argparse.Namespace) -> dict:
     from kblampp.evaluation.baselines import FactRetriever, backbone_prompts, context_prompts, rag_fact_ids
-    from kblampp.evaluation.generate import generate_rows, tokenize_left
+    from kblampp.inference.generate import generate_rows, tokenize_left
     from kblampp.evaluation.kbqa import KB_VARIANTS, kb_request, question_taus
     from kblampp.evaluation.runner import load_eval_context, select_questions
     from kblampp.kb_context import KBContext
