@@ -36,3 +36,17 @@ def test_both_load_and_generate_through_inference():
     assert "kblampp.inference.loading" in serving["build.py"]
     assert "kblampp.inference.generate" in serving["model_answerer.py"]
     assert {"kblampp.inference.loading", "kblampp.inference.generate"} <= evaluation["runner.py"]
+
+
+def test_progress_bars_go_through_kblampp_progress():
+    """Off a terminal a raw tqdm bar writes a line per refresh (a log of 0% lines); progress_bar does not."""
+    raw = {}
+    for path in sorted((ROOT / "kblampp").rglob("*.py")):
+        if path.name == "progress.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tqdm"):
+                raw[str(path.relative_to(ROOT))] = node.module
+            elif isinstance(node, ast.Import) and any(a.name.startswith("tqdm") for a in node.names):
+                raw[str(path.relative_to(ROOT))] = "tqdm"
+    assert raw == {}

@@ -17,12 +17,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from kblampp.abstention import AbstainSignals, KBAbstainHead, abstention_features, calibrate_threshold, prf
 from kblampp.config import KBConfig
 from kblampp.kb_context import KBContext
 from kblampp.schema import QARecord
+from kblampp.progress import progress_bar
 
 
 def answer_fact(rec: QARecord) -> int:
@@ -99,7 +99,7 @@ def fit_head(head: KBAbstainHead, data: AbstentionData, steps: int, lr: float, b
     opt = torch.optim.AdamW(head.net.parameters(), lr=lr, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(seed)
     loss = torch.tensor(0.0)
-    bar = tqdm(range(steps), desc="abstention", unit="step", disable=not progress)
+    bar = progress_bar(range(steps), desc="abstention", unit="step", disable=not progress)
     for _ in bar:
         rows = torch.randint(0, len(y), (min(batch, len(y)),), generator=gen).to(device)
         loss = F.binary_cross_entropy_with_logits(head.logits(x[rows]), y[rows], pos_weight=pos_weight)
