@@ -2,7 +2,7 @@
 
 Why: in a log file (`job > log 2>&1`) every carriage-return redraw of a bar is kept, so logs grow to
 hundreds of KB and cannot be read. Off a terminal, `progress_bar(...)` prints one line every
-`KBLAMPP_PROGRESS_INTERVAL` seconds (default 15) and one when the loop ends, each with count,
+`KBLAMPP_PROGRESS_INTERVAL` seconds (default 30) and one when the loop ends, each with count,
 rate, elapsed time and ETA. KBLAMPP_PROGRESS=bar|lines forces a mode.
 
 `progress_bar` takes the tqdm arguments this project uses (iterable, total, desc, unit, initial, disable)
@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 MODE_ENV = "KBLAMPP_PROGRESS"
 INTERVAL_ENV = "KBLAMPP_PROGRESS_INTERVAL"
-DEFAULT_INTERVAL_S = 15.0
+DEFAULT_INTERVAL_S = 30.0
 
 
 def use_bars(stream: TextIO | None = None) -> bool:

@@ -101,4 +101,4 @@ def test_embedding_off_a_terminal_writes_lines_not_carriage_returns(tmp_path, ca
 @pytest.mark.parametrize("interval", ["0.5", "nonsense"])
 def test_interval_from_the_environment(monkeypatch, interval):
     monkeypatch.setenv("KBLAMPP_PROGRESS_INTERVAL", interval)
-    assert LineProgress(total=1).interval == (0.5 if interval == "0.5" else 15.0)
+    assert LineProgress(total=1).interval == (0.5 if interval == "0.5" else 30.0)
