@@ -16,10 +16,10 @@ from kblampp import hf_arch
 from kblampp.config import ConfigError, KBConfig
 from kblampp.embedded import embedded_backbone_dir, is_embedded
 from kblampp.schema import Fact
+from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ABSTAIN_ANSWER = "unknown"
 
 
 def answer_instruction(abstain_answer: str = DEFAULT_ABSTAIN_ANSWER) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
 from kblampp.timewin import window_days
 
 
@@ -159,7 +160,7 @@ class KBConfig:
     max_seq_len: int = 512
     max_new_tokens: int = 16
     reference_date: str = "2024-12-31"  # what "now" / "current" in a question means (the synthetic world's last day)
-    abstain_answer: str = "unknown"  # the answer of a row that abstains (right only on unanswerable questions)
+    abstain_answer: str = DEFAULT_ABSTAIN_ANSWER  # the answer of a row that abstains (right only on unanswerable questions)
     log_interval: int = 50
     save_interval: int = 1000
     eval_interval: int = 0

@@ -103,6 +103,8 @@ class KBInjection(nn.Module):
                                      time_kind=kind, same_group=same_group(rows, valid) if timed else None)
         values = rows["V"].to(device=q.device, dtype=self.dtype)  # (B, T, k, d_v)
         sel = self.kb_selector(sem, phi, g_time, values, ids, valid)
+        if not ctx.record:  # the score parts and windows are read from records only (evidence, abstention)
+            return sel, q
         windows = torch.stack([rows["tau_min"], rows["tau_max"]], dim=-1).to(q.device)  # (B, T, k, 2)
         return sel._replace(parts=torch.stack([sem, phi, g_time.to(sem.dtype)], dim=-1), windows=windows), q
 

@@ -16,6 +16,8 @@ import string
 from collections import Counter
 from typing import Iterable, Sequence
 
+from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 # Lead-ins a chat model puts before a short answer; matched case-insensitively at the start.
@@ -154,7 +156,7 @@ def is_abstention(output: str, abstain_answer: str) -> bool:
 
 
 def score_answer(output: str, golds: str | Sequence[str], question: str | None = None, answerable: bool = True,
-                 abstain_answer: str = "unknown") -> dict[str, float | str | bool]:
+                 abstain_answer: str = DEFAULT_ABSTAIN_ANSWER) -> dict[str, float | str | bool]:
     """All answer metrics of one raw generation. `pred` = the answer line; em / f1 = official SQuAD
     v1.1 on it (the headline); `lenient_pred` / `em_lenient` = `extract_answer`'s reading; contained;
     `abstained`. On an unanswerable question every score is 1 exactly when the row abstained."""

@@ -14,9 +14,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kblampp.backbone import DEFAULT_ABSTAIN_ANSWER, answer_instruction, build_prompt
+from kblampp.backbone import answer_instruction, build_prompt
 from kblampp.inference.generate import generate_rows
 from kblampp.kb_context import KBContext
+from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
 
 
 class KBModelAnswerer:

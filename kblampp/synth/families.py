@@ -28,3 +28,4 @@ REAL_DATA_FAMILY_TYPE = {"hotpot_bridge": "multi-hop", "hotpot_unstated": "unans
                          "hotpot_comparison": "unanswerable", "hotpot_yesno": "unanswerable"}
 REAL_DATA_REASONS = {f: "answer_not_stated" for f in ("hotpot_unstated", "hotpot_comparison", "hotpot_yesno")}
 NO_ANSWER = "no answer"  # the gold `answer` marker of unanswerable records (never matched as a string)
+DEFAULT_ABSTAIN_ANSWER = "unknown"  # what a row answers when it abstains (config key abstain_answer)

@@ -65,7 +65,8 @@ def question_signals(model: Any, source: Any, hidden: torch.Tensor, e_q: torch.T
     parts: list[AbstainSignals] = []
     for s in range(0, hidden.shape[0], chunk):
         h = hidden[s:s + chunk].to(device)
-        ctx = KBContext(source=source, e_q=e_q[s:s + chunk].to(device), tau=tau[s:s + chunk].to(device))
+        ctx = KBContext(source=source, e_q=e_q[s:s + chunk].to(device), tau=tau[s:s + chunk].to(device),
+                        record=True)  # record: the selection carries its score parts and windows
         sel, _ = kb.select(h.unsqueeze(1).to(kb.dtype), ctx)
         alpha = sel.alpha[:, 0]
         g = gate(h, alpha.max(-1).values) if gate is not None else torch.zeros(len(h), device=device)
