@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens_cap", type=int, default=64)
     parser.add_argument("--max_question_chars", type=int, default=2000)
     parser.add_argument("--max_body_bytes", type=int, default=1_000_000)
-    parser.add_argument("--request_timeout_s", type=float, default=60.0, help="longest wait for the model lock")
+    parser.add_argument("--request_timeout_s", type=float, default=60.0,
+                        help="longest wait for the model lock (or for a batch to take a question)")
+    parser.add_argument("--batch_max_size", type=int, default=16,
+                        help="most questions answered by one batched generate() (1: one at a time)")
+    parser.add_argument("--batch_max_wait_ms", type=float, default=10.0,
+                        help="longest a question waits for others to join its batch (a lone request's delay)")
     parser.add_argument("--compact_every", type=int, default=0,
                         help="fold the WAL into the store every N changes (0: at start and clean shutdown)")
     parser.add_argument("--rebuild_fraction", type=float, default=0.1,
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens_cap=args.max_new_tokens_cap, max_question_chars=args.max_question_chars,
             default_max_new_tokens=min(cfg.max_new_tokens, args.max_new_tokens_cap),
             max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout_s,
+            batch_max_size=args.batch_max_size, batch_max_wait_ms=args.batch_max_wait_ms,
             compact_every=args.compact_every, model_name=cfg.backbone, rebuild_fraction=args.rebuild_fraction,
             allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()))
         settings.validate()

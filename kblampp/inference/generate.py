@@ -108,17 +108,22 @@ def tokenize_left(tokenizer: Any, prompts: Sequence[str], device: torch.device |
 
 
 @torch.inference_mode()
-def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
                   batch_size: int = 16, request: RequestHook | None = None, desc: str = "generate",
                   progress: bool = True, questions: Sequence[str] | None = None) -> list[Generation]:
     """Greedy answers for `prompts` (input order kept). Prompts are batched by length to cut padding;
     `request(indices, batch)` wraps each generate() call (KB context, logits processors). A sequence
     stops at the end-of-turn token or once its first line is complete (`FirstLineStop`); `questions`
-    is accepted for callers that pass it and only checked for length."""
+    is accepted for callers that pass it and only checked for length. `max_new_tokens` may be one
+    budget per prompt (a served batch): a batch runs to its largest and each row keeps its own first
+    tokens, which greedy decoding makes the same as stopping there."""
     if questions is not None and len(questions) != len(prompts):
         raise ValueError(f"questions: {len(questions)} for {len(prompts)} prompts")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"max_new_tokens: {len(budgets)} budgets for {len(prompts)} prompts")
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"max_new_tokens: must be >= 1, got {min(budgets)}")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     hook = request or _no_request
@@ -133,11 +138,11 @@ def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
         batch = tokenize_left(tokenizer, [prompts[i] for i in idx], device)
         first_line = StoppingCriteriaList([FirstLineStop(tokenizer, batch["input_ids"].shape[1])])
         with hook(idx, batch) as extra:
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            out = model.generate(**batch, max_new_tokens=max(budgets[i] for i in idx), do_sample=False, num_beams=1,
                                  eos_token_id=stop, pad_token_id=pad, stopping_criteria=first_line, **extra)
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
-            text = tokenizer.decode(new[row], skip_special_tokens=True)
+            text = tokenizer.decode(new[row, :budgets[i]], skip_special_tokens=True)
             results[i] = Generation(output=text, pred=answer_line(text), prompt_tokens=lengths[i])
         bar.update(len(idx))
     bar.close()

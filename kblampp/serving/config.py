@@ -73,7 +73,11 @@ class ServerSettings:
     max_body_bytes: int = 1_000_000
     max_facts_per_request: int = 256
     max_messages: int = 64
-    request_timeout_s: float = 60.0  # waiting for the engine lock plus generation time
+    request_timeout_s: float = 60.0  # waiting for the engine lock (or for a batch to take a question)
+    # concurrent questions run as one batched generate(): at most this many per batch, and the oldest
+    # question waits at most this long for others to join (a lone request's extra delay)
+    batch_max_size: int = 16
+    batch_max_wait_ms: float = 10.0
     read_only: bool = False  # True: fact mutations are disabled (no token needed)
     token: str | None = None  # bearer token for fact mutations
     compact_every: int = 1000  # compact the WAL into the store after this many changes (0 = only at start)
@@ -105,6 +109,10 @@ class ServerSettings:
             raise ValueError(f"default_max_new_tokens must be in 1..{self.max_new_tokens_cap}")
         if not 1 <= self.default_top_k_evidence <= self.max_top_k_evidence:
             raise ValueError(f"default_top_k_evidence must be in 1..{self.max_top_k_evidence}")
+        if self.batch_max_size < 1:
+            raise ValueError(f"batch_max_size must be >= 1, got {self.batch_max_size}")
+        if not 0 <= self.batch_max_wait_ms <= 10_000:
+            raise ValueError(f"batch_max_wait_ms must be in 0..10000, got {self.batch_max_wait_ms}")
         if self.rebuild_fraction <= 0:
             raise ValueError(f"rebuild_fraction must be > 0, got {self.rebuild_fraction}")
         if self.request_timeout_s <= 0:

@@ -1,4 +1,4 @@
-"""The model side of the server: a loaded KBLaMPP answering one question through the live KB.
+"""The model side of the server: a loaded KBLaMPP answering a batch of questions through the live KB.
 
 It uses the evaluation's own generation path (`generate_rows`: the one prompt builder, greedy
 decoding, the shared answer extraction) with a KB request hook, and the answer head
@@ -9,19 +9,45 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from kblampp.backbone import answer_instruction, build_prompt
+from kblampp.scorers import kinds_from_windows
 from kblampp.inference.generate import generate_rows
 from kblampp.kb_context import KBContext
 from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
 
 
+@dataclass
+class AnswerItem:
+    """One served question as the model reads it (see `KBContext`): tau None = no dates; time_kind
+    None = read from the window; forced_ids: facts the candidates must hold (a succession hop)."""
+
+    question: str
+    e_q: np.ndarray
+    tau: tuple[float, float] | None
+    max_new_tokens: int
+    abstain: bool = True
+    time_kind: int | None = None
+    forced_ids: list[int] | None = None
+
+
+@dataclass
+class RowAnswer:
+    """One item's result: its answer line, the batch's records (its row is `row`), the decision."""
+
+    text: str
+    records: dict[int, list[Any]]
+    row: int
+    decision: dict | None
+
+
 class KBModelAnswerer:
-    """`answer(question, e_q, tau, max_new_tokens, abstain) -> (text, ctx.records, decision)` for the engine;
+    """`answer_batch(items) -> [RowAnswer]` for the engine (`answer` for one question);
     `decision` is None without an abstention decision (or with `abstain=False`), else
     {"abstained", "p_unanswerable", "threshold"}; an abstaining model writes `abstain_answer`."""
 
@@ -66,46 +92,83 @@ class KBModelAnswerer:
         ids, group = first_hop(layer, self.kb.source, as_t(e_select), as_t(e_search), with_group=True)
         return int(ids[0]), [int(x) for x in group[0].tolist() if x >= 0 and x != int(ids[0])]
 
-    @torch.inference_mode()
-    def answer(self, question: str, e_q: np.ndarray, tau: tuple[float, float] | None,
-               max_new_tokens: int, abstain: bool = True, time_kind: int | None = None,
-               forced_ids: list[int] | None = None) -> tuple[str, dict[int, list[Any]], dict | None]:
-        device = next(self.model.parameters()).device
-        window = (math.nan, math.nan) if tau is None else tau
-        kind = None if time_kind is None else torch.tensor([time_kind], dtype=torch.long, device=device)
-        forced = torch.tensor([forced_ids], dtype=torch.long, device=device) if forced_ids else None
-        ctx = KBContext(source=self.kb.source, e_q=torch.as_tensor(np.asarray(e_q, np.float32))[None].to(device),
-                        tau=torch.tensor([window], dtype=torch.float32, device=device), time_kind=kind,
-                        forced_ids=forced, record=True)
+    def _processors(self, ctx: KBContext, abstain: bool) -> tuple[dict[str, Any], Any]:
+        """generate() kwargs for one KB context: the answer head's copy processor when the checkpoint
+        has a copy gate, then the abstention decision (the last word); and that decision or None."""
+        from transformers import LogitsProcessorList
+
         extra: dict[str, Any] = {}
         if self.gate is not None:
-            from transformers import LogitsProcessorList
-
             from kblampp.answer_head import CopyLogitsProcessor
 
             extra["logits_processor"] = LogitsProcessorList(
                 [CopyLogitsProcessor(self.tail_table(), ctx, self.layer, gate=self.gate)])
         decision = None
         if abstain and self.abstainer is not None:
-            from transformers import LogitsProcessorList
-
             from kblampp.abstention import AbstainLogitsProcessor, answer_token_ids
             from kblampp.inference.generate import stop_token_id
 
             decision = AbstainLogitsProcessor(self.abstainer, ctx, self.layer,
                                               answer_token_ids(self.tokenizer, self.abstain_answer),
                                               stop_token_id(self.tokenizer))
-            extra.setdefault("logits_processor", LogitsProcessorList()).append(decision)  # the last word
+            extra.setdefault("logits_processor", LogitsProcessorList()).append(decision)
+        return extra, decision
+
+    @torch.inference_mode()
+    def answer_batch(self, items: Sequence[AnswerItem]) -> list[RowAnswer]:
+        """Answers for `items` in order from ONE generate() per abstention setting (left-padded rows;
+        each row keeps its own e_q, window, time kind, forced candidates and new-token budget)."""
+        out: list[RowAnswer | None] = [None] * len(items)
+        for use_abstain in (True, False):
+            rows = [i for i, it in enumerate(items) if (it.abstain and self.abstainer is not None) == use_abstain]
+            if rows:
+                for i, row_answer in zip(rows, self._generate([items[i] for i in rows], use_abstain)):
+                    out[i] = row_answer
+        return [r for r in out if r is not None]
+
+    def _generate(self, items: Sequence[AnswerItem], abstain: bool) -> list[RowAnswer]:
+        device = next(self.model.parameters()).device
+        e_q = torch.as_tensor(np.stack([np.asarray(it.e_q, np.float32) for it in items]))  # (n, d_ctx)
+        tau = torch.tensor([(math.nan, math.nan) if it.tau is None else tuple(it.tau) for it in items],
+                           dtype=torch.float32).reshape(len(items), 2)  # (n, 2) days, NaN = no dates
+        kinds = None
+        if any(it.time_kind is not None for it in items):  # rows without one: the kind their window implies
+            given = torch.tensor([-1 if it.time_kind is None else it.time_kind for it in items], dtype=torch.long)
+            kinds = torch.where(given >= 0, given, kinds_from_windows(tau))  # (n,)
+        width = max(len(it.forced_ids or []) for it in items)
+        forced = None
+        if width:  # rows without forced candidates get -1 padding, which forces nothing
+            forced = torch.full((len(items), width), -1, dtype=torch.long)
+            for i, it in enumerate(items):
+                forced[i, :len(it.forced_ids or [])] = torch.tensor(it.forced_ids or [], dtype=torch.long)
+        pick = (lambda t, sel: None if t is None else t[sel].to(device))
+        calls: list[tuple[list[int], KBContext, Any]] = []
 
         @contextlib.contextmanager
         def hook(indices: list[int], batch: dict) -> Iterator[dict]:
+            sel = torch.tensor(indices, dtype=torch.long)
+            ctx = KBContext(source=self.kb.source, e_q=pick(e_q, sel), tau=pick(tau, sel), time_kind=pick(kinds, sel),
+                            forced_ids=pick(forced, sel), record=True)
+            extra, decision = self._processors(ctx, abstain)
+            calls.append((indices, ctx, decision))
             with self.model.kb_request(ctx):
                 yield extra
 
-        prompt = build_prompt(self.tokenizer, question, self.instruction)
-        gen = generate_rows(self.model, self.tokenizer, [prompt], max_new_tokens, batch_size=1, request=hook,
-                            progress=False)[0]
-        if decision is None:
-            return gen.pred, ctx.records, None
-        return gen.pred, ctx.records, {"abstained": bool(decision.abstained[0]), "p_unanswerable": float(decision.p[0]),
-                                       "threshold": self.abstainer.threshold}
+        prompts = [build_prompt(self.tokenizer, it.question, self.instruction) for it in items]
+        gens = generate_rows(self.model, self.tokenizer, prompts, [it.max_new_tokens for it in items],
+                             batch_size=len(items), request=hook, progress=False)
+        out: list[RowAnswer | None] = [None] * len(items)
+        for indices, ctx, decision in calls:
+            for row, i in enumerate(indices):
+                verdict = None if decision is None else {
+                    "abstained": bool(decision.abstained[row]), "p_unanswerable": float(decision.p[row]),
+                    "threshold": self.abstainer.threshold}
+                out[i] = RowAnswer(gens[i].pred, ctx.records, row, verdict)
+        return [r for r in out if r is not None]
+
+    def answer(self, question: str, e_q: np.ndarray, tau: tuple[float, float] | None,
+               max_new_tokens: int, abstain: bool = True, time_kind: int | None = None,
+               forced_ids: list[int] | None = None) -> tuple[str, dict[int, list[Any]], dict | None]:
+        """One question alone (a batch of one): (answer line, its records, decision)."""
+        (one,) = self.answer_batch([AnswerItem(question, e_q, tau, max_new_tokens, abstain, time_kind, forced_ids)])
+        return one.text, one.records, one.decision
