@@ -169,7 +169,8 @@ def test_answer_has_well_formed_evidence_chain(server):
         assert (e["head"], e["relation"], e["tail"]) == (src["head"]["name"], src["relation"]["name"], src["tail"]["name"])
         assert e["time_window"] == [src["time_window"]["start"], src["time_window"]["end"]]
         assert e["layer"] == 1 and 0.0 <= e["beta"] <= 1.0
-    assert set(body["timings"]) == {"queue_ms", "embed_ms", "generate_ms", "total_ms"}
+    assert set(body["timings"]) == {"queue_ms", "embed_ms", "generate_ms", "total_ms", "batch_size", "batch_id"}
+    assert body["timings"]["batch_size"] == 1 and body["kb_seq"] == 0  # alone; no edit yet
     assert body["question_time"] is None
     top2 = ask(server, "Where was Ada Byron born?", top_k_evidence=2)
     assert [e["index"] for e in top2["evidence"]] == [e["index"] for e in body["evidence"][:2]]

@@ -5,8 +5,9 @@ deeper than `max_json_depth`, integers longer than `max_int_digits`, NaN/Infinit
 surrogates in any string) or a Host header not on the allow-list, 401 auth, 403 read-only, 404
 unknown fact, 409 duplicate fact, 413 body too large, 415 not JSON, 422 wrong types / unknown
 fields / limits / bad facts, 503 busy (lock wait over the request timeout), and 500 (one log line,
-no traceback) for anything unforeseen. Handlers are plain `def`s or hand work to the thread pool, so
-the engine's lock does the serialising.
+no traceback) for anything unforeseen. Handlers are plain `def`s or hand work to the thread pool:
+the engine gathers concurrent questions (`/v1/answer` and `/v1/chat/completions` alike) into batches
+and its lock orders batches and KB edits.
 """
 from __future__ import annotations
 
