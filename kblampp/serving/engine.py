@@ -163,14 +163,15 @@ class Engine:
         self.started = time.time()
         self.log: KBLog | None = None
         self.audit: AuditLog | None = None
-        self.batcher = Batcher(self._run_batch, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0)
         if settings.read_only:  # never touch the WAL: serve the store as last compacted
             self.recovered = {"replayed": 0, "log_entries": 0, "torn_tail_dropped": False,
                               "applied_seq": self.kb.applied_seq, "read_only": True}
-            return
-        self.recovered = self._recover()
-        self.log = KBLog(self.log_path, next_seq=self.kb.applied_seq + 1)
-        self.audit = AuditLog(audit_path or default_audit_path(self.log_path))
+        else:
+            self.recovered = self._recover()
+            self.log = KBLog(self.log_path, next_seq=self.kb.applied_seq + 1)
+            self.audit = AuditLog(audit_path or default_audit_path(self.log_path))
+        # started last: a failed recovery leaves no worker thread behind
+        self.batcher = Batcher(self._run_batch, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0)
 
     # ---- durability -----------------------------------------------------------------------------
     def _recover(self) -> dict:
