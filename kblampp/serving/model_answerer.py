@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from kblampp.backbone import answer_instruction, build_prompt
-from kblampp.scorers import kinds_from_windows
 from kblampp.inference.generate import generate_rows
 from kblampp.kb_context import KBContext
+from kblampp.scorers import kinds_from_windows
 from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
 
 
@@ -111,7 +111,7 @@ class KBModelAnswerer:
             decision = AbstainLogitsProcessor(self.abstainer, ctx, self.layer,
                                               answer_token_ids(self.tokenizer, self.abstain_answer),
                                               stop_token_id(self.tokenizer))
-            extra.setdefault("logits_processor", LogitsProcessorList()).append(decision)
+            extra.setdefault("logits_processor", LogitsProcessorList()).append(decision)  # the last word
         return extra, decision
 
     @torch.inference_mode()
@@ -127,6 +127,8 @@ class KBModelAnswerer:
         return [r for r in out if r is not None]
 
     def _generate(self, items: Sequence[AnswerItem], abstain: bool) -> list[RowAnswer]:
+        """One generate() over `items` (all with the same abstention setting); the hook builds the KB
+        context in the row order generate_rows chose, and each answer points at its row."""
         device = next(self.model.parameters()).device
         e_q = torch.as_tensor(np.stack([np.asarray(it.e_q, np.float32) for it in items]))  # (n, d_ctx)
         tau = torch.tensor([(math.nan, math.nan) if it.tau is None else tuple(it.tau) for it in items],
