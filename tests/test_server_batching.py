@@ -295,3 +295,12 @@ def test_batcher_gathers_withdraws_and_closes():
         batcher.submit(9)
     with pytest.raises(ValueError, match="max size"):
         Batcher(run, max_size=0, max_wait_s=0.0)
+
+
+def test_generate_rows_checks_per_prompt_budgets():
+    from kblampp.inference.generate import generate_rows
+
+    with pytest.raises(ValueError, match="2 budgets for 3 prompts"):
+        generate_rows(None, None, ["a", "b", "c"], [4, 4])
+    with pytest.raises(ValueError, match="max_new_tokens: must be >= 1, got 0"):
+        generate_rows(None, None, ["a", "b"], [4, 0])
