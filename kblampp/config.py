@@ -80,6 +80,11 @@ class StageAConfig:
     e2e_lr: float = 3e-4
     e2e_retrieval_weight: float = 1.0
     e2e_injection_weight: float = 1.0
+    hop_steps: int = 300  # multi-hop (2+ inject layers): per-hop retrieval + hop choice on cached states
+    hop_lr: float = 2e-3
+    hop_batch: int = 256
+    hop_choice_weight: float = 1.0
+    hop_eval_interval: int = 100
 
 
 @dataclass
