@@ -42,6 +42,16 @@ class KBHopChoice(nn.Module):
         return self.proj(torch.cat([h, max_alpha.to(h.dtype)], dim=-1))
 
 
+def is_entity_chain(supporting: Sequence[int], qtype: str, head_of: Any, tail_of: Any) -> bool:
+    """Whether a question's supporting facts are hops the layers must take in order: a multi-hop
+    question, or any other whose facts link tail -> head (a relative question about the organiser of an
+    event); succession and "when X was CEO" questions share no entity and answer from the first hop."""
+    sup = [int(f) for f in supporting if int(f) >= 0]
+    if qtype == "multi-hop":
+        return len(sup) > 1
+    return len(sup) > 1 and all(tail_of(a) == head_of(b) for a, b in zip(sup, sup[1:]))
+
+
 def hop_candidates(records: dict[int, list[Any]], layers: Sequence[int], call: int = 0, position: int = -1
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stacked per hop at one position of one forward call: alpha (B, H, K), cand_ids (B, H, K) and the

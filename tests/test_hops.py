@@ -56,12 +56,21 @@ def test_stepping_the_last_token_equals_the_patched_model(arch):
 
 
 def test_chain_targets_hand_example():
-    targets, labels = chain_targets([(4, 7), (1, 2, 3), (9,), (5, 6)], [7, 3, 9, 6],
-                                    ["multi-hop", "multi-hop", "single-hop", "temporal"], 3)
+    targets, labels = chain_targets([(4, 7), (1, 2, 3), (9,), (5, 6)], [7, 3, 9, 6], [True, True, False, False], 3)
     assert targets.tolist() == [[4, 7, 7], [1, 2, 3], [9, 9, 9], [6, 6, 6]]
     assert labels.tolist() == [1, 2, 0, 0]
-    short, lab = chain_targets([(1, 2, 3)], [3], ["multi-hop"], 2)  # longer chain than layers: answer last
+    short, lab = chain_targets([(1, 2, 3)], [3], [True], 2)  # longer chain than layers: answer last
     assert short.tolist() == [[1, 3]] and lab.tolist() == [1]
+
+
+def test_entity_chain_rule():
+    from kblampp.hops import is_entity_chain
+
+    heads, tails = {1: "Expo", 2: "Org", 3: "Org"}, {1: "Org", 2: "Ann", 3: "Bo"}
+    assert is_entity_chain((1, 2), "temporal", heads.get, tails.get)  # organiser, then its CEO
+    assert not is_entity_chain((2, 3), "temporal", heads.get, tails.get)  # succession: same head
+    assert is_entity_chain((2, 3), "multi-hop", heads.get, tails.get) and not is_entity_chain((1,), "multi-hop",
+                                                                                             heads.get, tails.get)
 
 
 def test_hop_choice_starts_at_the_first_hop_and_forcing():
@@ -124,10 +133,11 @@ def test_hop_summary_hand_example():
 
     records = [rec("multi-hop", [1, 2]), rec("multi-hop", [3, 4]), rec("single-hop", [5])]
     lasts = [last([1, 7], [2, 8], 1), last([3], [9], 0), last([5], [5], 0)]
-    s = hop_summary(lasts, records)
+    facts = [None] * 10
+    s = hop_summary(lasts, records, facts)
     assert s["hop1_recall@K"] == 1.0 and s["hop2_recall@K"] == 0.5 and s["2hop/hop2_recall@K"] == 0.5
     assert s["hop_choice_acc"] == 2 / 3 and s["hop_choice_acc_multi"] == 0.5 and s["hop_choice_acc_other"] == 1.0
-    assert hop_summary([LastTokenRecord([], [], 0.0, 8)], records[:1]) is None  # one layer: no hops
+    assert hop_summary([LastTokenRecord([], [], 0.0, 8)], records[:1], facts) is None  # one layer: no hops
 
 
 def test_evidence_and_plot_show_the_hops_in_order(tmp_path):
@@ -161,3 +171,36 @@ def test_checkpoint_layers_override_the_config():
     assert with_checkpoint_layers(cfg, {"config": json.dumps({"inject_layers": [8, 9, 10]})}, "x").inject_layers == [8, 9, 10]
     assert with_checkpoint_layers(cfg, {"config": json.dumps({"inject_layers": [8]})}, "x") is cfg
     assert with_checkpoint_layers(cfg, {}, "x") is cfg
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ablation_contexts_equal_their_models(arch):
+    """zero_beta_layers = the same model with that layer's fused value zeroed; off_layers = the later
+    layer unpatched (today's one-layer model). Exact equality of the logits."""
+    import copy
+
+    model = two_layer_model(arch)
+    x = torch.tensor([[5, 9, 17, 33, 41, 8], [5, 9, 17, 60, 2, 77]])
+    source = random_tensor_kb(64, D_K, D_V, D_CTX)
+    e_q = torch.randn(2, D_CTX, generator=torch.Generator().manual_seed(4))
+
+    def logits(m, **kw):
+        ctx = KBContext(source=source, e_q=e_q, tau=torch.full((2, 2), math.nan), record=True, **kw)
+        with torch.no_grad(), m.kb_request(ctx):
+            return m(input_ids=x).logits, ctx
+
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        zeroed.kb_layers["0"].kb_fusion.kb_linear_v.weight.zero_()
+        zeroed.kb_layers["0"].kb_fusion.kb_linear_v.bias.zero_()
+    got, ctx = logits(model, zero_beta_layers=frozenset({0}))
+    assert torch.equal(got, logits(zeroed)[0])
+    assert torch.equal(ctx.records[0][0].beta, torch.zeros(2, 6)) and 1 in ctx.records
+    assert not torch.equal(got, logits(model)[0])  # the first hop's value matters when it is on
+    one = copy.deepcopy(model)
+    one.unpatch()
+    from kblampp.injection_wrapper import patch_layers
+
+    patch_layers(one.backbone, {0: one.kb_layers["0"]}, one.holder)
+    got, ctx = logits(model, off_layers=frozenset({1}))
+    assert torch.equal(got, logits(one)[0]) and list(ctx.records) == [0]

@@ -2,30 +2,32 @@
 
 hop j recall@K: the chain's j-th supporting fact is among the j-th inject layer's K_top candidates,
 over the multi-hop questions whose chain has a j-th fact (2-hop and 3-hop also apart); hop choice
-accuracy: the answer head copied from the layer of the chain's last fact (single-hop and temporal
-questions: the first layer). Rows run with one inject layer have no hops and are left out.
+accuracy: the answer head copied from the layer of the chain's last fact (`kblampp.hops.is_entity_chain`;
+other questions: the first layer). Rows run with one inject layer have no hops and are left out.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from kblampp.schema import QARecord
+from kblampp.hops import is_entity_chain
+from kblampp.schema import Fact, QARecord
 
 MULTI_HOP = "multi-hop"
 
 
-def expected_hop(record: QARecord, n_layers: int) -> int:
-    """Index of the inject layer whose candidates should answer: the chain's last hop for multi-hop."""
-    if record.type != MULTI_HOP:
-        return 0
-    return min(len(record.supporting_facts), n_layers) - 1
-
-
-def hop_summary(last: Sequence[Any], records: Sequence[QARecord]) -> dict[str, float] | None:
+def hop_summary(last: Sequence[Any], records: Sequence[QARecord], facts: Sequence[Fact]) -> dict[str, float] | None:
     """Per-hop recall@K and hop-choice accuracy of one row; None when the row recorded no hops."""
     pairs = [(r, rec) for r, rec in zip(last, records) if r is not None and r.hops and rec.answerable]
     if not pairs:
         return None
+    head_of, tail_of = (lambda i: facts[i].head_name), (lambda i: facts[i].tail_name)
+
+    def expected_hop(record: QARecord, n_layers: int) -> int:
+        """The layer whose candidates should answer: a chain's last hop, else the first layer."""
+        if not is_entity_chain(record.supporting_facts, record.type, head_of, tail_of):
+            return 0
+        return min(len(record.supporting_facts), n_layers) - 1
+
     n_layers = len(pairs[0][0].hops)
     out: dict[str, float] = {}
     for j in range(n_layers):
@@ -44,7 +46,7 @@ def hop_summary(last: Sequence[Any], records: Sequence[QARecord]) -> dict[str, f
         if multi:
             out["hop_choice_acc_multi"] = sum(r.hop == expected_hop(rec, n_layers) for r, rec in multi) / len(multi)
         if single:
-            out["hop_choice_acc_other"] = sum(r.hop == 0 for r, _ in single) / len(single)
+            out["hop_choice_acc_other"] = sum(r.hop == expected_hop(rec, n_layers) for r, rec in single) / len(single)
     return out
 
 

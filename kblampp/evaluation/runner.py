@@ -328,7 +328,7 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
     stats = {row: {"ms_per_question": 1000.0 * s / len(records)} for row, s in seconds.items()}
     meta = run_meta(ec, str(qa_path), len(records), batch_size, rag_k)
     hops = {row: s for row, req in requests.items() if len(req.records) == len(records)
-            and (s := hop_summary([req.records[i] for i in range(len(records))], records)) is not None}
+            and (s := hop_summary([req.records[i] for i in range(len(records))], records, ec.facts)) is not None}
     if hops:
         extra["hops"] = hops
         notes.append(markdown_hops(hops))

@@ -24,24 +24,21 @@ import torch.nn.functional as F
 from kblampp import hf_arch
 from kblampp.config import KBConfig
 from kblampp.data import answer_fact_of, batch_schedule
-from kblampp.hops import next_inject_input
+from kblampp.hops import is_entity_chain, next_inject_input
 from kblampp.training.losses import info_nce, positive_mask
 from kblampp.training.loop import Phase
 from kblampp.training.retrieval_phase import QUERY_PARTS, RetrievalData, full_scores
 
-MULTI_HOP = "multi-hop"
-
-
-def chain_targets(supporting: Sequence[Sequence[int]], answers: Sequence[int], qtypes: Sequence[str],
+def chain_targets(supporting: Sequence[Sequence[int]], answers: Sequence[int], chains: Sequence[bool],
                   n_hops: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets (n, H) fact per hop layer, hop label (n,) index of the answering layer).
 
-    A multi-hop question's supporting facts are its chain in order; any other question answers from
-    its first hop (its answer fact at every layer). Chains longer than the layers keep their first H
-    facts with the answer at the last layer."""
+    A chain question's supporting facts (`kblampp.hops.is_entity_chain`) are its hops in order; any
+    other question answers from its first hop (its answer fact at every layer). Chains longer than the
+    layers keep their first H facts with the answer at the last layer."""
     targets, labels = [], []
-    for sup, ans, qtype in zip(supporting, answers, qtypes):
-        chain = [int(f) for f in sup if int(f) >= 0] if qtype == MULTI_HOP else []
+    for sup, ans, chain_q in zip(supporting, answers, chains):
+        chain = [int(f) for f in sup if int(f) >= 0] if chain_q else []
         if not chain or chain[-1] != int(ans):
             chain = [int(ans)] if not chain else chain[:-1] + [int(ans)]
         if len(chain) > n_hops:
@@ -66,11 +63,13 @@ class HopData:
         return len(self.base)
 
 
-def hop_data(cached: dict[str, torch.Tensor], base: RetrievalData, records: Sequence[Any], layers: Sequence[int]
-             ) -> HopData:
-    """HopData from `cached_question_states(..., hop_layers=layers)` tensors and the QA records."""
+def hop_data(cached: dict[str, torch.Tensor], base: RetrievalData, records: Sequence[Any], layers: Sequence[int],
+             facts: Sequence[Any]) -> HopData:
+    """HopData from `cached_question_states(..., hop_layers=layers)` tensors, the QA records and facts."""
+    head_of, tail_of = (lambda i: facts[i].head_name), (lambda i: facts[i].tail_name)
+    chains = [is_entity_chain(r.supporting_facts, r.type, head_of, tail_of) for r in records]
     targets, labels = chain_targets([r.supporting_facts for r in records], [answer_fact_of(r) for r in records],
-                                    [r.type for r in records], len(layers))
+                                    chains, len(layers))
     dev = base.e_q.device
     return HopData({l: cached[f"residual_{l}"].to(dev) for l in layers}, {l: cached[f"attn_{l}"].to(dev) for l in layers},
                    base, targets.to(dev), labels.to(dev))

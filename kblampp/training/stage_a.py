@@ -294,7 +294,7 @@ class StageA:
         """Per-hop retrieval and the hop choice on the cached last-token states (kblampp.training.hop_phase)."""
         layers = [int(x) for x in self.model.inject_layers]
         kb = self.mods.tensor_kb(grad=False)
-        make = lambda ds, base: hop_data(self.hop_cache[id(ds)], base, ds.records, layers)  # noqa: E731
+        make = lambda ds, base: hop_data(self.hop_cache[id(ds)], base, ds.records, layers, self.inp.facts)  # noqa: E731
         trainer = HopTrainer(self.cfg, self.model, self.mods.table, kb.K, kb.V, make(self.train_ds, train),
                              make(self.dev_ds, dev) if dev is not None else None, retr.columns, rank, world)
         if not (resume and "hops" in self.trainer.completed()):
