@@ -41,7 +41,7 @@ from kblampp.training.facts import FactTable, hard_negatives
 from kblampp.training.loop import Trainer, load_kb_state, make_accelerator
 from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer, init_query_from_keys
 from kblampp.training.time_phase import TimeTrainer
-from kblampp.training.hop_phase import HopTrainer, copy_query_side, hop_data
+from kblampp.training.hop_phase import HopTrainer, copy_query_side, hop_data, init_bridge
 from kblampp.question_time import parse_time_constraint
 from kblampp.time_query import gold_anchor_times
 from kblampp.training.value_phase import ValueTrainer
@@ -298,7 +298,10 @@ class StageA:
         trainer = HopTrainer(self.cfg, self.model, self.mods.table, kb.K, kb.V, make(self.train_ds, train),
                              make(self.dev_ds, dev) if dev is not None else None, retr.columns, rank, world)
         if not (resume and "hops" in self.trainer.completed()):
-            self.trainer.metrics.write(phase="hops", step=0, eval=trainer.eval_fn(0))
+            init = init_bridge(self.model, self.mods.kv, trainer.train.residual, self.cfg)
+            kb = self.mods.tensor_kb(grad=False)  # values now carry the tail's embedding
+            trainer.values = kb.V.detach()
+            self.trainer.metrics.write(phase="hops", step=0, init=init, eval=trainer.eval_fn(0))
         return self.trainer.run(trainer.phase(self.mods.layer_names()), resume)
 
     def _abstention(self) -> dict[str, Any]:
