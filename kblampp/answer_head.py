@@ -226,11 +226,17 @@ class CopyLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, tail_table: torch.Tensor, ctx: Any, layer_idx: int, gate: KBCopyGate | None = None,
-                 gate_value: float | None = None, gate_open: bool = True):
+                 gate_value: float | None = None, gate_open: bool = True, hop_layers: Sequence[int] | None = None,
+                 hop_choice: Any = None, hop_forced: int | None = None):
         if gate is None and gate_value is None and gate_open:
             raise ValueError("CopyLogitsProcessor needs a gate module or a constant gate_value")
         self.tail_table, self.ctx, self.layer_idx = tail_table, ctx, layer_idx
         self.gate, self.gate_value, self.gate_open = gate, gate_value, gate_open
+        # multi-hop (kblampp.hops): copy from the layer `hop_choice` picks among `hop_layers`
+        self.hop_layers = [int(x) for x in hop_layers] if hop_layers is not None and len(hop_layers) > 1 else None
+        self.hop_choice, self.hop_forced = hop_choice, hop_forced
+        self.hop: torch.Tensor | None = None  # (B,) index into hop_layers of the answering layer
+        self.p_hop: torch.Tensor | None = None  # (B, H)
         self.trace: list[dict[str, torch.Tensor]] = []  # per step: gate, mass (explanations)
         self._start: int | None = None
         self._prompt_len = 0
@@ -261,6 +267,12 @@ class CopyLogitsProcessor(LogitsProcessor):
             prefill = records[-1]
             self._alpha = _field(prefill, "alpha")[:, -1, :]
             self._cands = _field(prefill, "cand_ids")[:, -1, :]
+            if self.hop_layers is not None:
+                from kblampp.hops import choose_hop, hop_candidates
+
+                alpha, cands, hidden = hop_candidates(self.ctx.records, self.hop_layers, call=-1)
+                self._alpha, self._cands, self.hop, self.p_hop = choose_hop(self.hop_choice, alpha, cands, hidden,
+                                                                            self.hop_forced)
             self.tail_table = self.tail_table.to(scores.device)  # once, not per generated token
         step = input_ids.shape[1] - self._prompt_len
         if len(records) != self._start + step:

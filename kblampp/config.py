@@ -80,6 +80,13 @@ class StageAConfig:
     e2e_lr: float = 3e-4
     e2e_retrieval_weight: float = 1.0
     e2e_injection_weight: float = 1.0
+    hop_steps: int = 300  # multi-hop (2+ inject layers): per-hop retrieval + hop choice on cached states
+    hop_lr: float = 2e-3
+    hop_batch: int = 256
+    hop_choice_weight: float = 1.0
+    hop_eval_interval: int = 100
+    hop_value_scale: float = 50.0  # c: |kb_linear_v| of the layer that writes the bridge (kblampp.training.hop_phase.init_bridge)
+    hop_query_ctx_share: float = 0.25  # later layers' kb_query_ctx = this share of the first layer's
 
 
 @dataclass

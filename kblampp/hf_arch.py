@@ -78,6 +78,22 @@ def set_attention(model: nn.Module, layer_idx: int, module: nn.Module) -> None:
     setattr(decoder_layers(model)[layer_idx], ATTN_ATTR, module)
 
 
+def decoder_layer(model: nn.Module, layer_idx: int) -> nn.Module:
+    return decoder_layers(model)[layer_idx]
+
+
+def input_norm(model: nn.Module, layer_idx: int) -> nn.Module:
+    """The RMSNorm whose output `self_attn` of this layer reads."""
+    return decoder_layers(model)[layer_idx].input_layernorm
+
+
+def after_attention(model: nn.Module, layer_idx: int, residual: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer once attention has been added to the residual stream:
+    residual + mlp(post_attention_layernorm(residual)). Llama and Qwen2 share this layout."""
+    layer = decoder_layers(model)[layer_idx]
+    return residual + layer.mlp(layer.post_attention_layernorm(residual))
+
+
 def input_embeddings(model: nn.Module) -> nn.Embedding:
     return unwrap(model).get_input_embeddings()
 

@@ -113,6 +113,8 @@ class KBInjection(nn.Module):
         x = h.to(self.dtype)
         sel, q = self.select(x, ctx)
         delta, beta = self.kb_fusion(x, sel.v_tilde)
+        if self.layer_idx in ctx.zero_beta_layers:  # ablation: this hop retrieves but fuses nothing
+            delta, beta = torch.zeros_like(delta), torch.zeros_like(beta)
         if ctx.capture_query:  # kept with grad for a retrieval loss over all keys
             ctx.queries.setdefault(self.layer_idx, []).append(q)
         if ctx.record:
@@ -138,7 +140,7 @@ class KBAttentionWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_layer(*args, **kwargs)
         ctx = self.holder.ctx
-        if ctx is None or ctx.gate_closed:  # plain model: the branch is skipped entirely
+        if ctx is None or ctx.gate_closed or self.layer_idx in ctx.off_layers:  # plain layer: branch skipped
             return out
         h = hf_arch.attention_hidden_states(args, kwargs)
         return hf_arch.add_to_attention_output(out, self.kb_module(h, ctx))

@@ -33,7 +33,8 @@ class KBContext:
     e_q: (B, d_ctx) question sentence embeddings; tau: (B, 2) question windows in days, NaN rows (or
     None) = no time; time_kind: (B,) long index into `kblampp.question_time.TIME_KINDS` (None = read
     from the window: open start "before", open end "after", else "at"); forced_ids: (B, F) facts that
-    must be among the candidates (-1 = padding).
+    must be among the candidates (-1 = padding). `off_layers` / `zero_beta_layers` are the multi-hop
+    ablations (docs/DESIGN_QA.md, hops).
     Rows may be repeated by generate() (beams, num_return_sequences): B_hidden = r * B is accepted.
     """
 
@@ -43,6 +44,8 @@ class KBContext:
     time_kind: torch.Tensor | None = None
     forced_ids: torch.Tensor | None = None
     gate_closed: bool = False
+    off_layers: frozenset[int] = frozenset()  # inject layers skipped entirely (the one-layer ablation)
+    zero_beta_layers: frozenset[int] = frozenset()  # layers that retrieve and record but add nothing (beta = 0)
     record: bool = False
     capture_query: bool = False
     records: dict[int, list[LayerRecord]] = field(default_factory=dict)

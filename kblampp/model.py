@@ -45,6 +45,10 @@ class KBLaMPP(nn.Module):
         self.kb_layers = nn.ModuleDict({str(idx): KBInjection(
             idx, d_model, cfg.d_k, cfg.d_v, d_ctx, cfg.K_top, cfg.gamma, cfg.eta, cfg.temperature)
             for idx in layers})
+        if len(layers) > 1:  # which layer's candidates the answer head copies from (kblampp.hops)
+            from kblampp.hops import KBHopChoice
+
+            self.kb_hop_choice = KBHopChoice(d_model, len(layers))
         self.holder = ContextHolder()
         if patch:
             self.patch()

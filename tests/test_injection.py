@@ -132,14 +132,17 @@ def test_only_kb_parameters_train_and_get_gradients(arch):
     assert trainable > 0 and frozen > 0
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {n for n, _ in model.kb_named_parameters()}
-    assert all(n.startswith("kb_layers.") for n in names)
+    assert all(n.startswith(("kb_layers.", "kb_hop_choice.")) for n in names)
+    assert any(n.startswith("kb_hop_choice.") for n in names)  # two inject layers: the answer head's hop choice
     assert sum(p.numel() for p in model.trainable_parameters()) == trainable
     x = ids()
     with model.kb_request(request()):
         out = model(input_ids=x, labels=x)
     out.loss.backward()
     for name, param in model.named_parameters():
-        if param.requires_grad:
+        if name.startswith("kb_hop_choice."):  # read by the answer head only, not by the LM forward
+            assert param.grad is None, name
+        elif param.requires_grad:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
         else:
             assert param.grad is None, name

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # kbqa pulls in torch; the plotting script only reads JSON
 
 REQUIRED = ("qid", "dataset", "question", "answer", "pred_answer", "top_k_facts")
 FACT_FIELDS = ("index", "head", "relation", "tail", "context", "time_window", "alpha")
+HOP_FACTS = 3  # facts shown per hop of a multi-hop model
 
 
 class EvidenceError(ValueError):
@@ -42,17 +43,21 @@ def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", 
     adds the parsed constraint and, per fact, whether its window satisfies the constraint used."""
     from kblampp.time_query import window_satisfies  # torch: not needed to read evidence files
 
-    ranked = sorted((pair for pair in zip(last.cand_ids, last.alpha) if pair[0] >= 0), key=lambda p: -p[1])
-    top = []
-    for idx, alpha in ranked:
-        if idx >= len(facts):
-            raise IndexError(f"qid {record.qid}: candidate fact {idx} out of range 0..{len(facts) - 1}")
-        f = facts[idx]
-        top.append({"index": int(idx), "head": f.head_name, "relation": f.relation_name, "tail": f.tail_name,
-                    "context": f.sentence, "time_window": [f.start, f.end], "alpha": float(alpha)})
-        if time is not None:
-            used = time["used"] and TimeConstraint(**time["used"])
-            top[-1]["satisfies_time"] = window_satisfies(used, f.tau_min, f.tau_max)
+    def ranked_facts(cand_ids: Sequence[int], alphas: Sequence[float], limit: int | None = None) -> list[dict]:
+        ranked = sorted((pair for pair in zip(cand_ids, alphas) if pair[0] >= 0), key=lambda p: -p[1])[:limit]
+        out = []
+        for idx, alpha in ranked:
+            if idx >= len(facts):
+                raise IndexError(f"qid {record.qid}: candidate fact {idx} out of range 0..{len(facts) - 1}")
+            f = facts[idx]
+            out.append({"index": int(idx), "head": f.head_name, "relation": f.relation_name, "tail": f.tail_name,
+                        "context": f.sentence, "time_window": [f.start, f.end], "alpha": float(alpha)})
+            if time is not None:
+                used = time["used"] and TimeConstraint(**time["used"])
+                out[-1]["satisfies_time"] = window_satisfies(used, f.tau_min, f.tau_max)
+        return out
+
+    top = ranked_facts(last.cand_ids, last.alpha)
     entry: dict[str, Any] = {
         "qid": record.qid, "dataset": record.dataset, "question": record.question, "answer": record.answer,
         "pred_answer": pred_answer, "top_k_facts": top,
@@ -63,6 +68,10 @@ def evidence_entry(record: QARecord, pred_answer: str, last: "LastTokenRecord", 
         "layer": last.layer, "beta": _finite(last.beta),
         "copy_gate": None if last.copy_gate is None else _finite(last.copy_gate),
     }
+    if last.hops:  # the chain in order: each inject layer's best facts, and the layer the answer came from
+        entry["hops"] = [{"hop": j + 1, "layer": h["layer"], "beta": _finite(h["beta"]),
+                          "facts": ranked_facts(h["cand_ids"], h["alpha"], HOP_FACTS)} for j, h in enumerate(last.hops)]
+        entry["answer_hop"] = None if last.hop is None else last.hop + 1
     if last.abstained is not None:
         entry["abstained"], entry["p_unanswerable"] = last.abstained, last.p_unanswerable
     if last.abstained:

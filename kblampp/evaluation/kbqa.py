@@ -32,6 +32,8 @@ class KBVariant:
     eta: float | None = None
     oracle: bool = False
     abstain: bool = True  # the model's abstention decision (when it has one) may answer `abstain_answer`
+    hop1_zeroed: bool = False  # multi-hop ablation: the first inject layer fuses nothing (beta = 0)
+    one_layer: bool = False  # multi-hop ablation: only the first inject layer runs and answers
 
 
 KB_VARIANTS: dict[str, KBVariant] = {v.name: v for v in (
@@ -42,7 +44,10 @@ KB_VARIANTS: dict[str, KBVariant] = {v.name: v for v in (
     KBVariant("kblampp_eta0", eta=0.0),
     KBVariant("kblampp_oracle_value", oracle=True),
     KBVariant("kblampp_oracle_value_injection", answer_head=False, oracle=True),
+    KBVariant("kblampp_hop1_zeroed", hop1_zeroed=True),
+    KBVariant("kblampp_one_layer", one_layer=True),
 )}
+MULTI_HOP_VARIANTS = ("kblampp_hop1_zeroed", "kblampp_one_layer")  # rows that need 2+ inject layers
 
 
 def time_free_twin(variant: KBVariant, done: Any) -> str | None:
@@ -124,6 +129,8 @@ class LastTokenRecord:
     copy_gate: float | None = None
     abstained: bool | None = None  # None: no abstention decision ran for this row
     p_unanswerable: float | None = None
+    hops: list[dict[str, Any]] = field(default_factory=list)  # every inject layer in order: layer, cand_ids, alpha, beta
+    hop: int | None = None  # index into `hops` of the layer the answer head copied from (None: one layer)
 
 
 @dataclass
@@ -158,7 +165,9 @@ class KBRequest:
         if gate is None:
             raise ValueError(f"{self.variant.name}: the model has no kb_copy_gate (checkpoint without an "
                              "answer head); drop the answer-head rows or train the copy gate")
-        return CopyLogitsProcessor(self.tail_table, ctx, self.layer, gate=gate)
+        hop_layers = None if self.variant.one_layer else self.model.inject_layers
+        return CopyLogitsProcessor(self.tail_table, ctx, self.layer, gate=gate, hop_layers=hop_layers,
+                                   hop_choice=getattr(self.model, "kb_hop_choice", None))
 
     @contextlib.contextmanager
     def __call__(self, indices: list[int], batch: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
@@ -173,8 +182,11 @@ class KBRequest:
                 raise ValueError(f"{self.variant.name}: oracle variant needs forced ids")
             forced = self.forced[idx].to(device)
         kind = None if self.time_kind is None else self.time_kind[idx].to(device)
+        later = frozenset(int(x) for x in self.model.inject_layers[1:])
         ctx = KBContext(source=self.source, e_q=self.e_q[idx].to(device), tau=self.tau[idx].to(device),
-                        time_kind=kind, forced_ids=forced, record=True)
+                        time_kind=kind, forced_ids=forced, record=True,
+                        off_layers=later if self.variant.one_layer else frozenset(),
+                        zero_beta_layers=frozenset({self.layer}) if self.variant.hop1_zeroed else frozenset())
         extra: dict[str, Any] = {}
         processor = None
         if self.variant.answer_head:
@@ -191,13 +203,19 @@ class KBRequest:
             yield extra
         prefill = ctx.records[self.layer][0]
         gates = processor.trace[0]["gate"] if processor is not None and processor.trace else None
+        hop_recs = [(int(x), ctx.records[int(x)][0]) for x in self.model.inject_layers if int(x) in ctx.records]
+        chosen = None if processor is None or processor.hop is None else processor.hop.tolist()
         for row, i in enumerate(indices):
             self.records[i] = LastTokenRecord(
                 cand_ids=prefill.cand_ids[row, -1].tolist(), alpha=prefill.alpha[row, -1].float().tolist(),
                 beta=float(prefill.beta[row, -1]), layer=self.layer,
                 copy_gate=None if gates is None else float(gates[row]),
                 abstained=None if abstain is None else bool(abstain.abstained[row]),
-                p_unanswerable=None if abstain is None else float(abstain.p[row]))
+                p_unanswerable=None if abstain is None else float(abstain.p[row]),
+                hops=[{"layer": layer, "cand_ids": rec.cand_ids[row, -1].tolist(),
+                       "alpha": rec.alpha[row, -1].float().tolist(), "beta": float(rec.beta[row, -1])}
+                      for layer, rec in hop_recs] if len(hop_recs) > 1 else [],
+                hop=None if chosen is None else int(chosen[row]))
 
 
 def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],

@@ -38,13 +38,8 @@ def _fact_label(fact: dict[str, Any], width: int = 60) -> str:
     return f"{fact['tail']} {fact_window_text(fact)}\n{source}"
 
 
-def plot_alpha(entry: dict[str, Any], path: str | Path) -> Path:
-    """Horizontal alpha bars of one evidence entry, highest on top; supporting facts in green (the
-    answer fact darker); the title shows question, gold and predicted answer."""
-    facts = entry["top_k_facts"]
-    support = set(entry.get("supporting_facts") or [])
-    answer_fact = entry.get("answer_fact")
-    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.62 * max(len(facts), 1)))
+def _alpha_bars(ax: Any, facts: Sequence[dict[str, Any]], support: set, answer_fact: Any) -> None:
+    """Horizontal alpha bars, highest on top; supporting facts green, the answer fact darker."""
     if facts:
         labels = [_fact_label(f) for f in facts][::-1]
         alphas = [float(f["alpha"]) for f in facts][::-1]
@@ -57,14 +52,34 @@ def plot_alpha(entry: dict[str, Any], path: str | Path) -> Path:
     else:
         ax.text(0.5, 0.5, "no candidates", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlim(0, 1.1)
-    ax.set_xlabel("alpha at the last prompt token" + (f" (layer {entry['layer']})" if "layer" in entry else ""))
+
+
+def plot_alpha(entry: dict[str, Any], path: str | Path) -> Path:
+    """Alpha bars of one evidence entry (`_alpha_bars`); a multi-hop model's entry gets one panel per
+    hop in order (its layer, beta, and which hop the answer was copied from). The title shows question,
+    gold and predicted answer."""
+    support = set(entry.get("supporting_facts") or [])
+    answer_fact = entry.get("answer_fact")
+    panels = [(h["facts"], f"hop {h['hop']}: alpha at layer {h['layer']}" + (
+        f", beta {h['beta']:.2f}" if h.get("beta") is not None else "") + (
+        "  <- answer copied from here" if entry.get("answer_hop") == h["hop"] else ""))
+        for h in entry.get("hops") or []]
+    if not panels:
+        panels = [(entry["top_k_facts"], "alpha at the last prompt token" + (
+            f" (layer {entry['layer']})" if "layer" in entry else ""))]
+    heights = [1.0 + 0.62 * max(len(facts), 1) for facts, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 0.6 + sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (facts, label) in zip(axes[:, 0], panels):
+        _alpha_bars(ax, facts, support, answer_fact)
+        ax.set_xlabel(label, fontsize=8.5)
     question = textwrap.shorten(str(entry["question"]), width=90, placeholder="…")
     extras = [f"gold: {entry['answer']}", f"pred: {entry['pred_answer']}"]
     if entry.get("beta") is not None:
         extras.append(f"beta {entry['beta']:.2f}")
     if entry.get("copy_gate") is not None:
         extras.append(f"copy gate {entry['copy_gate']:.2f}")
-    ax.set_title(f"{entry['qid']}: {question}\n" + "   ".join(extras), fontsize=9)
+    axes[0, 0].set_title(f"{entry['qid']}: {question}\n" + "   ".join(extras), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

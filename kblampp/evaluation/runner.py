@@ -21,7 +21,8 @@ from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, conte
                                           rag_fact_ids)
 from kblampp.inference.generate import Generation, generate_rows
 from kblampp.inference.loading import build_source, load_model, resolve_checkpoint
-from kblampp.evaluation.kbqa import (KB_VARIANTS, KBRequest, LastTokenRecord, abstention_twin, kb_request,
+from kblampp.evaluation.hop_metrics import hop_summary, markdown_hops
+from kblampp.evaluation.kbqa import (KB_VARIANTS, MULTI_HOP_VARIANTS, KBRequest, LastTokenRecord, abstention_twin, kb_request,
                                      request_times,
                                      time_free_twin)
 from kblampp.evaluation.lookup_rows import LOOKUP_ROWS, LookupRows, load_dev
@@ -273,9 +274,10 @@ def usable_rows(ec: EvalContext, rows: Sequence[str]) -> tuple[list[str], list[s
     keep, skipped = [], []
     for row in rows:
         variant = KB_VARIANTS.get(row)
-        (skipped if variant is not None and variant.answer_head and not has_gate else keep).append(row)
+        no_hops = row in MULTI_HOP_VARIANTS and len(ec.model.inject_layers) < 2
+        (skipped if variant is not None and ((variant.answer_head and not has_gate) or no_hops) else keep).append(row)
     for row in skipped:
-        log.warning("row %s skipped: the checkpoint has no kb_copy_gate (answer head)", row)
+        log.warning("row %s skipped: the checkpoint has no kb_copy_gate (answer head) or only one inject layer", row)
     return keep, skipped
 
 
@@ -304,7 +306,8 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
     seen = seen_answers(load_qa(train_path)) if train_path is not None and train_path.is_file() else set()
     notes = [] if seen else [f"No training QA at {train_path}: every answer counts as unseen."]
     keep, skipped = usable_rows(ec, rows)
-    notes += [f"Row {r} skipped: the checkpoint has no answer-head copy gate." for r in skipped]
+    notes += [f"Row {r} skipped: " + ("the model has one inject layer." if r in MULTI_HOP_VARIANTS else
+                                      "the checkpoint has no answer-head copy gate.") for r in skipped]
     results, requests, seconds = run_rows(ec, records, keep, seen, batch_size, rag_k, progress)
     if ec.lookup is not None:
         notes.append(ec.lookup.describe())
@@ -324,6 +327,11 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
         notes.append(markdown_kb_edit(extra["kb_edit"]))
     stats = {row: {"ms_per_question": 1000.0 * s / len(records)} for row, s in seconds.items()}
     meta = run_meta(ec, str(qa_path), len(records), batch_size, rag_k)
+    hops = {row: s for row, req in requests.items() if len(req.records) == len(records)
+            and (s := hop_summary([req.records[i] for i in range(len(records))], records, ec.facts)) is not None}
+    if hops:
+        extra["hops"] = hops
+        notes.append(markdown_hops(hops))
     del requests
     return write_report(out_dir, results, meta=meta, extra=extra, notes=notes, row_stats=stats)
 

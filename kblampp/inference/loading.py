@@ -6,12 +6,16 @@ other, both import this (and `kblampp.inference.generate` for greedy generation)
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from kblampp.config import ConfigError, KBConfig
 
 FINAL_CHECKPOINT = "kb_final.safetensors"
+log = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -26,6 +30,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def with_checkpoint_layers(cfg: KBConfig, metadata: dict[str, str], checkpoint: str | Path) -> KBConfig:
+    """`cfg` with the inject layers the checkpoint was trained with (saved in its config): a one-layer
+    config can load a multi-hop checkpoint and the other way round; the change is logged."""
+    try:
+        saved = json.loads(metadata.get("config", "{}")).get("inject_layers")
+    except json.JSONDecodeError:
+        return cfg
+    if saved and [int(x) for x in saved] != [int(x) for x in cfg.inject_layers]:
+        log.warning("%s: trained with inject_layers %s; using them instead of the config's %s", checkpoint, saved,
+                    list(cfg.inject_layers))
+        return dataclasses.replace(cfg, inject_layers=[int(x) for x in saved])
+    return cfg
+
+
 def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, Any]:
     """(KBLaMPP with the checkpoint's KB tensors, tokenizer); the copy gate is registered when the
     checkpoint has one, and a Stage B run (stage_b_adapter.json beside it) gets its LoRA adapters."""
@@ -35,9 +53,10 @@ def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, 
     from kblampp.kb_params import load_kb_checkpoint, read_kb_checkpoint
     from kblampp.model import KBLaMPP
 
+    tensors, metadata = read_kb_checkpoint(checkpoint)
+    cfg = with_checkpoint_layers(cfg, metadata, checkpoint)
     backbone, tokenizer = load_backbone(cfg)
     model = KBLaMPP(backbone, cfg, d_ctx=d_ctx)
-    tensors, _ = read_kb_checkpoint(checkpoint)
     if any(".kb_copy_gate." in f".{name}" for name in tensors):
         model.register_kb_module("kb_copy_gate", KBCopyGate(model.d_model))
     abstain = head_from_tensors(tensors)

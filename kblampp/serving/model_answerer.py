@@ -102,7 +102,9 @@ class KBModelAnswerer:
             from kblampp.answer_head import CopyLogitsProcessor
 
             extra["logits_processor"] = LogitsProcessorList(
-                [CopyLogitsProcessor(self.tail_table(), ctx, self.layer, gate=self.gate)])
+                [CopyLogitsProcessor(self.tail_table(), ctx, self.layer, gate=self.gate,
+                                     hop_layers=self.model.inject_layers,
+                                     hop_choice=getattr(self.model, "kb_hop_choice", None))])
         decision = None
         if abstain and self.abstainer is not None:
             from kblampp.abstention import AbstainLogitsProcessor, answer_token_ids

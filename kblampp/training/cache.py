@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +93,22 @@ class PrefixCache:
         return backbone(input_ids=suffix_ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None)
 
 
+def _suffix_batches(prompts: Sequence[Sequence[int]], plen: int, pad: int, batch_size: int
+                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(rows, ids, mask) of right-padded prompt suffixes after the shared prefix, in length-sorted batches."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in rows) - plen
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, i in enumerate(rows):
+            own = list(prompts[i][plen:])
+            ids[b, :len(own)] = torch.tensor(own, dtype=torch.long)
+            mask[b, :len(own)] = 1
+        yield rows, ids, mask
+
+
 @torch.inference_mode()
 def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[int]], layer: int, pad: int,
                         batch_size: int = 16, positions: Sequence[Sequence[int]] | None = None,
@@ -110,22 +126,13 @@ def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[in
         raise _StopForward
 
     device = next(backbone.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: torch.Tensor | None = None
     plen = common_prefix_len(prompts)
     prefix = PrefixCache(backbone, list(prompts[0][:plen]), stop_layer=layer)
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         bar = progress_bar(total=len(prompts), desc=f"cache layer-{layer} states", unit="q", disable=not progress)
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in rows) - plen
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for b, i in enumerate(rows):
-                own = list(prompts[i][plen:])
-                ids[b, :len(own)] = torch.tensor(own, dtype=torch.long)
-                mask[b, :len(own)] = 1
+        for rows, ids, mask in _suffix_batches(prompts, plen, pad, batch_size):
             captured.clear()
             try:
                 prefix.run(backbone, ids.to(device), mask.to(device))
@@ -151,6 +158,64 @@ def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[in
     return out
 
 
+@torch.inference_mode()
+def hop_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[int]], layers: Sequence[int], pad: int,
+                     batch_size: int = 16, progress: bool = True) -> dict[str, torch.Tensor]:
+    """At each prompt's last token, for every inject layer l: `residual_l` (n, d_model), the residual
+    stream entering layer l, and `attn_l` (n, d_model), its attention output (plain backbone). The
+    forward stops after the last layer's attention. The hop phase steps the last token's residual
+    stream from one inject layer to the next with these (`kblampp.hops.next_inject_input`)."""
+    layers = sorted(int(x) for x in layers)
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def residual_hook(name: str):
+        def hook(_module: Any, args: tuple, kwargs: dict) -> None:
+            captured[name] = hf_arch.attention_hidden_states(args, kwargs)
+        return hook
+
+    def attn_hook(name: str, stop: bool):
+        def hook(_module: Any, _args: tuple, output: Any) -> None:
+            captured[name] = output[0] if isinstance(output, tuple) else output
+            if stop:
+                raise _StopForward
+        return hook
+
+    device = next(backbone.parameters()).device
+    plen = common_prefix_len(prompts)
+    prefix = PrefixCache(backbone, list(prompts[0][:plen]), stop_layer=layers[-1] + 1
+                         if layers[-1] + 1 < hf_arch.num_layers(backbone) else None)
+    out: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        handles.append(hf_arch.decoder_layer(backbone, layer).register_forward_pre_hook(
+            residual_hook(f"residual_{layer}"), with_kwargs=True))
+        handles.append(hf_arch.get_attention(backbone, layer).register_forward_hook(
+            attn_hook(f"attn_{layer}", layer == layers[-1])))
+    try:
+        bar = progress_bar(total=len(prompts), desc=f"cache layers {layers} states", unit="q", disable=not progress)
+        for rows, ids, mask in _suffix_batches(prompts, plen, pad, batch_size):
+            captured.clear()
+            try:
+                prefix.run(backbone, ids.to(device), mask.to(device))
+            except _StopForward:
+                pass
+            for name, value in captured.items():
+                value = value.float().cpu()
+                if name not in out:
+                    out[name] = torch.zeros(len(prompts), value.shape[-1])
+                for b, i in enumerate(rows):
+                    out[name][i] = value[b, len(prompts[i]) - 1 - plen]
+            bar.update(len(rows))
+        bar.close()
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [f"{k}_{x}" for x in layers for k in ("residual", "attn") if f"{k}_{x}" not in out]
+    if missing:
+        raise RuntimeError(f"hop_layer_states: {', '.join(missing)} not reached during the forward")
+    return out
+
+
 def save_cache(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Atomic safetensors write with JSON metadata."""
     path = Path(path)
@@ -169,19 +234,34 @@ def load_cache(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 def cached_question_states(cache_dir: str | Path, backbone: torch.nn.Module, backbone_name: str,
                            prompts: Sequence[Sequence[int]], questions: Sequence[str], layer: int, pad: int,
-                           embed: Any, batch_size: int = 16, progress: bool = True) -> dict[str, torch.Tensor]:
+                           embed: Any, batch_size: int = 16, progress: bool = True,
+                           hop_layers: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """{"hidden" (n, d_model), "e_q" (n, d_ctx)} from `cache_dir/<hash>.safetensors`, computed if absent.
 
-    `embed(list[str]) -> np.ndarray` gives the question embeddings (the facts' embedding model)."""
+    `embed(list[str]) -> np.ndarray` gives the question embeddings (the facts' embedding model). With
+    `hop_layers` (every inject layer, `layer` the first) the same single forward also keeps each hop
+    layer's `residual_l` / `attn_l` (`hop_layer_states`), and `hidden` is layer `layer`'s input norm of
+    its residual."""
     name = getattr(embed, "__qualname__", "") or type(embed).__name__
-    key = cache_key(backbone_name, layer, prompts, extra=f"{name}|{len(questions)}")
+    hops = sorted(int(x) for x in hop_layers) if hop_layers is not None and len(hop_layers) > 1 else None
+    if hops is not None and hops[0] != layer:
+        raise ValueError(f"hop_layers {hops} must start with the cached layer {layer}")
+    tag = "" if hops is None else "|hops" + ",".join(map(str, hops))
+    key = cache_key(backbone_name, layer, prompts, extra=f"{name}|{len(questions)}{tag}")
     path = Path(cache_dir) / f"states_{key}.safetensors"
     if path.exists():
         tensors, meta = load_cache(path)
         if meta.get("n") == len(prompts) and "hidden" in tensors and "e_q" in tensors:
             return tensors
-    hidden = inject_layer_states(backbone, prompts, layer, pad, batch_size, progress=progress)
+    if hops is None:
+        tensors = {"hidden": inject_layer_states(backbone, prompts, layer, pad, batch_size, progress=progress)}
+    else:
+        tensors = hop_layer_states(backbone, prompts, hops, pad, batch_size, progress=progress)
+        norm = hf_arch.input_norm(backbone, layer)
+        weight = next(norm.parameters())
+        with torch.no_grad():
+            tensors["hidden"] = norm(tensors[f"residual_{layer}"].to(weight.device, weight.dtype)).float().cpu()
     e_q = torch.from_numpy(np.ascontiguousarray(embed(list(questions)), dtype=np.float32))
-    tensors = {"hidden": hidden, "e_q": e_q}
+    tensors["e_q"] = e_q
     save_cache(path, tensors, {"n": len(prompts), "backbone": backbone_name, "layer": layer, "key": key})
     return tensors

@@ -41,11 +41,12 @@ from kblampp.training.facts import FactTable, hard_negatives
 from kblampp.training.loop import Trainer, load_kb_state, make_accelerator
 from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer, init_query_from_keys
 from kblampp.training.time_phase import TimeTrainer
+from kblampp.training.hop_phase import HopTrainer, copy_query_side, hop_data, init_bridge
 from kblampp.question_time import parse_time_constraint
 from kblampp.time_query import gold_anchor_times
 from kblampp.training.value_phase import ValueTrainer
 
-PHASES = ("retrieval", "time", "copy_gate", "value", "e2e")
+PHASES = ("retrieval", "time", "copy_gate", "value", "e2e", "hops")
 
 
 @dataclass
@@ -144,8 +145,9 @@ class StageA:
             inp.backbone.to(self.acc.device)
         self.model = build_model(self.cfg, inp.backbone, inp.d_ctx)
         device = next(inp.backbone.parameters()).device  # KB modules, encoder and facts live beside it
-        for mod in (self.model.kb_layers, self.model.kb_copy_gate, inp.kv):
-            mod.to(device)
+        for mod in (self.model.kb_layers, self.model.kb_copy_gate, inp.kv, getattr(self.model, "kb_hop_choice", None)):
+            if mod is not None:
+                mod.to(device)
         self.mods = StageModules(self.cfg, self.model, inp.kv, inp.table.to(device))
         for p in inp.kv.parameters():
             p.requires_grad_(False)
@@ -160,20 +162,27 @@ class StageA:
         self.dev_ds = QADataset(dev, inp.tokenizer, np.zeros((len(dev), 1), np.float32), self.cfg.max_seq_len,
                                 times=training_times(dev, inp.facts, self.cfg)) if dev else None
         self.timings: dict[str, float] = {}
+        self.hop_cache: dict[int, dict[str, torch.Tensor]] = {}
 
     # ---- caches ---------------------------------------------------------------------------------
     def _states(self, ds: QADataset) -> dict[int, torch.Tensor]:
-        """Inject-layer states at the last prompt token (every inject layer, plain backbone) + e_q."""
+        """The first inject layer's state at the last prompt token (plain backbone) + e_q; with more
+        inject layers the same forward keeps every layer's residual / attention output for the hop
+        phase (`self.hop_cache[id(ds)]`)."""
         prompts = [ex.input_ids[:ex.prompt_len] for ex in ds.examples]
         questions = [r.question for r in ds.records]
-        out: dict[int, torch.Tensor] = {}
-        for layer in self.model.inject_layers:
-            cached = cached_question_states(self.run_dir / "cache", self.model.backbone, self.cfg.backbone, prompts,
-                                            questions, layer, self.pad, self.inp.embed, self.cfg.stage_a.cache_batch,
-                                            self.progress)
-            out[layer] = cached["hidden"]
-            ds.set_context(cached["e_q"])
-        return out
+        layers = self.model.inject_layers
+        cached = cached_question_states(self.run_dir / "cache", self.model.backbone, self.cfg.backbone, prompts,
+                                        questions, layers[0], self.pad, self.inp.embed, self.cfg.stage_a.cache_batch,
+                                        self.progress, hop_layers=layers if len(layers) > 1 else None)
+        ds.set_context(cached["e_q"])
+        self.hop_cache[id(ds)] = cached
+        return {int(layers[0]): cached["hidden"]}
+
+    def first_layer_modules(self) -> dict[int, Any]:
+        """Retrieval and time phases train the first inject layer on its cached states; later layers
+        start from it (`copy_query_side`) and are trained by the hop phase."""
+        return {self.mods.first_layer: self.model.kb_layers[str(self.mods.first_layer)]}
 
     def restore_completed(self) -> None:
         """On resume: load the KB tensors of the last completed phase's final checkpoint."""
@@ -201,7 +210,7 @@ class StageA:
         dev_data = (_retrieval_data(self.dev_ds, dev_states, mods.table, 0).to(mods.device)
                     if dev_states is not None else None)
         fixed = None if sa.train_kv_encoder else mods.tensor_kb(grad=False).K.detach()
-        retr = RetrievalTrainer(cfg, mods.layer_modules(), mods.table, train_data, dev_data,
+        retr = RetrievalTrainer(cfg, self.first_layer_modules(), mods.table, train_data, dev_data,
                                 key_encoder=mods.kv if sa.train_kv_encoder else None, fixed_keys=fixed,
                                 rank=rank, world=world)
         if sa.negatives == "train_worlds":
@@ -220,10 +229,13 @@ class StageA:
 
         t0 = time.perf_counter()
         if sa.time_steps > 0:
-            timer = TimeTrainer(cfg, mods.layer_modules(), mods.table, train_data, retr.keys().detach(), dev_data,
-                                rank, world)
+            timer = TimeTrainer(cfg, self.first_layer_modules(), mods.table, train_data, retr.keys().detach(),
+                                dev_data, rank, world)
             results["time"] = self.trainer.run(timer.phase(mods.layer_names()), resume)
         self.timings["time_s"] = time.perf_counter() - t0
+        multi_hop = len(self.model.inject_layers) > 1
+        if multi_hop and not (resume and "hops" in self.trainer.completed()):
+            copy_query_side(self.model)
 
         t0 = time.perf_counter()
         if sa.copy_gate_steps > 0:
@@ -242,6 +254,10 @@ class StageA:
         e2e.columns = retr.columns
         results["e2e"] = self.trainer.run(e2e.phase(params, sa.e2e_steps, sa.e2e_lr), resume)
         self.timings["e2e_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if multi_hop and sa.hop_steps > 0:
+            results["hops"] = self._hops(retr, train_data, dev_data, resume, rank, world)
+        self.timings["hops_s"] = time.perf_counter() - t0
         if sa.e2e_steps > 0 or sa.value_steps > 0:  # retrieval after the joint phases, as evaluation sees it
             results["retrieval_final"] = retr.eval_fn(sa.e2e_steps)
             self.trainer.metrics.write(phase="final", step=sa.e2e_steps, retrieval=results["retrieval_final"])
@@ -272,6 +288,21 @@ class StageA:
         gate = CopyGateTrainer(self.cfg, self.model.kb_copy_gate, cache, cand, alpha, self.inp.tail_table,
                                hf_arch.vocab_size(self.model.backbone), rank, world)
         return self.trainer.run(gate.phase(self.mods.params(gate=True)), resume)
+
+    def _hops(self, retr: RetrievalTrainer, train: RetrievalData, dev: RetrievalData | None, resume: bool,
+              rank: int, world: int) -> dict[str, Any]:
+        """Per-hop retrieval and the hop choice on the cached last-token states (kblampp.training.hop_phase)."""
+        layers = [int(x) for x in self.model.inject_layers]
+        kb = self.mods.tensor_kb(grad=False)
+        make = lambda ds, base: hop_data(self.hop_cache[id(ds)], base, ds.records, layers, self.inp.facts)  # noqa: E731
+        trainer = HopTrainer(self.cfg, self.model, self.mods.table, kb.K, kb.V, make(self.train_ds, train),
+                             make(self.dev_ds, dev) if dev is not None else None, retr.columns, rank, world)
+        if not (resume and "hops" in self.trainer.completed()):
+            init = init_bridge(self.model, self.mods.kv, trainer.train.residual, self.cfg)
+            kb = self.mods.tensor_kb(grad=False)  # values now carry the tail's embedding
+            trainer.values = kb.V.detach()
+            self.trainer.metrics.write(phase="hops", step=0, init=init, eval=trainer.eval_fn(0))
+        return self.trainer.run(trainer.phase(self.mods.layer_names()), resume)
 
     def _abstention(self) -> dict[str, Any]:
         """The abstention decision on cached signals (the KB modules as trained); threshold from dev."""
