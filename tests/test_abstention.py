@@ -295,20 +295,15 @@ def test_abstention_twin_and_run_rows_regenerate_only_abstained(built):
 
 
 def test_signal_analysis_auc_and_tables():
-    import importlib.util
+    import kblampp.evaluation.abstention_signals as mod
 
-    path = Path(__file__).resolve().parents[1] / "eval" / "abstention_signals.py"
-    spec = importlib.util.spec_from_file_location("abstention_signals_script", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     assert mod.auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
     assert mod.auc(np.array([1.0]), np.array([2.0])) == 1.0  # folded: a feature that ranks the other way
     assert mod.auc(np.array([1.0, 3.0]), np.array([1.0, 2.0])) == 0.625  # a tie counts half
     names = ("max_alpha", "copy_gate")
     feats = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.1], [0.2, 0.2]])
     fams = ["single_hop", "single_hop", "unans_entity", "unans_entity"]
-    mod.SHOWN = names
     text = mod.signal_tables(feats, fams, np.array([0, 0, 1, 1], bool), np.array([1, 1, 0, 0], bool),
-                             np.array([0, 0, 1, 0], bool), names)
+                             np.array([0, 0, 1, 0], bool), names, shown=names)
     assert "| single_hop | 2 | 0.00 | 0.85 | 0.15 |" in text and "| unans_entity | 2 | 0.50 | 0.25 | 0.15 |" in text
     assert "| unans_entity | answerable, top-alpha right | max_alpha 1.00, copy_gate 0.50 |" in text

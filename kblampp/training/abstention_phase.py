@@ -287,12 +287,9 @@ def _load_run(cfg: KBConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any, Any]
 
 
 @torch.no_grad()
-def decision_report(cfg: KBConfig, checkpoint: str | Path, qa_path: str | Path, cache_dir: str | Path,
-                    progress: bool = True) -> dict[str, Any]:
-    """The trained decision on a whole QA file. It is taken at the last prompt token, before any answer
-    token, so it needs no generation: abstention P/R/F1, abstention rate per family, and the share of
-    answerable questions abstained on whose top-alpha candidate is the answer fact (an upper bound
-    on the answers the decision takes away from the answer head, which copies that candidate)."""
+def decision_data(cfg: KBConfig, checkpoint: str | Path, qa_path: str | Path, cache_dir: str | Path,
+                  progress: bool = True) -> tuple[AbstentionData, np.ndarray, float]:
+    """(signals and labels of a whole QA file, p(unanswerable) per question, the threshold in force)."""
     from kblampp.inference.loading import resolve_checkpoint
     from kblampp.schema import load_facts, load_qa
 
@@ -304,12 +301,20 @@ def decision_report(cfg: KBConfig, checkpoint: str | Path, qa_path: str | Path, 
     embed = (lambda texts: embedder.encode(texts, progress=progress))
     h, e = question_hidden(model, tokenizer, cfg, records, embed, Path(cache_dir), progress)
     data = collect(model, source, records, h, e, embed, load_facts(store.root / "facts.jsonl"), cfg.reference_date)
-    p = head_probability(head, data)
     t = float(head.threshold) if cfg.abstention.threshold is None else float(cfg.abstention.threshold)
+    return data, head_probability(head, data), t
+
+
+def decision_report(data: AbstentionData, p: np.ndarray, t: float, qa_path: str | Path) -> dict[str, Any]:
+    """The trained decision on a whole QA file. It is taken at the last prompt token, before any answer
+    token, so it needs no generation: abstention P/R/F1 (overall and per unanswerable family), abstention
+    rate per family, and the share of answerable questions abstained on whose top-alpha candidate is
+    the answer fact (an upper bound on the answers the decision takes away from the answer head, which
+    copies that candidate)."""
     unans, abst = data.labels.numpy() > 0, p >= t
     ok = data.answer_ok.numpy() & ~unans
     n_ans = max(int((~unans).sum()), 1)
-    return {"qa": str(qa_path), "threshold": t, "n": len(records), "n_unanswerable": int(unans.sum()),
+    return {"qa": str(qa_path), "threshold": t, "n": len(data.labels), "n_unanswerable": int(unans.sum()),
             **prf(abst, unans), "abstained_answerable": float((abst & ~unans).sum() / n_ans),
             "abstained_answerable_top_alpha_right": float((abst & ok).sum() / n_ans),
             "answerable_top_alpha_right": float(ok.sum() / n_ans),
