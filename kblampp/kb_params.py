@@ -101,10 +101,12 @@ def upgrade_legacy_tensors(tensors: dict[str, torch.Tensor], own: dict[str, torc
     return out
 
 
-def load_kb_checkpoint(model: nn.Module, path: str | Path) -> dict:
+def load_kb_checkpoint(model: nn.Module, path: str | Path, skip: tuple[str, ...] = ()) -> dict:
     """Copy the checkpoint's KB tensors into `model`; every KB tensor must be found, nothing unexpected,
-    every shape equal. Returns the saved config as a dict (see kblampp.config.config_from_dict)."""
+    every shape equal; tensors named with a prefix in `skip` are left out (a module the caller chose
+    not to load). Returns the saved config as a dict (see kblampp.config.config_from_dict)."""
     tensors, metadata = read_kb_checkpoint(path)
+    tensors = {name: t for name, t in tensors.items() if not name.startswith(skip)} if skip else tensors
     own = kb_state_dict(model)
     tensors = upgrade_legacy_tensors(tensors, own)
     missing = sorted(set(own) - set(tensors))

@@ -38,9 +38,67 @@ def test_features_on_hand_made_signals():
     expected = {"max_alpha": 0.5, "alpha_entropy": ent, "top_sem": 2.0, "top_phi": 0.25, "top_g_time": -2.0,
                 "top_score": 1.5, "score_margin": 0.5, "max_sem": 2.0, "sem_spread": 2.0 - 3.5 / 3, "max_phi": 0.5,
                 "any_time_ok": 1.0, "top_time_ok": 0.0, "time_ok_mass": 0.25, "best_sem_time_ok": 0.0,
-                "sem_lost_to_time": 1.0, "has_time": 1.0, "copy_gate": 0.25}
+                "sem_lost_to_time": 1.0, "has_time": 1.0, "copy_gate": 0.25,
+                "second_alpha": 0.25, "sem_gap": 1.0, "sem_lost": 0.0, "phi_lost": 0.25,
+                "best_sem_group_time_ok": 0.0, "top_group_time_ok": 0.0, "best_sem_g_time": -2.0, "min_g_time": -2.0,
+                "group_mass": 0.5, "head_mass": 0.5, "n_heads": 3.0, "n_relations": 3.0, "beta": 0.0}
+    assert set(expected) == set(ABSTAIN_FEATURES)
     for name, value in expected.items():
         assert f[F[name]].item() == pytest.approx(value, abs=1e-6), name
+
+
+def test_group_features_read_the_candidates_fact_fields():
+    """Candidates 0 and 1 share head 5 and relation 1: the top's group holds candidate 0, whose window fits."""
+    sig = hand_signals()._replace(head_ids=torch.tensor([[5, 5, 6, 0]]), rel_ids=torch.tensor([[1, 1, 1, 0]]),
+                                  beta=torch.tensor([0.3]))
+    f = abstention_features(sig, gamma=2.0, eta=1.0)[0]
+    got = {n: f[F[n]].item() for n in ("top_group_time_ok", "best_sem_group_time_ok", "group_mass", "head_mass",
+                                       "n_heads", "n_relations", "top_time_ok", "beta")}
+    assert got == pytest.approx({"top_group_time_ok": 1.0, "best_sem_group_time_ok": 1.0, "group_mass": 0.75,
+                                 "head_mass": 0.75, "n_heads": 2.0, "n_relations": 1.0, "top_time_ok": 0.0,
+                                 "beta": 0.3})
+    two = abstention_features([sig, hand_signals()], 2.0, 1.0)  # two inject layers: side by side
+    assert two.shape == (1, 2 * len(ABSTAIN_FEATURES)) and torch.equal(two[:, :len(ABSTAIN_FEATURES)], f[None])
+    with pytest.raises(ValueError, match="no layer signals"):
+        abstention_features([], 1.0, 1.0)
+
+
+def test_state_projection_and_checkpoint_round_trip():
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(50, 6, generator=gen) * torch.tensor([5.0, 1.0, 0.1, 0.1, 0.1, 0.1])
+    head = KBAbstainHead(hidden=0, state_dims=2, d_state=6)
+    head.fit_state(states)
+    proj = head.state_proj
+    assert torch.allclose(proj.T @ proj, torch.eye(2), atol=1e-5)  # orthonormal directions
+    assert abs(proj[0, 0].item()) > 0.99 and abs(proj[1, 1].item()) > 0.99  # the two widest axes, in order
+    feats = torch.zeros(50, len(ABSTAIN_FEATURES))
+    x = head.inputs(feats, states)
+    assert x.shape == (50, len(ABSTAIN_FEATURES) + 2)
+    assert torch.allclose(x[:, -2:], (states - states.mean(0)) @ proj, atol=1e-5)
+    with pytest.raises(ValueError, match="question state"):
+        head.inputs(feats)
+    tiny = KBAbstainHead(state_dims=8, d_state=6)
+    tiny.fit_state(states[:3])  # 3 states span at most 3 directions: the other columns stay 0
+    assert tiny.state_proj[:, 3:].abs().sum() == 0 and tiny.state_proj[:, :2].abs().sum() > 0
+    state = {f"kb_abstain.{k}": v for k, v in head.state_dict().items()}
+    clone = head_from_tensors(state)
+    assert (clone.state_dims, clone.n_features, clone.net[0].weight.shape) == (2, len(ABSTAIN_FEATURES),
+                                                                                (1, len(ABSTAIN_FEATURES) + 2))
+    clone.load_state_dict(head.state_dict())
+    assert torch.equal(clone(feats, states), head(feats, states))
+    old = {"kb_abstain.net.0.weight": torch.zeros(32, 17), "kb_abstain.net.2.weight": torch.zeros(1, 32),
+           "kb_abstain.mean": torch.zeros(17)}
+    with pytest.warns(UserWarning, match="17 features"):
+        assert head_from_tensors(old) is None
+
+
+def test_dev_folds_cover_dev_once():
+    from kblampp.training.abstention_phase import dev_folds
+
+    folds = dev_folds(11, 3, seed=4)
+    assert [len(f) for f in folds] == [4, 4, 3]
+    assert sorted(np.concatenate(folds).tolist()) == list(range(11))
+    assert [f.tolist() for f in folds] == [f.tolist() for f in dev_folds(11, 3, seed=4)]
 
 
 def test_no_question_time_means_every_window_fits():
@@ -193,6 +251,7 @@ def test_trained_decision_abstains_on_unanswerable_and_explains(built):
     records = _records(tmp)
     ec.cfg.abstention.steps, ec.cfg.abstention.lr, ec.cfg.abstention.hidden = 300, 0.02, 8
     ec.cfg.abstention.max_answerable_loss = 0.0
+    ec.cfg.abstention.state_dims, ec.cfg.abstention.dev_folds = 4, 2  # the question state and cross-fitting on
     with torch.enable_grad():
         report = train_abstention(ec.model, ec.tokenizer, ec.cfg, ec.source, records, records, ec.embed,
                                   tmp / "cache", progress=False)
@@ -233,3 +292,18 @@ def test_abstention_twin_and_run_rows_regenerate_only_abstained(built):
         assert len(requests["kblampp_no_abstention"].records) == 4  # all four were abstained on: regenerated
     finally:
         ec.abstainer = None
+
+
+def test_signal_analysis_auc_and_tables():
+    import kblampp.evaluation.abstention_signals as mod
+
+    assert mod.auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert mod.auc(np.array([1.0]), np.array([2.0])) == 1.0  # folded: a feature that ranks the other way
+    assert mod.auc(np.array([1.0, 3.0]), np.array([1.0, 2.0])) == 0.625  # a tie counts half
+    names = ("max_alpha", "copy_gate")
+    feats = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.1], [0.2, 0.2]])
+    fams = ["single_hop", "single_hop", "unans_entity", "unans_entity"]
+    text = mod.signal_tables(feats, fams, np.array([0, 0, 1, 1], bool), np.array([1, 1, 0, 0], bool),
+                             np.array([0, 0, 1, 0], bool), names, shown=names)
+    assert "| single_hop | 2 | 0.00 | 0.85 | 0.15 |" in text and "| unans_entity | 2 | 0.50 | 0.25 | 0.15 |" in text
+    assert "| unans_entity | answerable, top-alpha right | max_alpha 1.00, copy_gate 0.50 |" in text

@@ -396,7 +396,8 @@ def test_trained_encoder_rewrites_the_store_and_rebuilds_its_index(world, tmp_pa
 
 
 def test_stage_a_abstention_phase_saves_the_decision_and_its_threshold(world, tmp_path):
-    from kblampp.abstention import KBAbstainHead
+    from kblampp.abstention import KBAbstainHead, head_from_tensors
+    from kblampp.kb_params import read_kb_checkpoint
 
     cfg = make_cfg("stage_a.retrieval_steps=30", "stage_a.copy_gate_steps=0", "stage_a.value_steps=0",
                    "stage_a.e2e_steps=0", "abstention.steps=60", "abstention.hidden=4", "abstention.lr=5e-2")
@@ -413,7 +414,9 @@ def test_stage_a_abstention_phase_saves_the_decision_and_its_threshold(world, tm
     rep = results["abstention"]
     assert rep["train_unanswerable"] == 3 and rep["dev_unanswerable"] == 3 and 0.0 <= rep["dev"]["f1"] <= 1.0
     fresh = build_model(cfg, tiny_llama(), D_CTX)
-    fresh.register_kb_module("kb_abstain", KBAbstainHead(hidden=4))
+    shaped = head_from_tensors(read_kb_checkpoint(tmp_path / "run" / "kb_final.safetensors")[0])
+    assert isinstance(shaped, KBAbstainHead) and shaped.state_dims == cfg.abstention.state_dims
+    fresh.register_kb_module("kb_abstain", shaped)
     saved = load_kb_checkpoint(fresh, tmp_path / "run" / "kb_final.safetensors")
     assert saved["abstention"]["threshold"] == pytest.approx(rep["threshold"])
     assert float(fresh.kb_abstain.threshold) == pytest.approx(rep["threshold"])

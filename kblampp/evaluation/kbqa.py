@@ -193,9 +193,10 @@ class KBRequest:
             processor = self._copy_processor(ctx)
         abstain = None
         if self.variant.abstain and self.abstainer is not None:
-            from kblampp.abstention import AbstainLogitsProcessor
+            from kblampp.abstention import AbstainLogitsProcessor, decision_layers
 
-            abstain = AbstainLogitsProcessor(self.abstainer, ctx, self.layer, self.abstain_ids or [], self.stop_id)
+            abstain = AbstainLogitsProcessor(self.abstainer, ctx, decision_layers(self.model), self.abstain_ids or [],
+                                             self.stop_id)
         processors = [p for p in (processor, abstain) if p is not None]  # abstention has the last word
         if processors:
             extra["logits_processor"] = LogitsProcessorList(processors)

@@ -62,12 +62,13 @@ def load_model(cfg: KBConfig, checkpoint: str | Path, d_ctx: int) -> tuple[Any, 
     abstain = head_from_tensors(tensors)
     if abstain is not None:  # a run with the trained abstention decision
         model.register_kb_module("kb_abstain", abstain)
+    skip = ("kb_abstain.",) if abstain is None else ()  # a decision of an older feature set is not loaded
     if (Path(checkpoint).parent / "stage_b_adapter.json").is_file():  # a Stage B run: LoRA / top layers too
         from kblampp.training.stage_b import load_stage_b
 
         load_stage_b(model, Path(checkpoint).parent)
     else:
-        load_kb_checkpoint(model, checkpoint)
+        load_kb_checkpoint(model, checkpoint, skip)
     return model.to(cfg.device).eval(), tokenizer
 
 

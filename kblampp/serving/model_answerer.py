@@ -107,10 +107,10 @@ class KBModelAnswerer:
                                      hop_choice=getattr(self.model, "kb_hop_choice", None))])
         decision = None
         if abstain and self.abstainer is not None:
-            from kblampp.abstention import AbstainLogitsProcessor, answer_token_ids
+            from kblampp.abstention import AbstainLogitsProcessor, answer_token_ids, decision_layers
             from kblampp.inference.generate import stop_token_id
 
-            decision = AbstainLogitsProcessor(self.abstainer, ctx, self.layer,
+            decision = AbstainLogitsProcessor(self.abstainer, ctx, decision_layers(self.model),
                                               answer_token_ids(self.tokenizer, self.abstain_answer),
                                               stop_token_id(self.tokenizer))
             extra.setdefault("logits_processor", LogitsProcessorList()).append(decision)  # the last word

@@ -308,7 +308,7 @@ class StageA:
         """The abstention decision on cached signals (the KB modules as trained); threshold from dev."""
         report = train_abstention(self.model, self.inp.tokenizer, self.cfg, self.mods.tensor_kb(grad=False),
                                   self.inp.abstain_train, self.inp.abstain_dev, self.inp.embed, self.run_dir / "cache",
-                                  self.progress)
+                                  self.progress, facts=self.inp.facts)
         self.cfg.abstention.threshold = report["threshold"]  # saved with the checkpoint and the run's config
         if self.acc.is_main_process:
             save_resolved(self.cfg, self.run_dir)
