@@ -19,11 +19,10 @@ from kblampp.backbone import answer_instruction
 from kblampp.config import KBConfig
 from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
                                           rag_fact_ids)
-from kblampp.inference.generate import Generation, generate_rows
+from kblampp.inference.generate import Generation, generate_rows, generate_with_followers
 from kblampp.inference.loading import build_source, load_model, resolve_checkpoint
 from kblampp.evaluation.kbqa import (KB_VARIANTS, KBRequest, LastTokenRecord, abstention_twin, kb_request,
-                                     request_times,
-                                     time_free_twin)
+                                     prefill_followers, request_times, time_free_twin)
 from kblampp.evaluation.lookup_rows import LOOKUP_ROWS, LookupRows, load_dev
 from kblampp.evaluation.report import QuestionResult, is_seen, record_answerable, record_family
 from kblampp.evaluation.retrieval_metrics import score_question
@@ -209,8 +208,9 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     requests: dict[str, KBRequest] = {}
     seconds: dict[str, float] = {}
     kb_done: dict[str, tuple[list[Generation], list[LastTokenRecord]]] = {}
+    followed: dict[str, tuple[KBRequest, list[Generation], float]] = {}  # row -> (request, answers, seconds)
     for row in rows:
-        t0 = time.perf_counter()
+        t0, moved, carried = time.perf_counter(), 0.0, 0.0  # follower seconds: moved out of / into this row
         gen_kwargs = dict(batch_size=batch_size, desc=row, progress=progress)
         if row in LOOKUP_ROWS:
             if row not in results:  # both rows in one pass; each row's own seconds are kept
@@ -246,10 +246,17 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
                                                                                            [None] * len(records))
             if sibling is not None:
                 last = [replace(r, abstained=None, p_unanswerable=None) for r in last]
-            if sub:
+            if row in followed:  # generated with the earlier row whose prompt forward passes it shares
+                req, sub_gens, carried = followed.pop(row)
+            elif sub:
                 req = ec.kb_request(torch.from_numpy(q_vecs[idx]), sub, row, times=times.select(idx))
-                sub_gens = generate_rows(ec.model, ec.tokenizer, [plain[i] for i in idx], budget, request=req,
-                                         **gen_kwargs)
+                fol = prefill_followers(row, rows) if twin is None else []
+                fol_reqs = [ec.kb_request(torch.from_numpy(q_vecs), records, f, times=times) for f in fol]
+                all_gens, secs = generate_with_followers(ec.model, ec.tokenizer, [plain[i] for i in idx], budget,
+                                                         batch_size, req, fol_reqs, row, progress)
+                sub_gens, moved = all_gens[0], sum(secs[1:])
+                followed.update({f: (r, g, s) for f, r, g, s in zip(fol, fol_reqs, all_gens[1:], secs[1:])})
+            if sub:
                 for j, i in enumerate(idx):
                     gens[i], last[i] = sub_gens[j], req.records[j]
                 requests[row] = req
@@ -261,7 +268,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
                       "p_unanswerable": None if r.p_unanswerable is None else round(r.p_unanswerable, 4)}
                      for r in last]
             results[row] = _results(row, records, gens, seen, abstain, ret, extra)
-        seconds[row] = round(time.perf_counter() - t0, 2)
+        seconds[row] = round(time.perf_counter() - t0 - moved + carried, 2)
         status(f"row {row}: {len(records)} questions in {format_duration(seconds[row])} "
                f"({format_rate(len(records) / max(seconds[row], 1e-9), 'q')})")
     return {row: results[row] for row in rows}, requests, seconds
@@ -313,6 +320,12 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
         notes.append(f"{', '.join(shared)}: generated only for the questions with a parsed time; on the others "
                      "g_time is exactly 0, so the outputs of the same row with eta unchanged are reused (its ms/q "
                      "is per question of the whole split).")
+    followers = [r for r in keep if any(r in prefill_followers(o, keep) for o in keep[:keep.index(r)]
+                                        if o in KB_VARIANTS)]
+    if followers:
+        notes.append(f"{', '.join(followers)}: generated in the same batches as an earlier row that differs only in "
+                     "its logits processors, from that row's cache of the prompt (all but its last token, which "
+                     "is computed again); its ms/q excludes that shared prompt pass.")
     notes.append("ms/q = wall time of the row over all its questions (embedding the questions once and loading "
                  "excluded); measured on whatever else the machine was running.")
     extra: dict[str, Any] = {"info": ec.info, "skipped_rows": skipped, "row_seconds": seconds,
