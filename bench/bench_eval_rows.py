@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_questions", type=int, default=160)
     p.add_argument("--rows", nargs="+", help="rows to run (default: the evaluation's DEFAULT_ROWS)")
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_tokens", type=int, default=0, help="padded prompt tokens per batch (0 = no limit)")
     p.add_argument("--out", required=True, help="JSON with seconds per row and every question's output")
     p.add_argument("--compare", help="an earlier --out: fail when any output or EM differs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -76,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if prof is not None:
         prof.enable()
-    results, _, seconds = run_rows(ec, records, rows, seen, args.batch_size, progress=False)
+    results, _, seconds = run_rows(ec, records, rows, seen, args.batch_size, progress=False,
+                                     batch_tokens=args.batch_tokens or None)
     if prof is not None:
         prof.disable()
     total = time.perf_counter() - t0
     payload = {
-        "questions": len(records), "rows_run": rows, "threads": torch.get_num_threads(),
+        "questions": len(records), "batch_size": args.batch_size, "batch_tokens": args.batch_tokens, "rows_run": rows, "threads": torch.get_num_threads(),
         "load_before": load_before, "load_after": os.getloadavg(), "total_s": round(total, 2),
         "seconds": seconds, "s_per_question": {r: round(s / len(records), 4) for r, s in seconds.items()},
         "em": {r: sum(x.em for x in res) / len(res) for r, res in results.items()},

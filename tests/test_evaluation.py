@@ -91,16 +91,22 @@ def test_generate_rows_hook_gets_indices_and_extra_kwargs(tok):
     assert all(shape[0] == len(idx) for idx, shape in seen)
 
 
-def test_length_order_round_trip():
-    from kblampp.inference.generate import length_order
+def test_length_batches_cover_every_prompt_once_shortest_first():
+    from kblampp.inference.generate import length_batches
 
-    lengths = [5, 2, 9, 2, 7]
-    order = length_order(lengths)
-    assert [lengths[i] for i in order] == sorted(lengths) and order[:2] == [1, 3]  # stable among equals
-    back = [None] * len(order)
+    lengths = [5, 2, 9, 2, 7, 3, 40]
+    batches = length_batches(lengths, max_rows=3)
+    assert batches == [[1, 3, 5], [0, 4, 2], [6]]  # stable among equal lengths
+    order = [i for b in batches for i in b]
+    back = [None] * len(lengths)
     for pos, i in enumerate(order):  # what generate_rows does with each batch's results
         back[i] = [lengths[j] for j in order][pos]
-    assert back == lengths
+    assert back == lengths and sorted(order) == list(range(len(lengths)))
+    by_tokens = length_batches(lengths, max_rows=10, max_tokens=15)
+    assert by_tokens == [[1, 3, 5], [0, 4], [2], [6]]  # rows x longest <= 15; a longer prompt goes alone
+    assert all(len(b) * max(lengths[i] for i in b) <= 15 for b in by_tokens[:-1])
+    with pytest.raises(ValueError, match="batch_size: must be >= 1"):
+        length_batches(lengths, 0)
 
 
 def test_generate_rows_puts_results_back_in_question_order(tok):

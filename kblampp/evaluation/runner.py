@@ -190,9 +190,10 @@ def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecor
 
 @torch.no_grad()
 def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], seen: set[str],
-             batch_size: int = 16, rag_k: int | None = None, progress: bool = True
+             batch_size: int = 16, rag_k: int | None = None, progress: bool = True, batch_tokens: int | None = None
              ) -> tuple[dict[str, list[QuestionResult]], dict[str, KBRequest], dict[str, float]]:
-    """Every requested row on the same questions: (results per row, KB requests per KB row, seconds per row)."""
+    """Every requested row on the same questions: (results per row, KB requests per KB row, seconds per row).
+    A generate() batch holds at most `batch_size` questions and `batch_tokens` padded prompt tokens."""
     unknown = [r for r in rows if r not in ALL_ROWS]
     if unknown:
         raise ValueError(f"rows: {unknown[0]!r} is not one of {', '.join(ALL_ROWS)}")
@@ -211,7 +212,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     followed: dict[str, tuple[KBRequest, list[Generation], float]] = {}  # row -> (request, answers, seconds)
     for row in rows:
         t0, moved, carried = time.perf_counter(), 0.0, 0.0  # follower seconds: moved out of / into this row
-        gen_kwargs = dict(batch_size=batch_size, desc=row, progress=progress)
+        gen_kwargs = dict(batch_size=batch_size, desc=row, progress=progress, batch_tokens=batch_tokens)
         if row in LOOKUP_ROWS:
             if row not in results:  # both rows in one pass; each row's own seconds are kept
                 found, lookup_seconds = lookup_results(ec, records, q_vecs, seen, progress)
@@ -253,7 +254,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
                 fol = prefill_followers(row, rows) if twin is None else []
                 fol_reqs = [ec.kb_request(torch.from_numpy(q_vecs), records, f, times=times) for f in fol]
                 all_gens, secs = generate_with_followers(ec.model, ec.tokenizer, [plain[i] for i in idx], budget,
-                                                         batch_size, req, fol_reqs, row, progress)
+                                                         batch_size, req, fol_reqs, row, progress, batch_tokens)
                 sub_gens, moved = all_gens[0], sum(secs[1:])
                 followed.update({f: (r, g, s) for f, r, g, s in zip(fol, fol_reqs, all_gens[1:], secs[1:])})
             if sub:
@@ -286,12 +287,14 @@ def usable_rows(ec: EvalContext, rows: Sequence[str]) -> tuple[list[str], list[s
     return keep, skipped
 
 
-def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, rag_k: int | None) -> dict[str, Any]:
+def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, rag_k: int | None,
+             batch_tokens: int | None = None) -> dict[str, Any]:
     """The settings every row shares, printed above the table."""
 
     return {"qa": qa_path, "questions": n_questions, "backbone": ec.cfg.backbone, "max_new_tokens": ec.cfg.max_new_tokens,
             "K_top": ec.cfg.K_top, "rag_k": rag_k or ec.cfg.K_top, "retrieval": ec.cfg.retrieval,
-            "n_facts": len(ec.facts), "batch_size": batch_size, "abstain_answer": ec.cfg.abstain_answer,
+            "n_facts": len(ec.facts), "batch_size": batch_size, "batch_tokens": batch_tokens,
+            "abstain_answer": ec.cfg.abstain_answer,
             "question_time": "parsed from the question text", "instruction": answer_instruction(ec.cfg.abstain_answer)}
 
 
@@ -299,7 +302,8 @@ def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, r
 @torch.no_grad()
 def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Sequence[str] = DEFAULT_ROWS,
              max_questions: int = 0, types: Sequence[str] | None = None, batch_size: int = 16,
-             rag_k: int | None = None, kb_edit_n: int = 0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+             rag_k: int | None = None, kb_edit_n: int = 0, seed: int = 0, progress: bool = True,
+             batch_tokens: int | None = None) -> dict[str, Any]:
     """The whole eval_qa run: questions, every row, the KB-edit check; writes results.json/.md and
     predictions.jsonl into `out_dir` and returns the JSON payload."""
     from kblampp.evaluation.kb_edit import markdown_kb_edit, run_kb_edit
@@ -312,7 +316,7 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
     notes = [] if seen else [f"No training QA at {train_path}: every answer counts as unseen."]
     keep, skipped = usable_rows(ec, rows)
     notes += [f"Row {r} skipped: the checkpoint has no answer-head copy gate." for r in skipped]
-    results, requests, seconds = run_rows(ec, records, keep, seen, batch_size, rag_k, progress)
+    results, requests, seconds = run_rows(ec, records, keep, seen, batch_size, rag_k, progress, batch_tokens)
     if ec.lookup is not None:
         notes.append(ec.lookup.describe())
     shared = [r for r in keep if r in KB_VARIANTS and time_free_twin(KB_VARIANTS[r], keep[:keep.index(r)])]
@@ -336,7 +340,7 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
         status(f"kb_edit: {kb_edit_n} facts edited and asked again in {format_duration(time.perf_counter() - t0)}")
         notes.append(markdown_kb_edit(extra["kb_edit"]))
     stats = {row: {"ms_per_question": 1000.0 * s / len(records)} for row, s in seconds.items()}
-    meta = run_meta(ec, str(qa_path), len(records), batch_size, rag_k)
+    meta = run_meta(ec, str(qa_path), len(records), batch_size, rag_k, batch_tokens)
     del requests
     return write_report(out_dir, results, meta=meta, extra=extra, notes=notes, row_stats=stats)
 

@@ -13,7 +13,8 @@ Rows without a request (the prompt rows) compute the prompts' common first token
 system instruction) once and start every batch from that cache (`shared_prefix_cache`): a causal model's
 states at those positions do not depend on what follows, and each sequence keeps its positions
 (padding sits between the prefix and the rest, masked). KB rows never share it: the knowledge branch
-reads each question's embedding at every position.
+reads each question's embedding at every position. Rows whose requests differ only in their logits
+processors (`generate_with_followers`) share one pass over the prompt instead.
 """
 from __future__ import annotations
 
@@ -151,24 +152,38 @@ def with_prefix(batch: dict[str, torch.Tensor], prefix: Sequence[int], cache: An
     return {"input_ids": ids, "attention_mask": mask, "past_key_values": past}
 
 
-def length_order(lengths: Sequence[int]) -> list[int]:
-    """Indices sorted by prompt length (stable), so each batch holds prompts of similar length and
-    little padding; results are written back at these indices, in question order."""
-    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+def length_batches(lengths: Sequence[int], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Prompt indices in batches, shortest prompts first (stable), so a batch holds prompts of similar
+    length and little padding: at most `max_rows` prompts and, when given, at most `max_tokens` padded
+    prompt tokens (rows x longest prompt; a longer single prompt still gets its own batch). Results
+    are written back at these indices, in question order."""
+    if max_rows < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {max_rows}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        full = len(current) >= max_rows or (max_tokens is not None and (len(current) + 1) * lengths[i] > max_tokens)
+        if current and full:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
 
 
 @torch.inference_mode()
 def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                   batch_size: int = 16, request: RequestHook | None = None, desc: str = "generate",
-                  progress: bool = True, questions: Sequence[str] | None = None) -> list[Generation]:
-    """Greedy answers for `prompts` (input order kept). Prompts are batched by length to cut padding;
+                  progress: bool = True, questions: Sequence[str] | None = None,
+                  batch_tokens: int | None = None) -> list[Generation]:
+    """Greedy answers for `prompts` (input order kept). Prompts are batched by length to cut padding
+    (`length_batches`: at most `batch_size` prompts and `batch_tokens` padded prompt tokens);
     `request(indices, batch)` wraps each generate() call (KB context, logits processors). A sequence
     stops at the end-of-turn token or once its first line is complete (`FirstLineStop`); `questions`
     is accepted for callers that pass it and only checked for length."""
     if questions is not None and len(questions) != len(prompts):
         raise ValueError(f"questions: {len(questions)} for {len(prompts)} prompts")
     return generate_with_followers(model, tokenizer, prompts, max_new_tokens, batch_size, request, (), desc,
-                                   progress)[0][0]
+                                   progress, batch_tokens)[0][0]
 
 
 def _greedy(model: Any, tokenizer: Any, inputs: dict[str, Any], max_new_tokens: int, stop_pad: tuple[int, int],
@@ -187,8 +202,8 @@ def _greedy(model: Any, tokenizer: Any, inputs: dict[str, Any], max_new_tokens: 
 @torch.inference_mode()
 def generate_with_followers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                             batch_size: int = 16, request: RequestHook | None = None,
-                            followers: Sequence[RequestHook] = (), desc: str = "generate", progress: bool = True
-                            ) -> tuple[list[list[Generation]], list[float]]:
+                            followers: Sequence[RequestHook] = (), desc: str = "generate", progress: bool = True,
+                            batch_tokens: int | None = None) -> tuple[list[list[Generation]], list[float]]:
     """`generate_rows` for `request` and for each follower on the same prompts:
     ([answers of request, answers of follower 1, ...], [seconds of each]).
 
@@ -197,14 +212,12 @@ def generate_with_followers(model: Any, tokenizer: Any, prompts: Sequence[str], 
     last prompt token, and computes that token and its own answer (its seconds exclude the prefill)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     hooks = [request or _no_request, *followers]
     device = next(model.parameters()).device
     stop_pad = stop_token_id(tokenizer), _pad_id(tokenizer)
     token_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     lengths = [len(x) for x in token_ids]
-    order = length_order(lengths)
+    batches = length_batches(lengths, batch_size, batch_tokens)
     shared = common_prefix_len(token_ids) if request is None else 0
     prefix, cache = token_ids[0][:shared] if shared else [], None
     if shared:
@@ -212,8 +225,7 @@ def generate_with_followers(model: Any, tokenizer: Any, prompts: Sequence[str], 
     results: list[list[Generation | None]] = [[None] * len(prompts) for _ in hooks]
     seconds = [0.0] * len(hooks)
     bar = progress_bar(total=len(prompts), desc=desc, unit="q", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in batches:
         batch = left_padded(tokenizer, [token_ids[i][shared:] for i in idx], device)
         inputs = batch if cache is None else with_prefix(batch, prefix, cache)
         prompt_cache = None
