@@ -2,9 +2,9 @@
 with every question's output and EM saved, so a change to the generation path can be checked for
 speed and for identical results (same questions, back to back).
 
-    python bench/bench_eval_rows.py --max_questions 160 --out runs/bench_rows/before.json
-    python bench/bench_eval_rows.py --max_questions 160 --out runs/bench_rows/after.json \
-        --compare runs/bench_rows/before.json
+    python bench/bench_eval_rows.py --threads 1 --max_questions 96 --out /tmp/rows_before.json
+    python bench/bench_eval_rows.py --threads 1 --max_questions 96 --batch_size 64 --batch_tokens 5120 \
+        --out /tmp/rows_after.json --compare /tmp/rows_before.json
 
 Loads the main job's checkpoint (cfg.output_dir) with retrieval through the faiss index, as the main
 job's eval step does; `--profile` writes a cProfile of the rows next to --out. The load average is
@@ -111,4 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kblampp.cli import run_main
+
+    raise SystemExit(run_main(main))
