@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
-import json
 import os
 import pstats
 import sys
@@ -66,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     from kblampp.evaluation.report import seen_answers
     from kblampp.evaluation.runner import DEFAULT_ROWS, load_eval_context, run_rows, select_questions, usable_rows
     from kblampp.schema import load_qa
+    from kblampp.store_io import read_json, write_json_atomic
 
+    before = read_json(args.compare, "--compare file") if args.compare else None  # fail before the long run
     cfg = dataclasses.replace(config_from_args(args), retrieval="faiss")
     ec = load_eval_context(cfg, cfg.output_dir, progress=False)
     records = select_questions(load_qa(cfg.test_dataset, num_facts=len(ec.facts)), args.max_questions)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         prof.disable()
     total = time.perf_counter() - t0
     payload = {
-        "questions": len(records), "batch_size": args.batch_size, "batch_tokens": args.batch_tokens, "rows_run": rows, "threads": torch.get_num_threads(),
+        "questions": len(records), "batch_size": args.batch_size, "batch_tokens": args.batch_tokens,
+        "rows_run": rows, "threads": torch.get_num_threads(),
         "load_before": load_before, "load_after": os.getloadavg(), "total_s": round(total, 2),
         "seconds": seconds, "s_per_question": {r: round(s / len(records), 4) for r, s in seconds.items()},
         "em": {r: sum(x.em for x in res) / len(res) for r, res in results.items()},
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    write_json_atomic(out, payload)
     for row in rows:
         print(f"{row:28s} {seconds[row]:8.2f} s  {1000 * seconds[row] / len(records):8.1f} ms/q  "
               f"EM {payload['em'][row]:.3f}")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             pstats.Stats(prof, stream=fh).sort_stats("cumulative").print_stats(60)
             pstats.Stats(prof, stream=fh).sort_stats("tottime").print_stats(40)
     if args.compare:
-        problems = compare(payload, json.loads(Path(args.compare).read_text(encoding="utf-8")))
+        problems = compare(payload, before)
         print(f"compared with {args.compare}: {len(problems)} differences")
         for line in problems[:40]:
             print("  " + line)

@@ -76,7 +76,9 @@ def prefill_followers(row: str, rows: Sequence[str]) -> list[str]:
     out = []
     for pos in range(rows.index(row) + 1, len(rows)):
         other = KB_VARIANTS.get(rows[pos])
-        if other is None or replace(other, name=row, answer_head=variant.answer_head, abstain=variant.abstain) != variant:
+        if other is None:
+            continue
+        if replace(other, name=row, answer_head=variant.answer_head, abstain=variant.abstain) != variant:
             continue
         earlier = [r for r in rows[:pos] if r in KB_VARIANTS]
         if time_free_twin(other, earlier) is None and abstention_twin(other, earlier) is None:
@@ -233,5 +235,5 @@ def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequenc
                      abstain_ids=None if abstain_ids is None else list(abstain_ids), stop_id=stop_id)
 
 
-__all__ = ["time_free_twin", "prefill_followers", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus",
-           "request_times",           "forced_ids", "selector_overrides", "RequestHook"]
+__all__ = ["time_free_twin", "prefill_followers", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord",
+           "kb_request", "question_taus", "request_times", "forced_ids", "selector_overrides", "RequestHook"]
