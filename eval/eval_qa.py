@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="type-stratified subset (0 = the whole split, the default for reported numbers)")
     parser.add_argument("--types", help="comma-separated question types to keep (single-hop,multi-hop,temporal)")
     parser.add_argument("--batch_size", type=int, default=16, help="questions per generate() call")
+    parser.add_argument("--batch_tokens", type=int, default=0,
+                        help="at most this many padded prompt tokens per generate() call (0 = no limit)")
     parser.add_argument("--rag_k", type=int, default=0, help="facts written into the RAG prompt (0 = K_top)")
     parser.add_argument("--kb_edit", type=int, default=50, help="KB-edit check on this many facts (0 = off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_questions=args.max_questions,
                        types=[t.strip() for t in args.types.split(",")] if args.types else None,
                        batch_size=args.batch_size, rag_k=args.rag_k or None, kb_edit_n=args.kb_edit,
-                       seed=args.seed, progress=not args.no_progress)
+                       seed=args.seed, progress=not args.no_progress, batch_tokens=args.batch_tokens or None)
     print((out_dir / "results.md").read_text(encoding="utf-8"))
     print(f"wrote {out_dir}/results.json, results.md, predictions.jsonl ({len(payload['rows'])} rows)")
     return 0

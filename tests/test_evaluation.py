@@ -91,6 +91,81 @@ def test_generate_rows_hook_gets_indices_and_extra_kwargs(tok):
     assert all(shape[0] == len(idx) for idx, shape in seen)
 
 
+def test_length_batches_cover_every_prompt_once_shortest_first():
+    from kblampp.inference.generate import length_batches
+
+    lengths = [5, 2, 9, 2, 7, 3, 40]
+    batches = length_batches(lengths, max_rows=3)
+    assert batches == [[1, 3, 5], [0, 4, 2], [6]]  # stable among equal lengths
+    order = [i for b in batches for i in b]
+    back = [None] * len(lengths)
+    for pos, i in enumerate(order):  # what generate_rows does with each batch's results
+        back[i] = [lengths[j] for j in order][pos]
+    assert back == lengths and sorted(order) == list(range(len(lengths)))
+    by_tokens = length_batches(lengths, max_rows=10, max_tokens=15)
+    assert by_tokens == [[1, 3, 5], [0, 4], [2], [6]]  # rows x longest <= 15; a longer prompt goes alone
+    assert all(len(b) * max(lengths[i] for i in b) <= 15 for b in by_tokens[:-1])
+    with pytest.raises(ValueError, match="batch_size: must be >= 1"):
+        length_batches(lengths, 0)
+
+
+def test_generate_rows_puts_results_back_in_question_order(tok):
+    """Prompts of very different lengths, batched out of order: each answer lands at its own index."""
+    prompts = [build_prompt(tok, q) for q in ("Who is it, really, after all this time?", "Why?", "Who?",
+                                              "Where is the tallest place in this world?", "When?")]
+
+    @contextlib.contextmanager
+    def answer_by_index(indices, batch):  # each row emits the letter of its question index
+        letters = [tok.convert_tokens_to_ids("ABCDE"[i]) for i in indices]
+
+        class _Each(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                out = torch.full_like(scores, -1e9)
+                out[torch.arange(len(letters)), letters] = 0.0
+                return out
+
+        yield {"logits_processor": LogitsProcessorList([_Each()])}
+
+    out = generate_rows(tiny_llama(), tok, prompts, 2, batch_size=2, request=answer_by_index, progress=False)
+    assert [g.output for g in out] == ["AA", "BB", "CC", "DD", "EE"]
+
+
+def test_common_prefix_len_leaves_each_prompt_a_token():
+    from kblampp.inference.generate import common_prefix_len
+
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # the last token is always computed in the batch
+    assert common_prefix_len([[1, 2], [3, 2]]) == 0
+    assert common_prefix_len([[7]]) == 0 and common_prefix_len([]) == 0
+
+
+def test_shared_prefix_gives_the_logits_and_answers_of_the_whole_prompt(tok):
+    """The prefix cache + [prefix | pads | suffix] layout computes what the left-padded whole prompt does."""
+    from kblampp.inference.generate import common_prefix_len, left_padded, shared_prefix_cache, with_prefix
+
+    model = tiny_llama()
+    prompts = [build_prompt(tok, q) for q in ("Who is it, really?", "Why?", "Where was the second one?")]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    n = common_prefix_len(ids)
+    assert n > 10  # the chat template's system part
+    with torch.inference_mode():
+        whole = model(**tokenize_left(tok, prompts, "cpu")).logits[:, -1]
+        inputs = with_prefix(left_padded(tok, [x[n:] for x in ids], "cpu"), ids[0][:n],
+                             shared_prefix_cache(model, ids[0][:n], "cpu"))
+        position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)[:, n:]
+        shared = model(input_ids=inputs["input_ids"][:, n:], attention_mask=inputs["attention_mask"],
+                       past_key_values=inputs["past_key_values"], position_ids=position_ids).logits[:, -1]
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
+
+    @contextlib.contextmanager
+    def no_op(indices, batch):  # any request turns prefix sharing off
+        yield {}
+
+    plain = generate_rows(model, tok, prompts, 4, batch_size=2, request=no_op, progress=False)
+    cached = generate_rows(model, tok, prompts, 4, batch_size=2, progress=False)
+    assert [g.output for g in cached] == [g.output for g in plain]
+
+
 def test_generate_rows_rejects_bad_budget(tok):
     with pytest.raises(ValueError, match="max_new_tokens: must be >= 1"):
         generate_rows(tiny_llama(), tok, ["x"], 0, progress=False)
@@ -144,6 +219,45 @@ def test_kb_request_records_and_oracle_forcing(tok, world, kb_model):
             if name.startswith("kblampp_oracle"):
                 assert set(records[i].supporting_facts) <= set(rec.cand_ids)
     assert kb_model.holder.ctx is None  # request context left
+
+
+def test_follower_answers_from_the_leaders_prompt_cache_as_it_would_alone(tok, world, kb_model):
+    """A row that differs only in its logits processors, started from the leader's prompt cache, gives
+    the answers and last-token records it gives when run on its own."""
+    from kblampp.inference.generate import generate_with_followers
+
+    facts, records = world
+    source = random_tensor_kb(len(facts), 16, 16, 8, seed=1)
+    e_q = torch.randn(len(records), 8, generator=torch.Generator().manual_seed(0))
+    prompts = backbone_prompts(tok, records)
+    variant = KB_VARIANTS["kblampp_injection"]
+    alone_req = kb_request(kb_model, source, e_q, records, variant)
+    alone = generate_rows(kb_model, tok, prompts, 3, batch_size=3, request=alone_req, progress=False)
+    leader_req, follower_req = (kb_request(kb_model, source, e_q, records, variant) for _ in range(2))
+
+    @contextlib.contextmanager
+    def leader(indices, batch):  # the same KB request, plus a processor that only changes the logits
+        with leader_req(indices, batch) as extra:
+            yield {**extra, "logits_processor": LogitsProcessorList([_Force(tok.convert_tokens_to_ids("Z"))])}
+
+    (led, followed), seconds = generate_with_followers(kb_model, tok, prompts, 3, 3, leader, [follower_req],
+                                                       progress=False)
+    assert [g.output for g in led] == ["ZZZ"] * len(records) and len(seconds) == 2
+    assert [g.output for g in followed] == [g.output for g in alone]
+    for i, rec in alone_req.records.items():
+        assert follower_req.records[i].cand_ids == rec.cand_ids
+        assert follower_req.records[i].alpha == pytest.approx(rec.alpha, abs=1e-5)
+
+
+def test_prefill_followers_are_rows_that_differ_only_in_logits_processors():
+    from kblampp.evaluation.kbqa import prefill_followers
+    from kblampp.evaluation.runner import DEFAULT_ROWS
+
+    rows = list(DEFAULT_ROWS)
+    assert prefill_followers("kblampp", rows) == ["kblampp_injection"]  # no_abstention reuses kblampp instead
+    assert prefill_followers("kblampp_gamma0", rows) == [] and prefill_followers("kblampp_oracle_value", rows) == []
+    assert prefill_followers("kblampp_oracle_value", ["kblampp_oracle_value", "kblampp_oracle_value_injection"]) == [
+        "kblampp_oracle_value_injection"]
 
 
 def test_selector_overrides_restore(kb_model):

@@ -73,6 +73,24 @@ def abstention_twin(variant: KBVariant, done: Any) -> str | None:
     return None
 
 
+def prefill_followers(row: str, rows: Sequence[str]) -> list[str]:
+    """Rows after `row` in `rows` that run the same forward passes over the prompt (they differ from it
+    only in what is applied to the logits: the answer head, the abstention decision) and that would
+    otherwise generate every question themselves; they can start from `row`'s prompt cache."""
+    variant = KB_VARIANTS[row]
+    out = []
+    for pos in range(rows.index(row) + 1, len(rows)):
+        other = KB_VARIANTS.get(rows[pos])
+        if other is None:
+            continue
+        if replace(other, name=row, answer_head=variant.answer_head, abstain=variant.abstain) != variant:
+            continue
+        earlier = [r for r in rows[:pos] if r in KB_VARIANTS]
+        if time_free_twin(other, earlier) is None and abstention_twin(other, earlier) is None:
+            out.append(rows[pos])
+    return out
+
+
 def question_taus(records: Sequence[QARecord], reference_date: str | None = None) -> torch.Tensor:
     """(n, 2) float32 question windows in days, parsed from each question's text (never the record's
     gold time); NaN rows = no time (neutral time score)."""
@@ -236,5 +254,5 @@ def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequenc
                      abstain_ids=None if abstain_ids is None else list(abstain_ids), stop_id=stop_id)
 
 
-__all__ = ["time_free_twin", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord", "kb_request", "question_taus",
-           "request_times",           "forced_ids", "selector_overrides", "RequestHook"]
+__all__ = ["time_free_twin", "prefill_followers", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord",
+           "kb_request", "question_taus", "request_times", "forced_ids", "selector_overrides", "RequestHook"]

@@ -19,12 +19,11 @@ from kblampp.backbone import answer_instruction
 from kblampp.config import KBConfig
 from kblampp.evaluation.baselines import (FactRetriever, backbone_prompts, context_prompts, oracle_fact_ids,
                                           rag_fact_ids)
-from kblampp.inference.generate import Generation, generate_rows
+from kblampp.inference.generate import Generation, generate_rows, generate_with_followers
 from kblampp.inference.loading import build_source, load_model, resolve_checkpoint
 from kblampp.evaluation.hop_metrics import hop_summary, markdown_hops
-from kblampp.evaluation.kbqa import (KB_VARIANTS, MULTI_HOP_VARIANTS, KBRequest, LastTokenRecord, abstention_twin, kb_request,
-                                     request_times,
-                                     time_free_twin)
+from kblampp.evaluation.kbqa import (KB_VARIANTS, MULTI_HOP_VARIANTS, KBRequest, LastTokenRecord, abstention_twin,
+                                     kb_request, prefill_followers, request_times, time_free_twin)
 from kblampp.evaluation.lookup_rows import LOOKUP_ROWS, LookupRows, load_dev
 from kblampp.evaluation.report import QuestionResult, is_seen, record_answerable, record_family
 from kblampp.evaluation.retrieval_metrics import score_question
@@ -192,9 +191,10 @@ def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecor
 
 @torch.no_grad()
 def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], seen: set[str],
-             batch_size: int = 16, rag_k: int | None = None, progress: bool = True
+             batch_size: int = 16, rag_k: int | None = None, progress: bool = True, batch_tokens: int | None = None
              ) -> tuple[dict[str, list[QuestionResult]], dict[str, KBRequest], dict[str, float]]:
-    """Every requested row on the same questions: (results per row, KB requests per KB row, seconds per row)."""
+    """Every requested row on the same questions: (results per row, KB requests per KB row, seconds per row).
+    A generate() batch holds at most `batch_size` questions and `batch_tokens` padded prompt tokens."""
     unknown = [r for r in rows if r not in ALL_ROWS]
     if unknown:
         raise ValueError(f"rows: {unknown[0]!r} is not one of {', '.join(ALL_ROWS)}")
@@ -210,9 +210,10 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     requests: dict[str, KBRequest] = {}
     seconds: dict[str, float] = {}
     kb_done: dict[str, tuple[list[Generation], list[LastTokenRecord]]] = {}
+    followed: dict[str, tuple[KBRequest, list[Generation], float]] = {}  # row -> (request, answers, seconds)
     for row in rows:
-        t0 = time.perf_counter()
-        gen_kwargs = dict(batch_size=batch_size, desc=row, progress=progress)
+        t0, moved, carried = time.perf_counter(), 0.0, 0.0  # follower seconds: moved out of / into this row
+        gen_kwargs = dict(batch_size=batch_size, desc=row, progress=progress, batch_tokens=batch_tokens)
         if row in LOOKUP_ROWS:
             if row not in results:  # both rows in one pass; each row's own seconds are kept
                 found, lookup_seconds = lookup_results(ec, records, q_vecs, seen, progress)
@@ -247,10 +248,17 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
                                                                                            [None] * len(records))
             if sibling is not None:
                 last = [replace(r, abstained=None, p_unanswerable=None) for r in last]
-            if sub:
+            if row in followed:  # generated with the earlier row whose prompt forward passes it shares
+                req, sub_gens, carried = followed.pop(row)
+            elif sub:
                 req = ec.kb_request(torch.from_numpy(q_vecs[idx]), sub, row, times=times.select(idx))
-                sub_gens = generate_rows(ec.model, ec.tokenizer, [plain[i] for i in idx], budget, request=req,
-                                         **gen_kwargs)
+                fol = prefill_followers(row, rows) if twin is None else []
+                fol_reqs = [ec.kb_request(torch.from_numpy(q_vecs), records, f, times=times) for f in fol]
+                all_gens, secs = generate_with_followers(ec.model, ec.tokenizer, [plain[i] for i in idx], budget,
+                                                         batch_size, req, fol_reqs, row, progress, batch_tokens)
+                sub_gens, moved = all_gens[0], sum(secs[1:])
+                followed.update({f: (r, g, s) for f, r, g, s in zip(fol, fol_reqs, all_gens[1:], secs[1:])})
+            if sub:
                 for j, i in enumerate(idx):
                     gens[i], last[i] = sub_gens[j], req.records[j]
                 requests[row] = req
@@ -262,7 +270,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
                       "p_unanswerable": None if r.p_unanswerable is None else round(r.p_unanswerable, 4)}
                      for r in last]
             results[row] = _results(row, records, gens, seen, abstain, ret, extra)
-        seconds[row] = round(time.perf_counter() - t0, 2)
+        seconds[row] = round(time.perf_counter() - t0 - moved + carried, 2)
         status(f"row {row}: {len(records)} questions in {format_duration(seconds[row])} "
                f"({format_rate(len(records) / max(seconds[row], 1e-9), 'q')})")
     return {row: results[row] for row in rows}, requests, seconds
@@ -281,12 +289,14 @@ def usable_rows(ec: EvalContext, rows: Sequence[str]) -> tuple[list[str], list[s
     return keep, skipped
 
 
-def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, rag_k: int | None) -> dict[str, Any]:
+def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, rag_k: int | None,
+             batch_tokens: int | None = None) -> dict[str, Any]:
     """The settings every row shares, printed above the table."""
 
     return {"qa": qa_path, "questions": n_questions, "backbone": ec.cfg.backbone, "max_new_tokens": ec.cfg.max_new_tokens,
             "K_top": ec.cfg.K_top, "rag_k": rag_k or ec.cfg.K_top, "retrieval": ec.cfg.retrieval,
-            "n_facts": len(ec.facts), "batch_size": batch_size, "abstain_answer": ec.cfg.abstain_answer,
+            "n_facts": len(ec.facts), "batch_size": batch_size, "batch_tokens": batch_tokens,
+            "abstain_answer": ec.cfg.abstain_answer,
             "question_time": "parsed from the question text", "instruction": answer_instruction(ec.cfg.abstain_answer)}
 
 
@@ -294,7 +304,8 @@ def run_meta(ec: EvalContext, qa_path: str, n_questions: int, batch_size: int, r
 @torch.no_grad()
 def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Sequence[str] = DEFAULT_ROWS,
              max_questions: int = 0, types: Sequence[str] | None = None, batch_size: int = 16,
-             rag_k: int | None = None, kb_edit_n: int = 0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+             rag_k: int | None = None, kb_edit_n: int = 0, seed: int = 0, progress: bool = True,
+             batch_tokens: int | None = None) -> dict[str, Any]:
     """The whole eval_qa run: questions, every row, the KB-edit check; writes results.json/.md and
     predictions.jsonl into `out_dir` and returns the JSON payload."""
     from kblampp.evaluation.kb_edit import markdown_kb_edit, run_kb_edit
@@ -308,7 +319,7 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
     keep, skipped = usable_rows(ec, rows)
     notes += [f"Row {r} skipped: " + ("the model has one inject layer." if r in MULTI_HOP_VARIANTS else
                                       "the checkpoint has no answer-head copy gate.") for r in skipped]
-    results, requests, seconds = run_rows(ec, records, keep, seen, batch_size, rag_k, progress)
+    results, requests, seconds = run_rows(ec, records, keep, seen, batch_size, rag_k, progress, batch_tokens)
     if ec.lookup is not None:
         notes.append(ec.lookup.describe())
     shared = [r for r in keep if r in KB_VARIANTS and time_free_twin(KB_VARIANTS[r], keep[:keep.index(r)])]
@@ -316,6 +327,12 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
         notes.append(f"{', '.join(shared)}: generated only for the questions with a parsed time; on the others "
                      "g_time is exactly 0, so the outputs of the same row with eta unchanged are reused (its ms/q "
                      "is per question of the whole split).")
+    followers = [r for r in keep if any(r in prefill_followers(o, keep) for o in keep[:keep.index(r)]
+                                        if o in KB_VARIANTS)]
+    if followers:
+        notes.append(f"{', '.join(followers)}: generated in the same batches as an earlier row that differs only in "
+                     "its logits processors, from that row's cache of the prompt (all but its last token, which "
+                     "is computed again); its ms/q excludes that shared prompt pass.")
     notes.append("ms/q = wall time of the row over all its questions (embedding the questions once and loading "
                  "excluded); measured on whatever else the machine was running.")
     extra: dict[str, Any] = {"info": ec.info, "skipped_rows": skipped, "row_seconds": seconds,
@@ -326,7 +343,7 @@ def evaluate(ec: EvalContext, qa_path: str | Path, out_dir: str | Path, rows: Se
         status(f"kb_edit: {kb_edit_n} facts edited and asked again in {format_duration(time.perf_counter() - t0)}")
         notes.append(markdown_kb_edit(extra["kb_edit"]))
     stats = {row: {"ms_per_question": 1000.0 * s / len(records)} for row, s in seconds.items()}
-    meta = run_meta(ec, str(qa_path), len(records), batch_size, rag_k)
+    meta = run_meta(ec, str(qa_path), len(records), batch_size, rag_k, batch_tokens)
     hops = {row: s for row, req in requests.items() if len(req.records) == len(records)
             and (s := hop_summary([req.records[i] for i in range(len(records))], records, ec.facts)) is not None}
     if hops:
