@@ -353,13 +353,17 @@ def built(tmp_path_factory):
 
 
 def test_evaluate_writes_one_table_for_every_row(built):
+    from kblampp.evaluation.kbqa import MULTI_HOP_VARIANTS
     from kblampp.evaluation.runner import ALL_ROWS, evaluate
 
     tmp, ec = built
     out = tmp / "eval"
     payload = evaluate(ec, tmp / "test.jsonl", out, rows=ALL_ROWS, batch_size=3, kb_edit_n=2, progress=False)
     rows = payload["rows"]
-    assert list(rows) == list(ALL_ROWS) and all(r["n"] == 4 for r in rows.values())
+    one_layer = [r for r in ALL_ROWS if r not in MULTI_HOP_VARIANTS]  # the hop ablations need 2+ inject layers
+    assert list(rows) == one_layer and all(r["n"] == 4 for r in rows.values())
+    assert payload["skipped_rows"] == list(MULTI_HOP_VARIANTS)
+    assert "kblampp_hop1_zeroed skipped: the model has one inject layer." in (out / "results.md").read_text()
     # retrieval is decided by the context and time scores: the answer head copies every answer
     assert rows["kblampp"]["em"] == 1.0 and rows["kblampp"]["recall@1"] == 1.0
     assert rows["kblampp"]["top_alpha_precision_single-hop"] == 1.0
@@ -379,7 +383,7 @@ def test_evaluate_writes_one_table_for_every_row(built):
     assert rows["lookup"]["abstain_precision"] is None and rows["lookup"]["em_answerable"] == 1.0
     assert "EM per question family:" in md and "lookup rows tuned on " in md
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(preds) == 4 * len(ALL_ROWS)
+    assert len(preds) == 4 * len(one_layer)
     head = [p for p in preds if p["row"] == "kblampp"]
     assert all(p["pred"] == p["answer"] and len(p["extra"]["cand_ids"]) == 12 for p in head)
 
