@@ -109,6 +109,23 @@ def _suffix_batches(prompts: Sequence[Sequence[int]], plen: int, pad: int, batch
         yield rows, ids, mask
 
 
+def _captured_batches(backbone: torch.nn.Module, prefix: "PrefixCache", prompts: Sequence[Sequence[int]], plen: int,
+                      pad: int, batch_size: int, captured: Any, desc: str, progress: bool) -> Iterator[list[int]]:
+    """Run the prompt suffixes batch by batch after the shared prefix (the hooks fill `captured`,
+    emptied before each batch; a hook may stop the forward early) and yield each batch's rows."""
+    device = next(backbone.parameters()).device
+    bar = progress_bar(total=len(prompts), desc=desc, unit="q", disable=not progress)
+    for rows, ids, mask in _suffix_batches(prompts, plen, pad, batch_size):
+        captured.clear()
+        try:
+            prefix.run(backbone, ids.to(device), mask.to(device))
+        except _StopForward:
+            pass
+        yield rows
+        bar.update(len(rows))
+    bar.close()
+
+
 @torch.inference_mode()
 def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[int]], layer: int, pad: int,
                         batch_size: int = 16, positions: Sequence[Sequence[int]] | None = None,
@@ -125,19 +142,13 @@ def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[in
         captured.append(hf_arch.attention_hidden_states(args, kwargs))
         raise _StopForward
 
-    device = next(backbone.parameters()).device
     out: torch.Tensor | None = None
     plen = common_prefix_len(prompts)
     prefix = PrefixCache(backbone, list(prompts[0][:plen]), stop_layer=layer)
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        bar = progress_bar(total=len(prompts), desc=f"cache layer-{layer} states", unit="q", disable=not progress)
-        for rows, ids, mask in _suffix_batches(prompts, plen, pad, batch_size):
-            captured.clear()
-            try:
-                prefix.run(backbone, ids.to(device), mask.to(device))
-            except _StopForward:
-                pass
+        for rows in _captured_batches(backbone, prefix, prompts, plen, pad, batch_size, captured,
+                                      f"cache layer-{layer} states", progress):
             if not captured:
                 raise RuntimeError(f"layer {layer} attention was not reached during the forward")
             hidden = captured[0].float().cpu()
@@ -150,8 +161,6 @@ def inject_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[in
                     out[i] = hidden[b, len(prompts[i]) - 1 - plen]
                 else:
                     out[i] = hidden[b, torch.tensor(list(positions[i]), dtype=torch.long) - plen]
-            bar.update(len(rows))
-        bar.close()
     finally:
         handle.remove()
     assert out is not None, "no prompts"
@@ -181,7 +190,6 @@ def hop_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[int]]
                 raise _StopForward
         return hook
 
-    device = next(backbone.parameters()).device
     plen = common_prefix_len(prompts)
     prefix = PrefixCache(backbone, list(prompts[0][:plen]), stop_layer=layers[-1] + 1
                          if layers[-1] + 1 < hf_arch.num_layers(backbone) else None)
@@ -192,21 +200,14 @@ def hop_layer_states(backbone: torch.nn.Module, prompts: Sequence[Sequence[int]]
         handles.append(hf_arch.get_attention(backbone, layer).register_forward_hook(
             attn_hook(f"attn_{layer}", layer == layers[-1])))
     try:
-        bar = progress_bar(total=len(prompts), desc=f"cache layers {layers} states", unit="q", disable=not progress)
-        for rows, ids, mask in _suffix_batches(prompts, plen, pad, batch_size):
-            captured.clear()
-            try:
-                prefix.run(backbone, ids.to(device), mask.to(device))
-            except _StopForward:
-                pass
+        for rows in _captured_batches(backbone, prefix, prompts, plen, pad, batch_size, captured,
+                                      f"cache layers {layers} states", progress):
             for name, value in captured.items():
                 value = value.float().cpu()
                 if name not in out:
                     out[name] = torch.zeros(len(prompts), value.shape[-1])
                 for b, i in enumerate(rows):
                     out[name][i] = value[b, len(prompts[i]) - 1 - plen]
-            bar.update(len(rows))
-        bar.close()
     finally:
         for handle in handles:
             handle.remove()

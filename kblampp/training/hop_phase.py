@@ -28,7 +28,7 @@ from kblampp.hops import is_entity_chain, next_inject_input
 from kblampp.kv_encoder import _semi_orthogonal
 from kblampp.training.losses import info_nce, positive_mask
 from kblampp.training.loop import Phase
-from kblampp.training.retrieval_phase import QUERY_PARTS, RetrievalData, full_scores
+from kblampp.training.retrieval_phase import QUERY_PARTS, RetrievalData, full_scores, train_dev_eval
 
 def chain_targets(supporting: Sequence[Sequence[int]], answers: Sequence[int], chains: Sequence[bool],
                   n_hops: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +139,7 @@ class HopTrainer:
             hits += float((hops[j]["cand"] == target.unsqueeze(1)).any(1).float().mean())
         choice = F.cross_entropy(self.hop_logits(hops), d.hop_label[rows])
         total = total + self.sa.hop_choice_weight * choice
-        return total, {"hop_recall": hits / max(len(hops) - 1, 1), "hop_choice_loss": float(choice)}, len(rows)
+        return total, {"hop_recall": hits / max(len(hops) - 1, 1), "hop_choice_loss": float(choice.detach())}, len(rows)
 
     @torch.no_grad()
     def evaluate(self, data: HopData, max_rows: int = 0, chunk: int = 256) -> dict[str, float]:
@@ -177,10 +177,7 @@ class HopTrainer:
         return out
 
     def eval_fn(self, step: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"train": self.evaluate(self.train, self.sa.dev_max_questions)}
-        if self.dev is not None:
-            out["dev"] = self.evaluate(self.dev, self.sa.dev_max_questions)
-        return out
+        return train_dev_eval(self.evaluate, self.train, self.dev, self.sa.dev_max_questions)
 
     def phase(self, layer_names: dict[int, str]) -> Phase:
         """Later layers' query side, earlier layers' fusion, the hop choice."""

@@ -97,6 +97,14 @@ def query_parameters(kb: KBInjection, prefix: str) -> dict[str, torch.nn.Paramet
     return {f"{prefix}.{n}": p for n, p in kb.named_parameters() if n.split(".")[0] in QUERY_PARTS}
 
 
+def train_dev_eval(evaluate: Any, train: Any, dev: Any, max_rows: int) -> dict[str, Any]:
+    """A phase's eval metrics: {"train": ..., "dev": ...} on the first `max_rows` questions of each."""
+    out: dict[str, Any] = {"train": evaluate(train, max_rows)}
+    if dev is not None:
+        out["dev"] = evaluate(dev, max_rows)
+    return out
+
+
 class RetrievalTrainer:
     """Owns the phase's tensors; `step(micro)` is the Phase step function, `evaluate` the metrics."""
 
@@ -217,10 +225,7 @@ class RetrievalTrainer:
         return out
 
     def eval_fn(self, step: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"train": self.evaluate(self.train, self.sa.dev_max_questions)}
-        if self.dev is not None:
-            out["dev"] = self.evaluate(self.dev, self.sa.dev_max_questions)
-        return out
+        return train_dev_eval(self.evaluate, self.train, self.dev, self.sa.dev_max_questions)
 
     def phase(self, holder_names: dict[int, str], key_encoder_name: str | None) -> Phase:
         """The Phase: query side of every inject layer (+ the key MLP when the encoder is trainable)."""
