@@ -53,10 +53,12 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     two, cfg2 = _model("llama", layers=(0, 1))
     one, cfg1 = _model("llama", layers=(1,))
     path2 = save_kb_checkpoint(two, cfg2, tmp_path / "two.safetensors")
-    with pytest.raises(KBCheckpointError, match=r"two.safetensors: unexpected tensors: kb_layers\.0\.kb_context_scorer\.weight, kb_layers\.0\.kb_fusion"):
+    with pytest.raises(KBCheckpointError, match=r"two.safetensors: unexpected tensors: kb_hop_choice\.proj\.bias, "
+                       r"kb_hop_choice\.proj\.weight, kb_layers\.0\.kb_context_scorer\.weight, kb_layers\.0\.kb_fusion"):
         load_kb_checkpoint(one, path2)
     path1 = save_kb_checkpoint(one, cfg1, tmp_path / "one.safetensors")
-    with pytest.raises(KBCheckpointError, match=r"missing KB tensors: kb_layers\.0\.kb_context_scorer\.weight"):
+    with pytest.raises(KBCheckpointError, match=r"missing KB tensors: kb_hop_choice\.proj\.bias, kb_hop_choice\.proj\.weight, "
+                       r"kb_layers\.0\.kb_context_scorer\.weight"):
         load_kb_checkpoint(two, path1)
 
 
