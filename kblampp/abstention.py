@@ -317,7 +317,8 @@ def calibrate_threshold(score: np.ndarray, unanswerable: np.ndarray, answer_ok: 
                         max_answerable_loss: float) -> tuple[float, dict[str, float]]:
     """Abstain where score >= t: the t with the best abstention F1 among those that abstain on at most
     `max_answerable_loss` (a share of the answerable questions) of the answerable questions answered
-    right (`answer_ok`); ties go to the lower t. No admissible t with abstentions: a t above every score."""
+    right (`answer_ok`); ties go to the lower t, which is then moved halfway down to the next lower
+    score (the same questions abstain). No admissible t with abstentions: a t above every score."""
     unanswerable = np.asarray(unanswerable, bool)
     ok = np.asarray(answer_ok, bool) & ~unanswerable
     n_ans = max(int((~unanswerable).sum()), 1)
@@ -330,6 +331,9 @@ def calibrate_threshold(score: np.ndarray, unanswerable: np.ndarray, answer_ok: 
         m = prf(abst, unanswerable)
         if m["f1"] > best["f1"]:  # unique() is ascending: the first best is the lowest t
             best_t, best = float(t), m
+    below = score[score < best_t]
+    if len(below):  # midway to the next lower score: float noise at run time must not flip that question
+        best_t = float((best_t + below.max()) / 2)
     abst = score >= best_t
     return best_t, {**best, "abstained_answerable_right": float((abst & ok).sum() / n_ans),
                     "abstained_answerable": float((abst & ~unanswerable).sum() / n_ans)}
