@@ -87,6 +87,16 @@ class FactTable:
         r = torch.tensor([rels.setdefault(k, len(rels)) for k in self.relation_keys], dtype=torch.long)
         return h.to(self.e_h.device), r.to(self.e_h.device)
 
+    def same_head_relation(self, facts: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool: the facts sharing (head, relation) with each of `facts` (B,): identical keys,
+        so sem cannot tell them apart (the retrieval losses' sem term treats them as one target)."""
+        group = self.__dict__.get("_hr_group")
+        if group is None or group.device != facts.device:
+            h, r = self.group_ids()
+            group = (h * (int(r.max()) + 1 if len(r) else 1) + r).to(facts.device)  # (N,) one id per pair
+            self.__dict__["_hr_group"] = group
+        return group[facts].unsqueeze(1) == group.unsqueeze(0)
+
     def sibling_index(self) -> torch.Tensor:
         """(N, L) long, -1 padded: row i lists every fact sharing fact i's (head, relation), i included."""
         groups: dict[tuple[str, str], list[int]] = {}

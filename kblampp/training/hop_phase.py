@@ -90,9 +90,6 @@ class HopTrainer:
         self.keys, self.values = keys.detach(), values.detach()
         self.train, self.dev, self.columns, self.rank, self.world = train, dev, columns, rank, world
         self.siblings = table.sibling_index().to(keys.device)
-        head_rel = {}
-        self.hr_group = torch.tensor([head_rel.setdefault((h, r), len(head_rel))
-                                      for h, r in zip(table.head_keys, table.relation_keys)], device=keys.device)
 
     def hops(self, data: HopData, rows: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Per inject layer: sem, s (B, N) over all facts, cand (B, K), alpha (B, K) and its input h (B, d)."""
@@ -134,7 +131,7 @@ class HopTrainer:
             if self.columns is not None:
                 logits = logits.masked_fill(~self.columns, float("-inf"))
                 sem_logits = sem_logits.masked_fill(~self.columns, float("-inf"))
-            same_hr = self.hr_group[target].unsqueeze(1) == self.hr_group.unsqueeze(0)
+            same_hr = self.table.same_head_relation(target)  # (B, N)
             total = total + info_nce(logits, pos) + self.sa.sem_weight * info_nce(sem_logits, same_hr | pos)
             hits += float((hops[j]["cand"] == target.unsqueeze(1)).any(1).float().mean())
         choice = F.cross_entropy(self.hop_logits(hops), d.hop_label[rows])
@@ -198,8 +195,8 @@ def init_bridge(model: Any, kv: Any, residual: dict[int, torch.Tensor], cfg: KBC
     """Start the hop path where a bridge can travel (measured: from the trained one-layer values and
     a copied query, held-out hop-2 recall@8 is 0.02 and a least-squares read-out does not generalise).
 
-    - Values carry the tail's own embedding: the value MLP is reset to V = P e_t (its initial
-      semi-orthogonal tail block, the evidence / time blocks and the GELU branch zeroed). The one-layer
+    - Values carry the tail's own embedding: the value MLP is reset to V = P e_t (a semi-orthogonal
+      tail block, the identity when d_v = d_ctx; the evidence / time blocks and the GELU branch zeroed). The one-layer
       phases had trained it for the LM path, where it changed no answer (pure injection 0 EM), and
       its trained values no longer point at the tail (cosine 0.42 with e_t).
     - Each non-last inject layer writes V~ into the directions where the plain last-token residual

@@ -163,21 +163,13 @@ class RetrievalTrainer:
                 sem_logits = sem_logits.masked_fill(~self.columns, float("-inf"))
             loss = info_nce(logits, pos)
             if self.sa.sem_weight > 0:  # the search must put the answer's (head, relation) group in the top-K
-                loss = loss + self.sa.sem_weight * info_nce(sem_logits, self.same_hr(d.answer[rows]) | pos)
+                same_hr = self.table.same_head_relation(d.answer[rows])  # (B, N)
+                loss = loss + self.sa.sem_weight * info_nce(sem_logits, same_hr | pos)
             if self.sa.hard_negative_weight > 0 and d.hard.shape[1] > 0:
                 loss = loss + self.sa.hard_negative_weight * hard_negative_nce(logits, d.answer[rows], d.hard[rows])
             total = total + loss
             hits1 += topk_hits(logits.detach(), d.answer[rows], (1,))[1]
         return total, {"batch_top1": hits1 / (len(rows) * len(self.layers))}, len(rows)
-
-    def same_hr(self, facts: torch.Tensor) -> torch.Tensor:
-        """(B, N) bool: facts sharing (head, relation) with each given fact (identical keys for sem)."""
-        if getattr(self, "_hr_group", None) is None:
-            t = self.table
-            groups: dict[tuple[str, str], int] = {}
-            self._hr_group = torch.tensor([groups.setdefault((h, r), len(groups))
-                                           for h, r in zip(t.head_keys, t.relation_keys)], device=facts.device)
-        return self._hr_group[facts].unsqueeze(1) == self._hr_group.unsqueeze(0)
 
     @torch.no_grad()
     def candidates(self, layer: int, data: RetrievalData, rows: torch.Tensor, keys: torch.Tensor

@@ -176,7 +176,8 @@ class StageA:
                                         questions, layers[0], self.pad, self.inp.embed, self.cfg.stage_a.cache_batch,
                                         self.progress, hop_layers=layers if len(layers) > 1 else None)
         ds.set_context(cached["e_q"])
-        self.hop_cache[id(ds)] = cached
+        if len(layers) > 1:  # the hop phase's residual / attention states
+            self.hop_cache[id(ds)] = cached
         return {int(layers[0]): cached["hidden"]}
 
     def first_layer_modules(self) -> dict[int, Any]:
