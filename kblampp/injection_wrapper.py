@@ -35,6 +35,27 @@ def force_candidates(ids: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     return torch.cat([f, ids], -1).gather(-1, pick)
 
 
+def only_candidates(ids: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Rows with forced ids (B, F; -1 = padding) get exactly those as candidates (the first K, -1
+    padded); rows without any keep their retrieved ids (B, T, K)."""
+    B, T, K = ids.shape
+    f = forced.to(ids.device)[:, :K]
+    f = torch.cat([f, f.new_full((B, K - f.shape[1]), -1)], -1) if f.shape[1] < K else f  # (B, K)
+    has = (f >= 0).any(-1)[:, None, None]  # (B, 1, 1)
+    return torch.where(has, f[:, None, :].expand(B, T, K), ids)
+
+
+def drop_excluded(ids: torch.Tensor, excluded: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k retrieved ids (B, T, k + E) that are not excluded (B, E; -1 = padding), in
+    retrieval order; -1 where fewer than k remain."""
+    B, T, n = ids.shape
+    ex = excluded.to(ids.device)[:, None, None, :]  # (B, 1, 1, E)
+    bad = ((ids[..., None] == ex) & (ex >= 0)).any(-1) | (ids < 0)  # (B, T, n)
+    order = torch.arange(n, device=ids.device).expand(B, T, n) + bad.long() * n  # kept ones first
+    pick = order.argsort(-1)[..., :k]  # (B, T, k)
+    return ids.gather(-1, pick).masked_fill(bad.gather(-1, pick), -1)
+
+
 def same_group(rows: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
     """(B, T, K, K) bool: candidates i, j share a (head, relation) and both exist. From the source's
     head_id / rel_id; a source without them falls back to identical keys (K is a function of the
@@ -84,13 +105,16 @@ class KBInjection(nn.Module):
             raise ValueError("KBContext.source is None: give the request a TensorKB or IndexedKB")
         B, T, _ = h.shape
         e_q, tau, forced = ctx.rows(ctx.e_q, B), ctx.rows(ctx.tau, B), ctx.rows(ctx.forced_ids, B)
-        kind = ctx.rows(ctx.time_kind, B)
+        kind, excluded = ctx.rows(ctx.time_kind, B), ctx.rows(ctx.excluded_ids, B)
         e_q = e_q.to(device=h.device, dtype=self.dtype) if e_q is not None else None  # (B, d_ctx)
         q = self.query(h, e_q)  # (B, T, d_k)
         k = min(self.k_top, ctx.source.num_facts)
-        ids = ctx.source.search(q.reshape(B * T, -1), k).view(B, T, k).to(q.device)  # (B, T, k)
+        extra = 0 if excluded is None else min(excluded.shape[1], ctx.source.num_facts - k)
+        ids = ctx.source.search(q.reshape(B * T, -1), k + extra).view(B, T, k + extra).to(q.device)  # (B, T, k+E)
+        if excluded is not None:
+            ids = drop_excluded(ids, excluded, k)  # (B, T, k)
         if forced is not None:
-            ids = force_candidates(ids, forced)
+            ids = only_candidates(ids, forced) if ctx.forced_only else force_candidates(ids, forced)
         valid = ids >= 0  # faiss pads with -1 when it finds fewer than k
         valid[..., 0] = True  # keep the best slot so a position never has no candidate at all
         rows = ctx.source.fetch(ids.clamp_min(0))

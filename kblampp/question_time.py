@@ -353,6 +353,20 @@ def parse_time_constraint(text: str, reference_date: str | None = None) -> TimeC
     return None
 
 
+def without_relative_clause(text: str) -> str:
+    """The question with its relative-time clause cut out ("When X was CEO of Y, who was the CEO of
+    Z?" -> "who was the CEO of Z?"): what the answer fact itself is about, for the query of a relative
+    question's second retrieval (the clause only dates it). Text without such a clause comes back as is."""
+    norm = normalize_question(text)
+    for pattern in _RELATIVE:
+        if m := pattern.search(norm):
+            rest = norm[:m.start()] + norm[m.end():]
+            rest = re.sub(r"\s+([,?;.])", r"\1", re.sub(r"\s+", " ", rest)).strip()
+            rest = re.sub(r"^[,;]\s*|,\s*(?=[?;.]|$)", "", rest)
+            return rest[:1].upper() + rest[1:] if rest else text
+    return text
+
+
 def parse_question_time(text: str, reference_date: str | None = None) -> tuple[str | None, str | None] | None:
     """(start, end) ISO partial dates of the question's time constraint, None ends open; None if none."""
     constraint = parse_time_constraint(text, reference_date)

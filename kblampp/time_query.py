@@ -8,13 +8,17 @@ constraint whose date is the end of X's tenure, which only the KB knows. They ar
 retrievals: (1) the first inject layer's own query (Q = kb_query_ctx(e) + kb_linear_q(0), e the
 embedding of the question for succession, of the anchor clause for relative questions) searches 16
 candidates, and the one whose evidence sentence best matches the anchor clause is the anchor fact
-(`first_hop`, `hop_texts`); (2) its window becomes the constraint's dates and the question is
-answered as a dated one (for succession the anchor's siblings that the first hop found are forced
-into the second retrieval's candidates: the answer is one of them):
+(`first_hop`, `hop_texts`); (2) its time becomes the constraint's dates and the question is
+answered as a dated one:
   just_before (predecessor): (None, anchor start - 1 day)  -> the latest sibling started by then
   right_after (successor):   (anchor end + 1 day, None)    -> the earliest-ending sibling still valid
-  relative:                  (anchor start, anchor end), or (start, start) for facts that mark a
-                             beginning (place of birth, spouse, founded by) -> the sibling overlapping it
+  relative:                  the anchor's window, or its start's own period for facts that mark a
+                             beginning (place of birth, spouse, founded by: "the year Y was founded")
+For succession the anchor's siblings that the first hop found are the second retrieval's only
+candidates (the answer is one of them). For relative questions the anchor and its siblings are never
+candidates (the answer is another fact), and e_q is the embedding of the question without its clause
+(`relative_query_text`), so the query asks for what the answer fact is about, not for the anchor;
+when that still names the anchor's head ("the organiser of the Expo"), the anchor's tail joins it.
 No backbone forward is needed for step (1): the query's question-state part is left at its bias.
 """
 from __future__ import annotations
@@ -22,12 +26,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch.nn import functional as F
 
-from kblampp.question_time import TIME_KINDS, TimeConstraint, parse_time_constraint
+from kblampp.question_time import TIME_KINDS, TimeConstraint, parse_time_constraint, without_relative_clause
 from kblampp.timewin import days_to_iso, window_days
 
 START_ONLY_RELATIONS = ("place of birth", "spouse", "founded by")  # an anchor that marks a beginning
@@ -51,14 +55,66 @@ def constraint_kind(c: TimeConstraint | None) -> int:
     return 0 if c is None else TIME_KINDS.index(c.kind)
 
 
-def anchored(c: TimeConstraint, lo: float, hi: float, start_only: bool) -> TimeConstraint:
-    """The constraint with dates from the anchor fact's window [lo, hi] (days; hi may be +inf)."""
+def anchor_days(c: TimeConstraint, relation: str, start: str | None, end: str | None) -> tuple[float, float]:
+    """The time (lo, hi) days an anchor fact stands for: for succession its whole window; for a
+    relative constraint too, except that a fact marking a beginning (place of birth, spouse, founded by)
+    stands for its start's own period ("founded in 1993" -> all of 1993, not its first day)."""
+    if c.kind not in SUCCESSION_KINDS and relation in START_ONLY_RELATIONS and start is not None:
+        return window_days(start, start)
+    return window_days(start, end)
+
+
+def anchored(c: TimeConstraint, lo: float, hi: float) -> TimeConstraint:
+    """The constraint with dates from the anchor's time [lo, hi] (days; `anchor_days`; hi may be +inf)."""
     if c.kind == "just_before":
         return replace(c, start=None, end=days_to_iso(lo - DAY) if math.isfinite(lo) else None)
     if c.kind == "right_after":
         return replace(c, start=days_to_iso(hi + DAY) if math.isfinite(hi) else None, end=None)
-    end = lo if start_only else hi
-    return replace(c, start=days_to_iso(lo), end=days_to_iso(end))
+    return replace(c, start=days_to_iso(lo), end=days_to_iso(hi))
+
+
+class AnchorFact(NamedTuple):
+    """What the second retrieval needs of an anchor fact."""
+
+    relation: str
+    start: str | None
+    end: str | None
+    head: str = ""
+    tail: str = ""
+
+
+FactTime = Callable[[int], AnchorFact]
+
+
+def anchor_fact_of(fact: Any) -> AnchorFact:
+    """A `kblampp.schema.Fact` as an anchor."""
+    return AnchorFact(fact.relation_name, fact.start, fact.end, fact.head_name, fact.tail_name)
+
+
+def relative_query_text(question: str, anchor: AnchorFact | None) -> str:
+    """The text whose embedding queries a dated relative question's answer: the question without its
+    clause; when what is left still asks about the anchor's own head ("the organiser of the Expo"), or
+    names nothing but a pronoun's referent ("its organiser"), the answer is about the anchor's tail,
+    which the text then carries (a chain: event -> organiser -> its CEO)."""
+    rest = without_relative_clause(question)
+    if anchor is None or not anchor.tail:
+        return rest
+    about_head = bool(anchor.head) and anchor.head.lower() in rest.lower()
+    if about_head or not names_something(rest[1:]):
+        return f"{rest} {anchor.tail}"
+    return rest
+
+
+
+def padded_ids(groups: Sequence[Sequence[int]]) -> torch.Tensor | None:
+    """(n, W) long ids, -1 padded; None when every group is empty."""
+    width = max([len(g) for g in groups] + [0])
+    if width == 0:
+        return None
+    out = torch.full((len(groups), width), -1, dtype=torch.long)
+    for i, g in enumerate(groups):
+        out[i, :len(g)] = torch.tensor(list(g), dtype=torch.long)
+    return out
 
 
 @dataclass
@@ -69,29 +125,36 @@ class QuestionTimes:
     anchor_facts: list[int | None]
     used: list[TimeConstraint | None]
     hop_group: list[list[int]] | None = None  # succession: the anchor's siblings the first hop found
+    excluded: list[list[int]] | None = None  # relative: the anchor and its siblings
+    query_texts: list[str | None] | None = None  # relative: the question without its clause (e_q's text)
 
     def forced(self) -> torch.Tensor | None:
-        """(n, F) candidates the second retrieval must hold (the successor / predecessor is among the
+        """(n, F) the second retrieval's only candidates (the successor / predecessor is one of the
         anchor's siblings), -1 padded; None when no question has any."""
-        groups = self.hop_group or [[] for _ in self.used]
-        width = max([len(g) for g in groups] + [0])
-        if width == 0:
-            return None
-        out = torch.full((len(groups), width), -1, dtype=torch.long)
-        for i, g in enumerate(groups):
-            out[i, :len(g)] = torch.tensor(g, dtype=torch.long)
-        return out
+        return padded_ids(self.hop_group or [])
+
+    def excluded_ids(self) -> torch.Tensor | None:
+        """(n, E) facts the second retrieval must not return (a relative question's anchor group)."""
+        return padded_ids(self.excluded or [])
 
     def row(self, i: int) -> dict:
         """Question i's constraint for the evidence: as parsed, the anchor fact, and as used."""
         show = (lambda c: None if c is None else c.to_dict())
-        return {"parsed": show(self.parsed[i]), "anchor_fact": self.anchor_facts[i], "used": show(self.used[i])}
+        out = {"parsed": show(self.parsed[i]), "anchor_fact": self.anchor_facts[i], "used": show(self.used[i])}
+        if self.query_texts and self.query_texts[i] is not None:
+            out["query_text"] = self.query_texts[i]
+        return out
 
     def select(self, rows: Sequence[int]) -> "QuestionTimes":
         """The same per-question lists for `rows` only, in that order."""
-        groups = None if self.hop_group is None else [self.hop_group[i] for i in rows]
-        return QuestionTimes([self.parsed[i] for i in rows], [self.anchor_facts[i] for i in rows],
-                             [self.used[i] for i in rows], groups)
+        pick = (lambda lists: None if lists is None else [lists[i] for i in rows])
+        return QuestionTimes(pick(self.parsed), pick(self.anchor_facts), pick(self.used), pick(self.hop_group),
+                             pick(self.excluded), pick(self.query_texts))
+
+    def query_text(self, i: int, question: str) -> str:
+        """The text whose embedding is question i's e_q: the question, or for a dated relative
+        question the question without its clause (the clause's time is now in the constraint)."""
+        return question if not self.query_texts or self.query_texts[i] is None else self.query_texts[i]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau (n, 2) float32 days, NaN = no dates; time_kind (n,) long)."""
@@ -153,10 +216,12 @@ def hop_texts(question: str, c: TimeConstraint) -> tuple[str, str]:
 
 def question_times(questions: Sequence[str], reference_date: str | None = None, kb_layer: Any = None,
                    source: Any = None, embed: Callable[[list[str]], Any] | None = None,
-                   relation_of: Callable[[int], str] | None = None) -> QuestionTimes:
+                   fact_time: FactTime | None = None) -> QuestionTimes:
     """Parse every question; anchored constraints are resolved by `first_hop` when a layer, source and
-    embedder are given (else they stay undated, so g_time is 0 for them). `relation_of(fact_id)` names
-    the anchor fact's relation (for the start-only rule); without it the whole window is used."""
+    embedder are given (else they stay undated, so g_time is 0 for them). `fact_time(fact_id)` gives
+    the anchor fact's relation and dates (`anchor_days`); without it the store's window is used.
+    Succession: the anchor's siblings become the only candidates; relative: the anchor and its
+    siblings are excluded (the answer is another fact, dated by the anchor)."""
     parsed = [parse_time_constraint(q, reference_date) for q in questions]
     used: list[TimeConstraint | None] = list(parsed)
     anchors: list[int | None] = [None] * len(parsed)
@@ -168,28 +233,35 @@ def question_times(questions: Sequence[str], reference_date: str | None = None, 
         ids, group = first_hop(kb_layer, source, e_select, e_search, with_group=True)
         windows = source.fetch(ids.clamp_min(0))
         groups: list[list[int]] = [[] for _ in parsed]
+        excluded: list[list[int]] = [[] for _ in parsed]
+        texts_q: list[str | None] = [None] * len(parsed)
         for j, i in enumerate(todo):
-            fact = int(ids[j])
-            lo, hi = float(windows["tau_min"][j]), float(windows["tau_max"][j])
-            start_only = relation_of is not None and relation_of(fact) in START_ONLY_RELATIONS
-            anchors[i], used[i] = fact, anchored(parsed[i], lo, hi, start_only)
-            if parsed[i].kind in SUCCESSION_KINDS:
-                groups[i] = [int(x) for x in group[j].tolist() if x >= 0 and x != fact]
-        return QuestionTimes(parsed, anchors, used, groups)
+            fact, c = int(ids[j]), parsed[i]
+            info = None if fact_time is None else fact_time(fact)
+            if info is not None:
+                lo, hi = anchor_days(c, info.relation, info.start, info.end)
+            else:
+                lo, hi = float(windows["tau_min"][j]), float(windows["tau_max"][j])
+            anchors[i], used[i] = fact, anchored(c, lo, hi)
+            siblings = [int(x) for x in group[j].tolist() if x >= 0 and x != fact]
+            if c.kind in SUCCESSION_KINDS:
+                groups[i] = siblings
+            else:
+                excluded[i], texts_q[i] = [fact] + siblings, relative_query_text(questions[i], info)
+        return QuestionTimes(parsed, anchors, used, groups, excluded, texts_q)
     return QuestionTimes(parsed, anchors, used)
 
 
 def gold_anchor_times(parsed: Sequence[TimeConstraint | None], supporting: Sequence[Sequence[int]],
-                      windows: Callable[[int], tuple[float, float]], relation_of: Callable[[int], str]
-                      ) -> QuestionTimes:
+                      fact_time: FactTime) -> QuestionTimes:
     """Training: anchored constraints resolved with the gold anchor (the first supporting fact)."""
     used: list[TimeConstraint | None] = list(parsed)
     anchors: list[int | None] = [None] * len(parsed)
     for i, c in enumerate(parsed):
         if needs_anchor(c) and len(supporting[i]) >= 1:
             fact = int(supporting[i][0])
-            lo, hi = windows(fact)
-            anchors[i], used[i] = fact, anchored(c, lo, hi, relation_of(fact) in START_ONLY_RELATIONS)
+            info = fact_time(fact)
+            anchors[i], used[i] = fact, anchored(c, *anchor_days(c, info.relation, info.start, info.end))
     return QuestionTimes(list(parsed), anchors, used)
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kblampp.config import ConfigError, KBConfig
-from kblampp.injection_wrapper import KBAttentionWrapper, force_candidates
+from kblampp.injection_wrapper import KBAttentionWrapper, drop_excluded, force_candidates, only_candidates
 from kblampp.kb_context import KBContext
 from kblampp.kb_params import freeze_non_kb, is_kb_name
 from kblampp.model import KBLaMPP
@@ -170,6 +170,38 @@ def test_force_candidates_hand_example():
     out = force_candidates(retrieved, forced)
     assert sorted(out[0, 0].tolist()) == [5, 6, 7, 9]  # 9 replaces the lowest non-forced (8); 6 kept
     assert sorted(out[1, 0].tolist()) == [1, 2, 3, 4]  # 2 already there, -1 is padding
+
+
+def test_only_candidates_and_drop_excluded_hand_examples():
+    retrieved = torch.tensor([[[5, 6, 7, 8]], [[1, 2, 3, 4]]])
+    only = only_candidates(retrieved, torch.tensor([[9, 6], [-1, -1]]))
+    assert only[0, 0].tolist() == [9, 6, -1, -1]  # exactly the forced ids, -1 padded
+    assert only[1, 0].tolist() == [1, 2, 3, 4]  # a row without forced ids keeps its retrieval
+    wide = torch.tensor([[[5, 6, 7, 8, 9, 10]], [[1, 2, 3, 4, -1, -1]]])
+    kept = drop_excluded(wide, torch.tensor([[6, 5], [9, -1]]), k=4)
+    assert kept[0, 0].tolist() == [7, 8, 9, 10]  # retrieval order kept, excluded ids gone
+    assert kept[1, 0].tolist() == [1, 2, 3, 4]  # nothing of this row excluded; -1 (not found) never kept
+
+
+def test_excluded_ids_never_candidates_and_forced_only_is_exact():
+    model = make("llama")
+    probe = request(record=True)
+    with torch.no_grad(), model.kb_request(probe):
+        model(input_ids=ids())
+    top = probe.records[1][0].cand_ids[:, :, :2]  # (B, T, 2) what plain retrieval ranks first
+    banned = torch.stack([top[b].flatten().unique()[:6] for b in range(top.shape[0])])  # (B, 6)
+    ctx = request(record=True, excluded_ids=banned)
+    with torch.no_grad(), model.kb_request(ctx):
+        model.generate(ids(), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    for rec in ctx.records[1]:
+        for b in range(banned.shape[0]):
+            assert not torch.isin(rec.cand_ids[b], banned[b]).any()
+    ctx = request(record=True, forced_ids=torch.tensor([[10, 20], [-1, -1]]), forced_only=True)
+    with torch.no_grad(), model.kb_request(ctx):
+        model(input_ids=ids())
+    cand, plain = ctx.records[1][0].cand_ids, probe.records[1][0].cand_ids
+    assert (cand[0, :, :2] == torch.tensor([10, 20])).all() and (cand[0, :, 2:] == -1).all()
+    assert torch.equal(cand[1], plain[1])  # the row without forced ids retrieves as before
 
 
 def test_forced_ids_appear_at_every_position():

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from kblampp.timewin import window_days
+from kblampp.timewin import days_to_iso, window_days
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "tk-5f0c93e1a7d24b68"
@@ -194,6 +194,17 @@ def test_question_time_parsed_or_given(server):
                                     "source": "parsed"}
     # the time score enters alpha: the same question at another time weighs the facts differently
     assert [e["alpha"] for e in parsed["evidence"]] != [e["alpha"] for e in given["evidence"]]
+
+
+def test_relative_question_dated_by_its_anchor_which_is_never_a_candidate(server):
+    body = ask(server, "When Alan Turing worked for NPL, who employed Ada Byron?", top_k_evidence=8)
+    qt = body["question_time"]
+    assert qt["kind"] == "relative" and qt["anchor"] == "Alan Turing worked for NPL"
+    anchor = FACTS[qt["anchor_fact"]]
+    lo, hi = window_days(anchor["time_window"]["start"], anchor["time_window"]["end"])
+    assert qt["resolved"] == {"start": days_to_iso(lo), "end": days_to_iso(hi)}  # dated by the anchor's window
+    assert qt["query_text"] == "Who employed Ada Byron?"  # the clause only dates it
+    assert qt["anchor_fact"] not in evidence_set(body)  # the answer is another fact
 
 
 def test_same_question_same_answer_and_alpha(server):

@@ -18,6 +18,7 @@ from kblampp.inference.generate import RequestHook
 from kblampp.evaluation.parsed_time import question_tau
 from kblampp.kb_context import KBContext
 from kblampp.retrieval import KBSource
+from kblampp.time_query import anchor_fact_of
 from kblampp.schema import QARecord
 from kblampp.time_query import QuestionTimes, question_times
 
@@ -104,8 +105,8 @@ def request_times(model: Any, source: KBSource, records: Sequence[QARecord], emb
     """Each question's typed constraint parsed from its text (as the server does); succession and
     relative anchors dated by the first inject layer's first retrieval when `embed` is given."""
     layer = model.kb_layers[str(model.inject_layers[0])]
-    relation_of = None if facts is None else (lambda i: facts[i].relation_name)
-    return question_times([r.question for r in records], reference_date, layer, source, embed, relation_of)
+    fact_time = None if facts is None else (lambda i: anchor_fact_of(facts[i]))
+    return question_times([r.question for r in records], reference_date, layer, source, embed, fact_time)
 
 
 def forced_ids(records: Sequence[QARecord]) -> torch.Tensor:
@@ -168,6 +169,7 @@ class KBRequest:
     abstain_ids: list[int] | None = None  # `abstain_answer` as tokens
     stop_id: int = -1
     hop_forced: torch.Tensor | None = None  # (n, F) succession: the anchor's siblings, -1 padded
+    hop_excluded: torch.Tensor | None = None  # (n, E) relative: the anchor's group, -1 padded
     records: dict[int, LastTokenRecord] = field(default_factory=dict)
 
     @property
@@ -195,14 +197,16 @@ class KBRequest:
         device = batch["input_ids"].device
         idx = torch.tensor(indices, dtype=torch.long)
         forced = None if self.hop_forced is None else self.hop_forced[idx].to(device)
+        excluded = None if self.hop_excluded is None else self.hop_excluded[idx].to(device)
+        only = forced is not None  # the succession hop's siblings are the only candidates
         if self.variant.oracle:
             if self.forced is None:
                 raise ValueError(f"{self.variant.name}: oracle variant needs forced ids")
-            forced = self.forced[idx].to(device)
+            forced, only = self.forced[idx].to(device), False
         kind = None if self.time_kind is None else self.time_kind[idx].to(device)
         later = frozenset(int(x) for x in self.model.inject_layers[1:])
         ctx = KBContext(source=self.source, e_q=self.e_q[idx].to(device), tau=self.tau[idx].to(device),
-                        time_kind=kind, forced_ids=forced, record=True,
+                        time_kind=kind, forced_ids=forced, forced_only=only, excluded_ids=excluded, record=True,
                         off_layers=later if self.variant.one_layer else frozenset(),
                         zero_beta_layers=frozenset({self.layer}) if self.variant.hop1_zeroed else frozenset())
         extra: dict[str, Any] = {}
@@ -250,7 +254,7 @@ def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequenc
     tau, kind = times.tensors()
     return KBRequest(model=model, source=source, e_q=e_q, tau=tau, variant=variant, time_kind=kind, times=times,
                      tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None,
-                     hop_forced=times.forced(), abstainer=abstainer,
+                     hop_forced=times.forced(), hop_excluded=times.excluded_ids(), abstainer=abstainer,
                      abstain_ids=None if abstain_ids is None else list(abstain_ids), stop_id=stop_id)
 
 

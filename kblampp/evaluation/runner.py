@@ -190,6 +190,16 @@ def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecor
 
 
 @torch.no_grad()
+def kb_query_vectors(embed: Any, records: Sequence[QARecord], times: Any, q_vecs: np.ndarray) -> np.ndarray:
+    """(n, d_ctx) e_q of the KB rows: the question's vector, or where `times` gives another query text
+    (a dated relative question without its clause) that text's; the baselines keep `q_vecs`."""
+    out = q_vecs.copy()
+    todo = [i for i, r in enumerate(records) if times.query_text(i, r.question) != r.question]
+    if todo:
+        out[todo] = np.asarray(embed([times.query_text(i, records[i].question) for i in todo]), dtype=np.float32)
+    return out
+
+
 def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], seen: set[str],
              batch_size: int = 16, rag_k: int | None = None, progress: bool = True, batch_tokens: int | None = None
              ) -> tuple[dict[str, list[QuestionResult]], dict[str, KBRequest], dict[str, float]]:
@@ -205,6 +215,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     plain = backbone_prompts(ec.tokenizer, records, instruction)
     q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)  # once, for every row
     times = request_times(ec.model, ec.source, records, ec.embed, ec.facts, ec.cfg.reference_date)
+    kb_vecs = kb_query_vectors(ec.embed, records, times, q_vecs)
     timed = [i for i, c in enumerate(times.parsed) if c is not None]  # g_time can be non-zero (first/last too)
     results: dict[str, list[QuestionResult]] = {}
     requests: dict[str, KBRequest] = {}
@@ -251,9 +262,9 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
             if row in followed:  # generated with the earlier row whose prompt forward passes it shares
                 req, sub_gens, carried = followed.pop(row)
             elif sub:
-                req = ec.kb_request(torch.from_numpy(q_vecs[idx]), sub, row, times=times.select(idx))
+                req = ec.kb_request(torch.from_numpy(kb_vecs[idx]), sub, row, times=times.select(idx))
                 fol = prefill_followers(row, rows) if twin is None else []
-                fol_reqs = [ec.kb_request(torch.from_numpy(q_vecs), records, f, times=times) for f in fol]
+                fol_reqs = [ec.kb_request(torch.from_numpy(kb_vecs), records, f, times=times) for f in fol]
                 all_gens, secs = generate_with_followers(ec.model, ec.tokenizer, [plain[i] for i in idx], budget,
                                                          batch_size, req, fol_reqs, row, progress, batch_tokens)
                 sub_gens, moved = all_gens[0], sum(secs[1:])
@@ -366,9 +377,9 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
     keep, _ = usable_rows(ec, [row])
     if not keep:
         raise ValueError(f"row {row!r} needs the answer head, but the checkpoint has no kb_copy_gate")
-    q_vecs = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
     times = request_times(ec.model, ec.source, records, ec.embed, ec.facts, ec.cfg.reference_date)
-    req = ec.kb_request(q_vecs, records, row, times=times)
+    q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)
+    req = ec.kb_request(torch.from_numpy(kb_query_vectors(ec.embed, records, times, q_vecs)), records, row, times=times)
     prompts = backbone_prompts(ec.tokenizer, records, answer_instruction(ec.cfg.abstain_answer))
     gens = generate_rows(ec.model, ec.tokenizer, prompts, ec.cfg.max_new_tokens,
                          batch_size=batch_size, request=req, desc=row, progress=progress,

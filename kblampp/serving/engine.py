@@ -32,8 +32,8 @@ from kblampp.serving.config import ServerSettings
 from kblampp.serving.kb_log import AuditLog, KBLog, LogEntry, default_audit_path, read_log
 from kblampp.serving.model_answerer import AnswerItem
 from kblampp.serving.schemas import ApiError
-from kblampp.time_query import (START_ONLY_RELATIONS, SUCCESSION_KINDS, anchored, constraint_days, hop_texts,
-                                needs_anchor, window_satisfies)
+from kblampp.time_query import (SUCCESSION_KINDS, AnchorFact, anchor_days, anchored, constraint_days, hop_texts,
+                                needs_anchor, relative_query_text, window_satisfies)
 from kblampp.timewin import window_days
 
 
@@ -261,10 +261,14 @@ class Engine:
         fact = self.kb.get(index)
         if fact is None:
             return c, {}
-        lo, hi = window_days(*_window_list(fact))
-        used = anchored(c, lo, hi, fact["relation"]["name"] in START_ONLY_RELATIONS)
+        info = AnchorFact(fact["relation"]["name"], *_window_list(fact), fact["head"]["name"], fact["tail"]["name"])
+        used = anchored(c, *anchor_days(c, info.relation, info.start, info.end))
         shown.update(anchor_fact=index, resolved={"start": used.start, "end": used.end})
-        return used, ({"forced_ids": siblings} if siblings and c.kind in SUCCESSION_KINDS else {})
+        if c.kind in SUCCESSION_KINDS:  # the successor / predecessor is one of the anchor's siblings
+            return used, ({"forced_ids": siblings} if siblings else {})
+        text = relative_query_text(question, info)  # relative: the answer is another fact, queried by this
+        shown.update(query_text=text)
+        return used, {"excluded_ids": [index] + siblings, "e_q": self.embedder.encode([text], progress=False)[0]}
 
     def answer(self, question: str, question_time: dict | None, max_new_tokens: int, top_k: int,
                kind: str = "answer", abstain: bool = True, reference_date: str | None = None) -> dict:
@@ -326,6 +330,7 @@ class Engine:
             extra["time_kind"] = TIME_KINDS.index(constraint.kind)
         lo, hi = constraint_days(constraint)
         tau = None if lo != lo else (lo, hi)  # NaN: no dates
+        e_q = extra.pop("e_q", e_q)  # a dated relative question queries without its clause
         return AnswerItem(q.question, e_q, tau, q.max_new_tokens, q.abstain, **extra), constraint, tau
 
     def _generate(self, items: list[AnswerItem]) -> list[Any]:

@@ -19,13 +19,15 @@ from kblampp.backbone import answer_instruction, build_prompt
 from kblampp.inference.generate import generate_rows
 from kblampp.kb_context import KBContext
 from kblampp.scorers import kinds_from_windows
+from kblampp.time_query import padded_ids
 from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
 
 
 @dataclass
 class AnswerItem:
     """One served question as the model reads it (see `KBContext`): tau None = no dates; time_kind
-    None = read from the window; forced_ids: facts the candidates must hold (a succession hop)."""
+    None = read from the window; forced_ids: the only candidates (a succession hop's siblings);
+    excluded_ids: facts never candidates (a relative question's anchor group)."""
 
     question: str
     e_q: np.ndarray
@@ -34,6 +36,7 @@ class AnswerItem:
     abstain: bool = True
     time_kind: int | None = None
     forced_ids: list[int] | None = None
+    excluded_ids: list[int] | None = None
 
 
 @dataclass
@@ -139,12 +142,8 @@ class KBModelAnswerer:
         if any(it.time_kind is not None for it in items):  # rows without one: the kind their window implies
             given = torch.tensor([-1 if it.time_kind is None else it.time_kind for it in items], dtype=torch.long)
             kinds = torch.where(given >= 0, given, kinds_from_windows(tau))  # (n,)
-        width = max(len(it.forced_ids or []) for it in items)
-        forced = None
-        if width:  # rows without forced candidates get -1 padding, which forces nothing
-            forced = torch.full((len(items), width), -1, dtype=torch.long)
-            for i, it in enumerate(items):
-                forced[i, :len(it.forced_ids or [])] = torch.tensor(it.forced_ids or [], dtype=torch.long)
+        forced = padded_ids([it.forced_ids or [] for it in items])  # rows without any: all -1, no forcing
+        excluded = padded_ids([it.excluded_ids or [] for it in items])
         pick = (lambda t, sel: None if t is None else t[sel].to(device))
         calls: list[tuple[list[int], KBContext, Any]] = []
 
@@ -152,7 +151,8 @@ class KBModelAnswerer:
         def hook(indices: list[int], batch: dict) -> Iterator[dict]:
             sel = torch.tensor(indices, dtype=torch.long)
             ctx = KBContext(source=self.kb.source, e_q=pick(e_q, sel), tau=pick(tau, sel), time_kind=pick(kinds, sel),
-                            forced_ids=pick(forced, sel), record=True)
+                            forced_ids=pick(forced, sel), forced_only=True, excluded_ids=pick(excluded, sel),
+                            record=True)
             extra, decision = self._processors(ctx, abstain)
             calls.append((indices, ctx, decision))
             with self.model.kb_request(ctx):

@@ -74,13 +74,14 @@ def question_signals(model: Any, source: Any, hidden: torch.Tensor, e_q: torch.T
     gate = getattr(model, "kb_copy_gate", None)
     device = kb.kb_linear_q.weight.device
     tau, kind = times.tensors()
-    forced = times.forced()
+    forced, excluded = times.forced(), times.excluded_ids()
     parts: list[AbstainSignals] = []
     for s in range(0, hidden.shape[0], chunk):
         rows = slice(s, s + chunk)
         h = hidden[rows].to(device).unsqueeze(1).to(kb.dtype)  # (b, 1, d_model)
         ctx = KBContext(source=source, e_q=e_q[rows].to(device), tau=tau[rows].to(device),
                         time_kind=kind[rows].to(device), forced_ids=None if forced is None else forced[rows].to(device),
+                        forced_only=True, excluded_ids=None if excluded is None else excluded[rows].to(device),
                         record=True)  # record: the selection carries its score parts and windows
         sel, _ = kb.select(h, ctx)
         _, beta = kb.kb_fusion(h, sel.v_tilde)

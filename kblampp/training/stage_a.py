@@ -43,7 +43,7 @@ from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer, in
 from kblampp.training.time_phase import TimeTrainer
 from kblampp.training.hop_phase import HopTrainer, copy_query_side, hop_data, init_bridge
 from kblampp.question_time import parse_time_constraint
-from kblampp.time_query import gold_anchor_times
+from kblampp.time_query import anchor_fact_of, gold_anchor_times
 from kblampp.training.value_phase import ValueTrainer
 
 PHASES = ("retrieval", "time", "copy_gate", "value", "e2e", "hops")
@@ -114,7 +114,7 @@ def training_times(records: Sequence[QARecord], facts: Sequence[Fact], cfg: KBCo
     question the parser finds no time in keeps its record's window (kind read from the window)."""
     parsed = [parse_time_constraint(r.question, cfg.reference_date) for r in records]
     times = gold_anchor_times(parsed, [r.supporting_facts for r in records],
-                              lambda i: (facts[i].tau_min, facts[i].tau_max), lambda i: facts[i].relation_name)
+                              lambda i: anchor_fact_of(facts[i]))
     tau, kind = times.tensors()
     out = []
     for r, c, (lo, hi), k in zip(records, times.used, tau.tolist(), kind.tolist()):
