@@ -253,16 +253,32 @@ def question_times(questions: Sequence[str], reference_date: str | None = None, 
 
 
 def gold_anchor_times(parsed: Sequence[TimeConstraint | None], supporting: Sequence[Sequence[int]],
-                      fact_time: FactTime) -> QuestionTimes:
-    """Training: anchored constraints resolved with the gold anchor (the first supporting fact)."""
+                      fact_time: FactTime, questions: Sequence[str] | None = None) -> QuestionTimes:
+    """Training: anchored constraints resolved with the gold anchor (the first supporting fact); with
+    `questions`, relative questions also get their query text (`relative_query_text`), as at run time."""
     used: list[TimeConstraint | None] = list(parsed)
     anchors: list[int | None] = [None] * len(parsed)
+    texts: list[str | None] = [None] * len(parsed)
     for i, c in enumerate(parsed):
         if needs_anchor(c) and len(supporting[i]) >= 1:
             fact = int(supporting[i][0])
             info = fact_time(fact)
             anchors[i], used[i] = fact, anchored(c, *anchor_days(c, info.relation, info.start, info.end))
-    return QuestionTimes(list(parsed), anchors, used)
+            if questions is not None and c.kind not in SUCCESSION_KINDS:
+                texts[i] = relative_query_text(questions[i], info)
+    return QuestionTimes(list(parsed), anchors, used, query_texts=texts if questions is not None else None)
+
+
+def query_vectors(embed: Callable[[list[str]], Any], questions: Sequence[str], times: QuestionTimes,
+                  q_vecs: Any) -> Any:
+    """(n, d_ctx) e_q of the KB model: each question's vector `q_vecs` (numpy or torch), or where
+    `times` gives another query text (a dated relative question without its clause) that text's."""
+    out = q_vecs.clone() if isinstance(q_vecs, torch.Tensor) else q_vecs.copy()
+    todo = [i for i, q in enumerate(questions) if times.query_text(i, q) != q]
+    if todo:
+        vecs = embed([times.query_text(i, questions[i]) for i in todo])
+        out[todo] = torch.as_tensor(vecs, dtype=out.dtype) if isinstance(out, torch.Tensor) else vecs
+    return out
 
 
 def window_satisfies(c: TimeConstraint | None, lo: float, hi: float) -> bool | None:

@@ -2,6 +2,7 @@
 get their dates from a first retrieval through the layer's own query."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from kblampp.injection_wrapper import KBInjection
 from kblampp.question_time import TIME_KINDS, TimeConstraint
 from kblampp.retrieval import TensorKB
 from kblampp.time_query import (AnchorFact, anchor_days, anchored, constraint_days, first_hop, gold_anchor_times,
-                                needs_anchor, question_times, relative_query_text, window_satisfies)
+                                needs_anchor, query_vectors, question_times, relative_query_text, window_satisfies)
 from kblampp.timewin import window_days
 
 C = TimeConstraint
@@ -136,3 +137,20 @@ def test_gold_anchor_times_and_window_satisfies():
     assert window_satisfies(t.used[1], *window_days(*windows[0])) is True
     assert window_satisfies(t.used[1], *window_days("1996", None)) is False
     assert window_satisfies(None, lo, hi) is None
+
+
+def test_gold_times_give_relative_query_texts_and_query_vectors_replace_only_those_rows():
+    qs = ["When Ann Lee was CEO of Acme, who was the CEO of Bolt?", "Who succeeded Ann Lee as CEO of Acme?",
+          "Who was the CEO of Bolt in 1999?"]
+    parsed = [C("relative", None, None, "Ann Lee was CEO of Acme"), C("right_after", None, None, "Ann Lee as CEO of Acme"),
+              C("at", "1999", "1999")]
+    ceo = AnchorFact("chief executive officer", "1990", "1994", "Acme", "Ann Lee")
+    t = gold_anchor_times(parsed, [[4, 7], [4, 8], [9]], lambda i: ceo, qs)
+    assert t.query_texts == ["Who was the CEO of Bolt?", None, None]  # succession queries with the question
+    embed = (lambda texts: np.array([[float(len(x)), 1.0] for x in texts], dtype=np.float32))
+    q_vecs = embed(qs)
+    out = query_vectors(embed, qs, t, q_vecs)
+    assert out[0].tolist() == [float(len("Who was the CEO of Bolt?")), 1.0]
+    assert np.array_equal(out[1:], q_vecs[1:]) and q_vecs[0, 0] == len(qs[0])  # the input is not modified
+    as_torch = query_vectors(embed, qs, t, torch.from_numpy(q_vecs))
+    assert isinstance(as_torch, torch.Tensor) and torch.equal(as_torch, torch.from_numpy(out))

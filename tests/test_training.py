@@ -177,6 +177,10 @@ def test_cached_states_are_the_inject_layer_input_at_the_last_prompt_token(world
                                    progress=False)  # no backbone needed: read from the file
     assert calls == [5] and torch.equal(first["hidden"], again["hidden"]) and torch.equal(first["e_q"], again["e_q"])
     assert len(list(tmp_path.glob("states_*.safetensors"))) == 1
+    other = [q + " (reworded)" for q in (r.question for r in ds.records)]  # same prompts, other e_q texts
+    third = cached_question_states(tmp_path, model, "tiny", prompts, other, 1, 0, embed, progress=False)
+    assert calls == [5, 5] and not torch.equal(third["e_q"], first["e_q"])  # not the stale e_q of the first file
+    assert len(list(tmp_path.glob("states_*.safetensors"))) == 2
 
 
 def test_shared_prompt_prefix_is_computed_once_with_the_same_states(world):

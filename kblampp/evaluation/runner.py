@@ -30,6 +30,7 @@ from kblampp.evaluation.retrieval_metrics import score_question
 from kblampp.metrics import score_answer
 from kblampp.progress import format_duration, format_rate, status
 from kblampp.schema import QA_TYPES, Fact, QARecord
+from kblampp.time_query import query_vectors
 
 log = logging.getLogger(__name__)
 
@@ -190,16 +191,6 @@ def rag_retrieval_scores(ids: Sequence[Sequence[int]], records: Sequence[QARecor
 
 
 @torch.no_grad()
-def kb_query_vectors(embed: Any, records: Sequence[QARecord], times: Any, q_vecs: np.ndarray) -> np.ndarray:
-    """(n, d_ctx) e_q of the KB rows: the question's vector, or where `times` gives another query text
-    (a dated relative question without its clause) that text's; the baselines keep `q_vecs`."""
-    out = q_vecs.copy()
-    todo = [i for i, r in enumerate(records) if times.query_text(i, r.question) != r.question]
-    if todo:
-        out[todo] = np.asarray(embed([times.query_text(i, records[i].question) for i in todo]), dtype=np.float32)
-    return out
-
-
 def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], seen: set[str],
              batch_size: int = 16, rag_k: int | None = None, progress: bool = True, batch_tokens: int | None = None
              ) -> tuple[dict[str, list[QuestionResult]], dict[str, KBRequest], dict[str, float]]:
@@ -215,7 +206,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
     plain = backbone_prompts(ec.tokenizer, records, instruction)
     q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)  # once, for every row
     times = request_times(ec.model, ec.source, records, ec.embed, ec.facts, ec.cfg.reference_date)
-    kb_vecs = kb_query_vectors(ec.embed, records, times, q_vecs)
+    kb_vecs = query_vectors(ec.embed, [r.question for r in records], times, q_vecs)  # the KB rows' e_q
     timed = [i for i, c in enumerate(times.parsed) if c is not None]  # g_time can be non-zero (first/last too)
     results: dict[str, list[QuestionResult]] = {}
     requests: dict[str, KBRequest] = {}
@@ -379,7 +370,8 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
         raise ValueError(f"row {row!r} needs the answer head, but the checkpoint has no kb_copy_gate")
     times = request_times(ec.model, ec.source, records, ec.embed, ec.facts, ec.cfg.reference_date)
     q_vecs = np.asarray(ec.embed([r.question for r in records]), dtype=np.float32)
-    req = ec.kb_request(torch.from_numpy(kb_query_vectors(ec.embed, records, times, q_vecs)), records, row, times=times)
+    e_q = query_vectors(ec.embed, [r.question for r in records], times, q_vecs)
+    req = ec.kb_request(torch.from_numpy(e_q), records, row, times=times)
     prompts = backbone_prompts(ec.tokenizer, records, answer_instruction(ec.cfg.abstain_answer))
     gens = generate_rows(ec.model, ec.tokenizer, prompts, ec.cfg.max_new_tokens,
                          batch_size=batch_size, request=req, desc=row, progress=progress,

@@ -97,8 +97,11 @@ def collect(model: Any, source: Any, records: Sequence[QARecord], hidden: torch.
     """Features and labels of `records`; the question times as evaluation and the server build them
     (`request_times`: parsed from the text, anchors dated by the first retrieval when `embed` is given)."""
     from kblampp.evaluation.kbqa import request_times
+    from kblampp.time_query import query_vectors
 
     times = request_times(model, source, records, embed, facts, reference_date)
+    if embed is not None:  # a dated relative question queries without its clause, as at run time
+        e_q = query_vectors(embed, [r.question for r in records], times, e_q.float())
     sig = question_signals(model, source, hidden, e_q, times)
     sel = model.kb_layers[str(model.inject_layers[0])].kb_selector
     feats = abstention_features(sig, sel.gamma, sel.eta).cpu()

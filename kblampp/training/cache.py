@@ -248,7 +248,8 @@ def cached_question_states(cache_dir: str | Path, backbone: torch.nn.Module, bac
     if hops is not None and hops[0] != layer:
         raise ValueError(f"hop_layers {hops} must start with the cached layer {layer}")
     tag = "" if hops is None else "|hops" + ",".join(map(str, hops))
-    key = cache_key(backbone_name, layer, prompts, extra=f"{name}|{len(questions)}{tag}")
+    texts = hashlib.sha256("\n".join(questions).encode()).hexdigest()[:12]  # e_q's texts may differ from the prompts'
+    key = cache_key(backbone_name, layer, prompts, extra=f"{name}|{len(questions)}|{texts}{tag}")
     path = Path(cache_dir) / f"states_{key}.safetensors"
     if path.exists():
         tensors, meta = load_cache(path)

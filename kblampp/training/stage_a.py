@@ -43,7 +43,7 @@ from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer, in
 from kblampp.training.time_phase import TimeTrainer
 from kblampp.training.hop_phase import HopTrainer, copy_query_side, hop_data, init_bridge
 from kblampp.question_time import parse_time_constraint
-from kblampp.time_query import anchor_fact_of, gold_anchor_times
+from kblampp.time_query import QuestionTimes, anchor_fact_of, gold_anchor_times
 from kblampp.training.value_phase import ValueTrainer
 
 PHASES = ("retrieval", "time", "copy_gate", "value", "e2e", "hops")
@@ -108,13 +108,18 @@ def _subset(records: Sequence[QARecord], limit: int, seed: int) -> list[QARecord
     return [records[i] for i in keep]
 
 
+def gold_times(records: Sequence[QARecord], facts: Sequence[Fact], cfg: KBConfig) -> QuestionTimes:
+    """The questions' constraints as parsed, anchored ones dated by their gold anchor fact."""
+    parsed = [parse_time_constraint(r.question, cfg.reference_date) for r in records]
+    return gold_anchor_times(parsed, [r.supporting_facts for r in records], lambda i: anchor_fact_of(facts[i]),
+                             [r.question for r in records])
+
+
 def training_times(records: Sequence[QARecord], facts: Sequence[Fact], cfg: KBConfig) -> list[tuple[float, float, int]]:
     """(lo, hi, kind) per question from its text (the parser every row uses); anchored constraints
     (succession, relative) take their dates from the gold anchor fact, the first supporting fact. A
     question the parser finds no time in keeps its record's window (kind read from the window)."""
-    parsed = [parse_time_constraint(r.question, cfg.reference_date) for r in records]
-    times = gold_anchor_times(parsed, [r.supporting_facts for r in records],
-                              lambda i: anchor_fact_of(facts[i]))
+    times = gold_times(records, facts, cfg)
     tau, kind = times.tensors()
     out = []
     for r, c, (lo, hi), k in zip(records, times.used, tau.tolist(), kind.tolist()):
@@ -170,7 +175,8 @@ class StageA:
         inject layers the same forward keeps every layer's residual / attention output for the hop
         phase (`self.hop_cache[id(ds)]`)."""
         prompts = [ex.input_ids[:ex.prompt_len] for ex in ds.examples]
-        questions = [r.question for r in ds.records]
+        times = gold_times(ds.records, self.inp.facts, self.cfg)  # e_q's text as at run time (relative questions)
+        questions = [times.query_text(i, r.question) for i, r in enumerate(ds.records)]
         layers = self.model.inject_layers
         cached = cached_question_states(self.run_dir / "cache", self.model.backbone, self.cfg.backbone, prompts,
                                         questions, layers[0], self.pad, self.inp.embed, self.cfg.stage_a.cache_batch,
