@@ -4,7 +4,9 @@ At the last prompt token of an inject layer (where the answer head reads its poi
 the alpha distribution over its K_top candidates, each candidate's score parts (sem, phi, g_time), the
 candidates' time windows against the question's, the candidates' own fact fields (head and relation
 ids: do they agree, does the asked entity's fact group hold a window that fits), the fusion gate beta,
-the copy gate, and the state the branch read. `abstention_features` turns one layer's signals into
+the copy gate, the state the branch read, and whether each candidate's head is named in the question
+(`head_named`: asked about an entity the KB lacks, the nearest facts are about other entities).
+`abstention_features` turns one layer's signals into
 `ABSTAIN_FEATURES` (several layers: their features side by side); `KBAbstainHead` (registered on the
 model as `kb_abstain`, trained in a Stage A phase on cached signals with unanswerable training
 questions as positives) maps them, plus an optional low-dimensional projection of the state, to
@@ -18,9 +20,10 @@ the question (entity not found, relation missing, window outside the question's 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +34,8 @@ ABSTAIN_FEATURES = ("max_alpha", "alpha_entropy", "second_alpha", "top_sem", "to
                     "score_margin", "max_sem", "sem_gap", "sem_spread", "sem_lost", "max_phi", "phi_lost",
                     "any_time_ok", "top_time_ok", "time_ok_mass", "best_sem_time_ok", "best_sem_group_time_ok",
                     "top_group_time_ok", "sem_lost_to_time", "best_sem_g_time", "min_g_time", "has_time",
-                    "group_mass", "head_mass", "n_heads", "n_relations", "beta", "copy_gate")
+                    "group_mass", "head_mass", "n_heads", "n_relations", "beta", "copy_gate",
+                    "top_head_named", "any_head_named", "named_mass")
 REASONS = {"entity_missing": "entity not found in the KB",
            "relation_missing": "the KB has no such relation for this entity",
            "time_outside": "the fact's time window is outside the question's time"}
@@ -50,6 +54,7 @@ class AbstainSignals(NamedTuple):
     head_ids: torch.Tensor | None = None  # (B, K) the candidates' head entity ids (None: each its own)
     rel_ids: torch.Tensor | None = None  # (B, K) the candidates' relation ids
     hidden: torch.Tensor | None = None  # (B, d_model) the state the branch read
+    head_named: torch.Tensor | None = None  # (B, K) bool: the candidate's head is named in the question
 
 
 def windows_overlap(tau: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
@@ -105,6 +110,8 @@ def _layer_features(s: AbstainSignals, gamma: float, eta: float) -> torch.Tensor
              g.masked_fill(~valid, float("inf")).min(-1).values, has_time,
              (alpha * group_top).sum(-1), (alpha * same_head_top).sum(-1), n_distinct(heads), n_distinct(rels),
              beta, s.copy_gate.float().to(alpha.device)]
+    named = torch.zeros_like(valid) if s.head_named is None else s.head_named.to(valid.device) & valid  # (B, K)
+    feats += [_pick(named.float(), top), named.any(-1).float(), (alpha * named).sum(-1)]
     return torch.stack(feats, dim=-1).nan_to_num(0.0, posinf=0.0, neginf=0.0)
 
 
@@ -254,14 +261,15 @@ class AbstainLogitsProcessor(LogitsProcessor):
     """Rows the decision abstains on write exactly `answer_ids` then `stop_id`; others are untouched.
 
     Decided once, at the prefill call, from the records of `layer_idx` (one inject layer or several, in
-    the order the decision was trained on) at the last prompt token; put it after the answer head's
-    processor so it has the last word. `abstained` / `p` hold the decision per row afterwards."""
+    the order the decision was trained on) at the last prompt token; `name_check(cand_ids) -> (B, K)
+    bool` says which candidates' heads the rows' questions name (`head_named`; None: no name signal).
+    Put it after the answer head's processor so it has the last word. `abstained` / `p` hold the decision per row afterwards."""
 
     def __init__(self, abstainer: Abstainer, ctx: Any, layer_idx: int | Sequence[int], answer_ids: Sequence[int],
-                 stop_id: int):
+                 stop_id: int, name_check: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if not answer_ids:
             raise ValueError("abstain_answer tokenizes to nothing")
-        self.abstainer, self.ctx = abstainer, ctx
+        self.abstainer, self.ctx, self.name_check = abstainer, ctx, name_check
         self.layers = [int(layer_idx)] if isinstance(layer_idx, int) else [int(i) for i in layer_idx]
         self.answer_ids, self.stop_id = list(answer_ids), int(stop_id)
         self.abstained: torch.Tensor | None = None
@@ -278,7 +286,8 @@ class AbstainLogitsProcessor(LogitsProcessor):
             n = records[-1].alpha.shape[0]
             tau = self.ctx.rows(self.ctx.tau, n)
             tau = torch.full((n, 2), math.nan) if tau is None else tau
-            out.append(signals_from_record(records[-1], tau, self.abstainer.gate, source=self.ctx.source))
+            sig = signals_from_record(records[-1], tau, self.abstainer.gate, source=self.ctx.source)
+            out.append(sig if self.name_check is None else sig._replace(head_named=self.name_check(sig.cand_ids)))
         return out
 
     @torch.no_grad()
@@ -346,10 +355,34 @@ def _words(text: str) -> str:
     return f" {normalize_answer(text)} "
 
 
+def _name_forms(head: str) -> list[str]:
+    """The head's name as a question may write it: whole, or with its first name as an initial."""
+    words = head.split()
+    forms = [_words(head)]
+    if len(words) >= 2 and words[0][:1].isalpha():
+        forms.append(_words(f"{words[0][0]}. {' '.join(words[1:])}"))
+    return [f for f in forms if f.strip()]
+
+
+def names_head(question: str, head: str) -> bool:
+    """Whether the question names this head ("Troy Sims's home" names Troy Sims; "A. Miller" names
+    Alice Miller), on SQuAD-normalised words."""
+    q = _words(re.sub(r"['’]s\b", "", question))
+    return any(form in q for form in _name_forms(re.sub(r"['’]s\b", "", head)))
+
+
+def head_named(questions: Sequence[str], cand_ids: torch.Tensor, head_name: Callable[[int], str]) -> torch.Tensor:
+    """(B, K) bool: candidate k of row b is a fact whose head `questions[b]` names (-1 ids: False).
+    A check on the retrieved evidence: asked about an entity the KB lacks, no candidate's head is named."""
+    ids = cand_ids.cpu().tolist()
+    out = [[i >= 0 and names_head(q, head_name(i)) for i in row] for q, row in zip(questions, ids)]
+    return torch.tensor(out, dtype=torch.bool, device=cand_ids.device).reshape(cand_ids.shape)
+
+
 def miss_reason(question: str, tau: tuple[float, float] | None, head: str, window_days: tuple[float, float]) -> str:
     """Why a candidate fact does not answer the question: its head is not named in the question
     (entity_missing), else its window misses the question's time (time_outside), else relation_missing."""
-    if _words(head).strip() and _words(head) not in _words(question):
+    if _words(head).strip() and not names_head(question, head):
         return "entity_missing"
     if tau is not None and not (math.isnan(tau[0]) or math.isnan(tau[1])):
         lo, hi = window_days

@@ -124,6 +124,7 @@ class AbstentionConfig:
     max_answerable_loss: float = 0.02  # calibration: most answerable dev questions the model gets right
     # (top-alpha = answer fact) that the threshold may turn into abstentions, as a share of all answerable
     threshold: float | None = None
+    name_check: bool = True  # the decision sees whether each candidate's head is named in the question
     lookup_threshold: float | None = None  # `lookup` row: abstain below this similarity (None = the dev-tuned floor)
 
 

@@ -13,7 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kblampp.abstention import (ABSTAIN_FEATURES, Abstainer, AbstainSignals, KBAbstainHead, abstain_reason,  # noqa: E402
-                                abstention_features, calibrate_threshold, head_from_tensors, miss_reason,
+                                abstention_features, calibrate_threshold, head_from_tensors, head_named, miss_reason,
+                                names_head,
                                 model_abstainer, near_misses, prf, windows_overlap)
 from kblampp.training.abstention_phase import AbstentionData, calibrate, fit_head  # noqa: E402
 
@@ -41,10 +42,23 @@ def test_features_on_hand_made_signals():
                 "sem_lost_to_time": 1.0, "has_time": 1.0, "copy_gate": 0.25,
                 "second_alpha": 0.25, "sem_gap": 1.0, "sem_lost": 0.0, "phi_lost": 0.25,
                 "best_sem_group_time_ok": 0.0, "top_group_time_ok": 0.0, "best_sem_g_time": -2.0, "min_g_time": -2.0,
-                "group_mass": 0.5, "head_mass": 0.5, "n_heads": 3.0, "n_relations": 3.0, "beta": 0.0}
+                "group_mass": 0.5, "head_mass": 0.5, "n_heads": 3.0, "n_relations": 3.0, "beta": 0.0,
+                "top_head_named": 0.0, "any_head_named": 0.0, "named_mass": 0.0}  # no name signal given
     assert set(expected) == set(ABSTAIN_FEATURES)
     for name, value in expected.items():
         assert f[F[name]].item() == pytest.approx(value, abs=1e-6), name
+
+
+def test_name_check_features_and_head_named():
+    names = {7: "Alice Miller", 3: "Troy Sims", 9: "Richard Smith"}
+    named = head_named(["Which city is Troy Sims's home?"], torch.tensor([[7, 3, 9, -1]]), names.__getitem__)
+    assert named.tolist() == [[False, True, False, False]]  # the possessive still names him; -1 never named
+    f = abstention_features(hand_signals()._replace(head_named=named), gamma=2.0, eta=1.0)[0]
+    assert [f[F[n]].item() for n in ("top_head_named", "any_head_named", "named_mass")] == [1.0, 1.0, 0.5]
+    assert names_head("where does a. miller live?", "Alice Miller")  # initials and lower case
+    assert names_head("Who employs RICHARD SMITH now?", "Richard Smith")
+    assert not names_head("Which city is Richard Moore's home?", "Richard Smith")  # a namesake is not the entity
+    assert not names_head("Where was Ann born?", "")
 
 
 def test_group_features_read_the_candidates_fact_fields():
@@ -254,8 +268,11 @@ def test_trained_decision_abstains_on_unanswerable_and_explains(built):
     ec.cfg.abstention.max_answerable_loss = 0.0
     ec.cfg.abstention.state_dims, ec.cfg.abstention.dev_folds = 4, 2  # the question state and cross-fitting on
     with torch.enable_grad():
+        with pytest.raises(ValueError, match="abstention.name_check: .* needs the facts"):
+            train_abstention(ec.model, ec.tokenizer, ec.cfg, ec.source, records, records, ec.embed, tmp / "cache",
+                             progress=False)
         report = train_abstention(ec.model, ec.tokenizer, ec.cfg, ec.source, records, records, ec.embed,
-                                  tmp / "cache", progress=False)
+                                  tmp / "cache", progress=False, facts=ec.facts)
     try:
         assert report["dev"]["f1"] == 1.0 and report["dev_unanswerable"] == 4
         assert float(ec.model.kb_abstain.threshold) == pytest.approx(report["threshold"])

@@ -170,6 +170,8 @@ class KBRequest:
     stop_id: int = -1
     hop_forced: torch.Tensor | None = None  # (n, F) succession: the anchor's siblings, -1 padded
     hop_excluded: torch.Tensor | None = None  # (n, E) relative: the anchor's group, -1 padded
+    questions: list[str] | None = None  # the question texts, in question order (the decision's name check)
+    head_names: Sequence[str] | None = None  # head name per fact id (the decision's name check)
     records: dict[int, LastTokenRecord] = field(default_factory=dict)
 
     @property
@@ -188,6 +190,15 @@ class KBRequest:
         hop_layers = None if self.variant.one_layer else self.model.inject_layers
         return CopyLogitsProcessor(self.tail_table, ctx, self.layer, gate=gate, hop_layers=hop_layers,
                                    hop_choice=getattr(self.model, "kb_hop_choice", None))
+
+    def _name_check(self, indices: list[int]) -> Any:
+        """`head_named` for these rows, or None without question texts and head names."""
+        if self.questions is None or self.head_names is None:
+            return None
+        from kblampp.abstention import head_named
+
+        texts, names = [self.questions[i] for i in indices], self.head_names
+        return lambda cand_ids: head_named(texts, cand_ids, names.__getitem__)
 
     @contextlib.contextmanager
     def __call__(self, indices: list[int], batch: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
@@ -218,7 +229,7 @@ class KBRequest:
             from kblampp.abstention import AbstainLogitsProcessor, decision_layers
 
             abstain = AbstainLogitsProcessor(self.abstainer, ctx, decision_layers(self.model), self.abstain_ids or [],
-                                             self.stop_id)
+                                             self.stop_id, self._name_check(indices))
         processors = [p for p in (processor, abstain) if p is not None]  # abstention has the last word
         if processors:
             extra["logits_processor"] = LogitsProcessorList(processors)
@@ -244,10 +255,11 @@ class KBRequest:
 def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],
                variant: KBVariant, tail_table: torch.Tensor | None = None, reference_date: str | None = None,
                times: QuestionTimes | None = None, abstainer: Any = None, abstain_ids: Sequence[int] | None = None,
-               stop_id: int = -1) -> KBRequest:
+               stop_id: int = -1, head_names: Sequence[str] | None = None) -> KBRequest:
     """A ready `KBRequest` (a RequestHook) for `records` in order; `times` from `request_times`
     (default: parsed from the text with `reference_date` resolving "now", anchors left undated); with
-    `abstainer`, rows it abstains on write `abstain_ids` then `stop_id`."""
+    `abstainer`, rows it abstains on write `abstain_ids` then `stop_id`; `head_names` (per fact id)
+    give the decision its name check."""
     if e_q.shape[0] != len(records):
         raise ValueError(f"e_q has {e_q.shape[0]} rows for {len(records)} questions")
     times = times if times is not None else request_times(model, source, records, reference_date=reference_date)
@@ -255,7 +267,8 @@ def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequenc
     return KBRequest(model=model, source=source, e_q=e_q, tau=tau, variant=variant, time_kind=kind, times=times,
                      tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None,
                      hop_forced=times.forced(), hop_excluded=times.excluded_ids(), abstainer=abstainer,
-                     abstain_ids=None if abstain_ids is None else list(abstain_ids), stop_id=stop_id)
+                     abstain_ids=None if abstain_ids is None else list(abstain_ids), stop_id=stop_id,
+                     questions=[r.question for r in records], head_names=head_names)
 
 
 __all__ = ["time_free_twin", "prefill_followers", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord",

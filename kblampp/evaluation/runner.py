@@ -79,7 +79,8 @@ class EvalContext:
         ids = answer_token_ids(self.tokenizer, self.cfg.abstain_answer) if self.abstainer is not None else None
         return kb_request(self.model, self.source, q_vecs, records, KB_VARIANTS[row], self.tail_table,
                           reference_date=self.cfg.reference_date, times=times, abstainer=self.abstainer,
-                          abstain_ids=ids, stop_id=stop_token_id(self.tokenizer))
+                          abstain_ids=ids, stop_id=stop_token_id(self.tokenizer),
+                          head_names=[f.head_name for f in self.facts] if self.cfg.abstention.name_check else None)
 
 
 def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = True) -> EvalContext:

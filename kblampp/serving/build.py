@@ -51,6 +51,7 @@ def _build(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings, stor
                      read_only=settings.read_only, rebuild_fraction=settings.rebuild_fraction)
     try:
         answerer = KBModelAnswerer(model, tokenizer, kb, abstainer=model_abstainer(model, cfg.abstention.threshold),
+                                   name_check=cfg.abstention.name_check,
                                    abstain_answer=cfg.abstain_answer)
         info = {"model": cfg.backbone, "checkpoint": str(checkpoint), "inject_layers": list(cfg.inject_layers),
                 "K_top": cfg.K_top, "answer_head": answerer.answer_head,

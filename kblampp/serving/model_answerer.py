@@ -55,9 +55,9 @@ class KBModelAnswerer:
     {"abstained", "p_unanswerable", "threshold"}; an abstaining model writes `abstain_answer`."""
 
     def __init__(self, model: Any, tokenizer: Any, kb: Any, tail_max_len: int = 16, abstainer: Any = None,
-                 abstain_answer: str = DEFAULT_ABSTAIN_ANSWER):
+                 abstain_answer: str = DEFAULT_ABSTAIN_ANSWER, name_check: bool = True):
         self.model, self.tokenizer, self.kb, self.tail_max_len = model, tokenizer, kb, tail_max_len
-        self.abstainer, self.abstain_answer = abstainer, abstain_answer
+        self.abstainer, self.abstain_answer, self.name_check = abstainer, abstain_answer, name_check
         self.instruction = answer_instruction(abstain_answer)
         self.gate = getattr(model, "kb_copy_gate", None)
         self.layer = int(model.inject_layers[0])
@@ -95,9 +95,14 @@ class KBModelAnswerer:
         ids, group = first_hop(layer, self.kb.source, as_t(e_select), as_t(e_search), with_group=True)
         return int(ids[0]), [int(x) for x in group[0].tolist() if x >= 0 and x != int(ids[0])]
 
-    def _processors(self, ctx: KBContext, abstain: bool) -> tuple[dict[str, Any], Any]:
-        """generate() kwargs for one KB context: the answer head's copy processor when the checkpoint
-        has a copy gate, then the abstention decision (the last word); and that decision or None."""
+    def _head_name(self, index: int) -> str:
+        fact = self.kb.get(index)
+        return "" if fact is None else fact["head"]["name"]
+
+    def _processors(self, ctx: KBContext, abstain: bool, questions: Sequence[str]) -> tuple[dict[str, Any], Any]:
+        """generate() kwargs for one KB context (rows asking `questions`): the answer head's copy
+        processor when the checkpoint has a copy gate, then the abstention decision (the last word);
+        and that decision or None."""
         from transformers import LogitsProcessorList
 
         extra: dict[str, Any] = {}
@@ -110,12 +115,14 @@ class KBModelAnswerer:
                                      hop_choice=getattr(self.model, "kb_hop_choice", None))])
         decision = None
         if abstain and self.abstainer is not None:
-            from kblampp.abstention import AbstainLogitsProcessor, answer_token_ids, decision_layers
+            from kblampp.abstention import AbstainLogitsProcessor, answer_token_ids, decision_layers, head_named
             from kblampp.inference.generate import stop_token_id
 
+            texts = list(questions)
+            check = (lambda cand_ids: head_named(texts, cand_ids, self._head_name)) if self.name_check else None
             decision = AbstainLogitsProcessor(self.abstainer, ctx, decision_layers(self.model),
                                               answer_token_ids(self.tokenizer, self.abstain_answer),
-                                              stop_token_id(self.tokenizer))
+                                              stop_token_id(self.tokenizer), check)
             extra.setdefault("logits_processor", LogitsProcessorList()).append(decision)  # the last word
         return extra, decision
 
@@ -153,7 +160,7 @@ class KBModelAnswerer:
             ctx = KBContext(source=self.kb.source, e_q=pick(e_q, sel), tau=pick(tau, sel), time_kind=pick(kinds, sel),
                             forced_ids=pick(forced, sel), forced_only=True, excluded_ids=pick(excluded, sel),
                             record=True)
-            extra, decision = self._processors(ctx, abstain)
+            extra, decision = self._processors(ctx, abstain, [items[i].question for i in indices])
             calls.append((indices, ctx, decision))
             with self.model.kb_request(ctx):
                 yield extra

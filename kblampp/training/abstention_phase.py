@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kblampp.abstention import (AbstainSignals, KBAbstainHead, abstention_features, calibrate_threshold, prf,
-                                signals_from_record)
+from kblampp.abstention import (AbstainSignals, KBAbstainHead, abstention_features, calibrate_threshold, head_named,
+                                prf, signals_from_record)
 from kblampp.config import KBConfig
 from kblampp.kb_context import KBContext
 from kblampp.schema import QARecord
@@ -88,14 +88,16 @@ def question_signals(model: Any, source: Any, hidden: torch.Tensor, e_q: torch.T
         record = LayerRecord(alpha=sel.alpha, cand_ids=sel.cand_ids, beta=beta, hidden=h, parts=sel.parts,
                              windows=sel.windows)
         parts.append(signals_from_record(record, tau[rows], gate, source=source))
-    return AbstainSignals(*(torch.cat([p[i] for p in parts]) for i in range(len(AbstainSignals._fields))))
+    cat = (lambda i: None if parts[0][i] is None else torch.cat([p[i] for p in parts]))
+    return AbstainSignals(*(cat(i) for i in range(len(AbstainSignals._fields))))
 
 
 def collect(model: Any, source: Any, records: Sequence[QARecord], hidden: torch.Tensor, e_q: torch.Tensor,
             embed: Callable[[list[str]], np.ndarray] | None = None, facts: Sequence[Any] | None = None,
-            reference_date: str | None = None) -> AbstentionData:
+            reference_date: str | None = None, name_check: bool = True) -> AbstentionData:
     """Features and labels of `records`; the question times as evaluation and the server build them
-    (`request_times`: parsed from the text, anchors dated by the first retrieval when `embed` is given)."""
+    (`request_times`: parsed from the text, anchors dated by the first retrieval when `embed` is given);
+    with `facts` and `name_check`, whether each candidate's head is named in the question."""
     from kblampp.evaluation.kbqa import request_times
     from kblampp.time_query import query_vectors
 
@@ -103,6 +105,9 @@ def collect(model: Any, source: Any, records: Sequence[QARecord], hidden: torch.
     if embed is not None:  # a dated relative question queries without its clause, as at run time
         e_q = query_vectors(embed, [r.question for r in records], times, e_q.float())
     sig = question_signals(model, source, hidden, e_q, times)
+    if facts is not None and name_check:
+        sig = sig._replace(head_named=head_named([r.question for r in records], sig.cand_ids,
+                                                 lambda i: facts[i].head_name))
     sel = model.kb_layers[str(model.inject_layers[0])].kb_selector
     feats = abstention_features(sig, sel.gamma, sel.eta).cpu()
     top = sig.cand_ids.gather(1, sig.alpha.argmax(-1, keepdim=True)).squeeze(1).cpu()
@@ -224,6 +229,9 @@ def train_abstention(model: Any, tokenizer: Any, cfg: KBConfig, source: Any, tra
     from kblampp.training.stage_a import _subset  # Stage A's seeded subset (stage_a imports this module)
 
     ac = cfg.abstention
+    if ac.name_check and facts is None:
+        raise ValueError("abstention.name_check: the decision reads the candidates' head names, so training "
+                         "needs the facts (or set abstention.name_check=false)")
     train = _subset(train, ac.max_questions, cfg.seed)
     dev = _subset(dev, ac.dev_max_questions, cfg.seed + 1)
     if not dev:
@@ -231,7 +239,7 @@ def train_abstention(model: Any, tokenizer: Any, cfg: KBConfig, source: Any, tra
     data = []
     for records in (train, dev):
         h, e = question_hidden(model, tokenizer, cfg, records, embed, Path(cache_dir), progress)
-        data.append(collect(model, source, records, h, e, embed, facts, cfg.reference_date))
+        data.append(collect(model, source, records, h, e, embed, facts, cfg.reference_date, ac.name_check))
     head, p, report = fit_and_calibrate(model, cfg, data[0], data[1], progress)
     threshold, metrics = calibrate(p, data[1], ac.max_answerable_loss)
     with torch.no_grad():
@@ -304,7 +312,8 @@ def decision_data(cfg: KBConfig, checkpoint: str | Path, qa_path: str | Path, ca
     records = load_qa(qa_path, num_facts=store.n)
     embed = (lambda texts: embedder.encode(texts, progress=progress))
     h, e = question_hidden(model, tokenizer, cfg, records, embed, Path(cache_dir), progress)
-    data = collect(model, source, records, h, e, embed, load_facts(store.root / "facts.jsonl"), cfg.reference_date)
+    data = collect(model, source, records, h, e, embed, load_facts(store.root / "facts.jsonl"), cfg.reference_date,
+                   cfg.abstention.name_check)
     t = float(head.threshold) if cfg.abstention.threshold is None else float(cfg.abstention.threshold)
     return data, head_probability(head, data), t
 
