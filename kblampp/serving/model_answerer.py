@@ -152,7 +152,8 @@ class KBModelAnswerer:
         def hook(indices: list[int], batch: dict) -> Iterator[dict]:
             sel = torch.tensor(indices, dtype=torch.long)
             ctx = KBContext(source=self.kb.source, e_q=pick(e_q, sel), tau=pick(tau, sel), time_kind=pick(kinds, sel),
-                            forced_ids=pick(forced, sel), record=True)
+                            forced_ids=pick(forced, sel), record=True,
+                            retrieval_positions=self.model.retrieval_positions)
             extra, decision = self._processors(ctx, abstain)
             calls.append((indices, ctx, decision))
             with self.model.kb_request(ctx):
