@@ -10,6 +10,7 @@ with a tolerance and candidate ids exactly.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -217,3 +218,29 @@ def test_bad_scope_is_rejected_naming_the_key(tmp_path):
         KBLaMPP(TINY_MODELS["llama"](), KBConfig(inject_layers=[1], retrieval_positions="first"), d_ctx=D_CTX)
     with pytest.raises(ValueError, match="KBContext.retrieval_positions: 'some' is not one of all, last_prompt"):
         KBContext(retrieval_positions="some")
+
+
+def test_evaluation_rows_honour_the_scope(tmp_path):
+    """The evaluation's KB rows (answer head, abstention-free twin, its prefill follower) under
+    "last_prompt": the answer head still copies every answer, from the same last-token candidates."""
+    from eval_world import build_world
+    from kblampp.evaluation.runner import evaluate
+
+    ec = build_world(tmp_path)
+    rows = ["kblampp", "kblampp_injection"]
+    got = {}
+    for scope in ("all", "last_prompt"):
+        ec.model.retrieval_positions = scope
+        payload = evaluate(ec, tmp_path / "test.jsonl", tmp_path / scope, rows=rows, batch_size=3, kb_edit_n=0,
+                           progress=False)
+        got[scope] = payload
+        lines = (tmp_path / scope / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+        got[scope + "_preds"] = [json.loads(x) for x in lines]
+    assert got["last_prompt"]["rows"]["kblampp"]["em"] == 1.0
+    assert len(got["all_preds"]) == len(got["last_prompt_preds"]) == 8
+    for a, b in zip(got["all_preds"], got["last_prompt_preds"]):
+        assert (a["qid"], a["row"]) == (b["qid"], b["row"])
+        assert a["extra"]["cand_ids"] == b["extra"]["cand_ids"]
+        assert a["extra"]["alpha"] == pytest.approx(b["extra"]["alpha"], abs=1e-5)
+        if a["row"] == "kblampp":
+            assert a["pred"] == b["pred"] == a["answer"]
