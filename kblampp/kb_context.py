@@ -103,6 +103,12 @@ class KBContext:
         self.queries.clear()
 
 
+def prefix_shareable(retrieval_positions: str) -> bool:
+    """Whether a request's states at every prompt position but the last are the plain model's, so a
+    batch may start from the prompts' common prefix computed once without a request."""
+    return retrieval_positions == "last_prompt"
+
+
 class ContextHolder:
     """Shared mutable slot referenced by every wrapper of one model."""
 

@@ -220,13 +220,22 @@ def test_bad_scope_is_rejected_naming_the_key(tmp_path):
         KBContext(retrieval_positions="some")
 
 
-def test_evaluation_rows_honour_the_scope(tmp_path):
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from eval_world import build_world
+
+    tmp = tmp_path_factory.mktemp("scopeworld")
+    ec = build_world(tmp)
+    yield tmp, ec
+    ec.model.retrieval_positions = "all"
+
+
+def test_evaluation_rows_honour_the_scope(world):
     """The evaluation's KB rows (answer head, abstention-free twin, its prefill follower) under
     "last_prompt": the answer head still copies every answer, from the same last-token candidates."""
-    from eval_world import build_world
     from kblampp.evaluation.runner import evaluate
 
-    ec = build_world(tmp_path)
+    tmp_path, ec = world
     rows = ["kblampp", "kblampp_injection"]
     got = {}
     for scope in ("all", "last_prompt"):
@@ -244,3 +253,34 @@ def test_evaluation_rows_honour_the_scope(tmp_path):
         assert a["extra"]["alpha"] == pytest.approx(b["extra"]["alpha"], abs=1e-5)
         if a["row"] == "kblampp":
             assert a["pred"] == b["pred"] == a["answer"]
+
+
+def test_last_prompt_rows_start_from_the_shared_prefix_and_answer_as_without_it(world, monkeypatch):
+    """Under "last_prompt" no KB layer reads the prompt's first tokens, so a KB row may start from their
+    cache computed once by the plain model: same answers, same last-token candidates."""
+    import kblampp.inference.generate as generate
+    from kblampp.evaluation.baselines import backbone_prompts
+    from kblampp.evaluation.kbqa import KB_VARIANTS, kb_request
+    from kblampp.schema import load_qa
+
+    tmp_path, ec = world
+    ec.model.retrieval_positions = "last_prompt"
+    records = load_qa(tmp_path / "test.jsonl", num_facts=len(ec.facts))
+    prompts = backbone_prompts(ec.tokenizer, records)
+    e_q = torch.from_numpy(ec.embed([r.question for r in records]))
+    prefixes = []
+    real = generate.shared_prefix_cache
+    monkeypatch.setattr(generate, "shared_prefix_cache", lambda m, prefix, d: prefixes.append(len(prefix)) or
+                        real(m, prefix, d))
+    got = {}
+    for share in (False, True):
+        req = kb_request(ec.model, ec.source, e_q, records, KB_VARIANTS["kblampp"], ec.tail_table)
+        gens = generate.generate_rows(ec.model, ec.tokenizer, prompts, 6, batch_size=3, request=req, progress=False,
+                                      share_prefix=share)
+        got[share] = gens, req.records
+    assert len(prefixes) == 1 and prefixes[0] > 10  # the chat template's system part, computed once
+    assert [g.output for g in got[True][0]] == [g.output for g in got[False][0]]
+    assert all(g.pred == r.answer for g, r in zip(got[True][0], records))
+    for i, rec in got[False][1].items():
+        assert got[True][1][i].cand_ids == rec.cand_ids
+        assert got[True][1][i].alpha == pytest.approx(rec.alpha, abs=1e-5)
