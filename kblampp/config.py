@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names file and key."""
 
 
+# Where the inject layers retrieve (KBConfig.retrieval_positions): every position of every forward call
+# (prefill and each decode step), or only each row's last prompt token, the one position whose
+# candidates the answer head, the hop choice and the abstention decision read.
+RETRIEVAL_POSITIONS = ("all", "last_prompt")
+
+
 @dataclass
 class OptimizerConfig:
     type: str = "adamw"
@@ -150,6 +156,7 @@ class KBConfig:
     eta: float = 1.0
     temperature: float = 1.0
     retrieval: str = "exact"  # exact (on-device matmul) | faiss
+    retrieval_positions: str = "all"  # all | last_prompt (generate(): retrieve and fuse at the last prompt token only)
 
     tuples_path: str = "data/5tuple/synth_world.jsonl"
     store_dir: str = "store/default"
@@ -275,7 +282,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         window_days(cfg.reference_date, cfg.reference_date)
     except ValueError as err:
         raise ConfigError(f"{label} reference_date: {str(err).partition(': ')[2]}") from None
+    check_retrieval_positions(cfg.retrieval_positions, f"{label} retrieval_positions")
     return cfg
+
+
+def check_retrieval_positions(value: str, where: str = "retrieval_positions") -> None:
+    """Reject a retrieval scope other than RETRIEVAL_POSITIONS, naming the key."""
+    if value not in RETRIEVAL_POSITIONS:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(RETRIEVAL_POSITIONS)}")
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -295,7 +309,9 @@ def save_resolved(cfg: KBConfig, run_dir: str | Path) -> Path:
 
 def config_from_dict(data: dict, label: str = "<checkpoint>:") -> KBConfig:
     """Rebuild a config saved by `save_resolved` or stored inside a checkpoint."""
-    return _build(KBConfig, json.loads(json.dumps(data)), label)
+    cfg = _build(KBConfig, json.loads(json.dumps(data)), label)
+    check_retrieval_positions(cfg.retrieval_positions, f"{label} retrieval_positions")
+    return cfg
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -111,8 +111,18 @@ def attention_hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
     raise TypeError("attention called without hidden_states")
 
 
-def add_to_attention_output(output: Any, delta: torch.Tensor) -> Any:
-    """Add `delta` to the attention output (element 0 of the tuple), passing everything else through."""
-    if isinstance(output, tuple):
-        return (output[0] + delta.to(output[0].dtype),) + output[1:]
-    return output + delta.to(output.dtype)
+def cached_length(kwargs: dict, layer_idx: int) -> int:
+    """Positions already in this layer's KV cache when `self_attn` is called (0 without a cache)."""
+    cache = kwargs.get("past_key_values")
+    return 0 if cache is None else int(cache.get_seq_length(layer_idx))
+
+
+def add_to_attention_output(output: Any, delta: torch.Tensor, span: slice | None = None) -> Any:
+    """Add `delta` to the attention output (element 0 of the tuple), passing everything else through;
+    with `span`, delta (B, T', d) goes to those positions only and the others are left bit for bit."""
+    attn = output[0] if isinstance(output, tuple) else output
+    if span is None:
+        fused = attn + delta.to(attn.dtype)
+    else:
+        fused = torch.cat([attn[:, :span.start], attn[:, span] + delta.to(attn.dtype), attn[:, span.stop:]], dim=1)
+    return (fused,) + output[1:] if isinstance(output, tuple) else fused

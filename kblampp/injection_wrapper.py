@@ -4,7 +4,9 @@ Each chosen layer's `self_attn` becomes a `KBAttentionWrapper` that keeps the or
 calls it unchanged with all its arguments and adds `beta * kb_linear_v(V~)` to its output (element 0).
 The knowledge branch (`KBInjection`) reads the same normalised hidden state the attention receives:
 Q = kb_linear_q(h) + kb_query_ctx(e_q), top-k retrieval, sem/phi/g_time, selector, gated fusion.
-All tokens of all rows go through one search and one fetch; nothing is recorded unless asked.
+All retrieving tokens of all rows go through one search and one fetch; nothing is recorded unless
+asked. Which positions retrieve is the request's `retrieval_positions` (every position, or only the
+last prompt token, whose candidates the answer head reads); the others get base_layer's output as is.
 """
 from __future__ import annotations
 
@@ -132,9 +134,10 @@ class KBInjection(nn.Module):
         windows = torch.stack([rows["tau_min"], rows["tau_max"]], dim=-1).to(q.device)  # (B, T, k, 2)
         return sel._replace(parts=torch.stack([sem, phi, g_time.to(sem.dtype)], dim=-1), windows=windows), q
 
-    def forward(self, h: torch.Tensor, ctx: KBContext) -> torch.Tensor:
-        """The fused knowledge term beta * kb_linear_v(V~) (B, T, d_model) to add to the attention output."""
-        x = h.to(self.dtype)
+    def forward(self, h: torch.Tensor, ctx: KBContext, span: slice | None = None) -> torch.Tensor:
+        """The fused knowledge term beta * kb_linear_v(V~) to add to the attention output: (B, T, d_model),
+        or (B, T', d_model) for the positions `span` of h (B, T, d_model) when only those retrieve."""
+        x = h.to(self.dtype) if span is None else h[:, span].to(self.dtype)
         sel, q = self.select(x, ctx)
         delta, beta = self.kb_fusion(x, sel.v_tilde)
         if self.layer_idx in ctx.zero_beta_layers:  # ablation: this hop retrieves but fuses nothing
@@ -142,10 +145,21 @@ class KBInjection(nn.Module):
         if ctx.capture_query:  # kept with grad for a retrieval loss over all keys
             ctx.queries.setdefault(self.layer_idx, []).append(q)
         if ctx.record:
-            ctx.records.setdefault(self.layer_idx, []).append(LayerRecord(
-                alpha=sel.alpha.detach(), cand_ids=sel.cand_ids.detach(), beta=beta.detach(), hidden=h.detach(),
-                parts=sel.parts.detach(), windows=sel.windows.detach()))
+            if span is None:
+                rec = LayerRecord(alpha=sel.alpha.detach(), cand_ids=sel.cand_ids.detach(), beta=beta.detach(),
+                                  hidden=h.detach(), parts=sel.parts.detach(), windows=sel.windows.detach())
+            else:  # every position of the call, the retrieving ones filled in
+                rec = LayerRecord.without_candidates(h, sel.alpha.shape[-1], self.dtype)
+                rec.alpha[:, span], rec.cand_ids[:, span], rec.beta[:, span] = sel.alpha, sel.cand_ids, beta
+                rec.parts[:, span], rec.windows[:, span] = sel.parts, sel.windows
+            ctx.records.setdefault(self.layer_idx, []).append(rec)
         return delta
+
+    def record_without_retrieval(self, h: torch.Tensor, ctx: KBContext) -> None:
+        """A call where no position retrieves: its record (when asked) keeps the hidden states only."""
+        if ctx.record:
+            k = min(self.k_top, ctx.source.num_facts) if ctx.source is not None else self.k_top
+            ctx.records.setdefault(self.layer_idx, []).append(LayerRecord.without_candidates(h, k, self.dtype))
 
 
 class KBAttentionWrapper(nn.Module):
@@ -162,12 +176,18 @@ class KBAttentionWrapper(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.base_layer(*args, **kwargs)
         ctx = self.holder.ctx
         if ctx is None or ctx.gate_closed or self.layer_idx in ctx.off_layers:  # plain layer: branch skipped
-            return out
+            return self.base_layer(*args, **kwargs)
         h = hf_arch.attention_hidden_states(args, kwargs)
-        return hf_arch.add_to_attention_output(out, self.kb_module(h, ctx))
+        if ctx.retrieval_positions == "all":
+            return hf_arch.add_to_attention_output(self.base_layer(*args, **kwargs), self.kb_module(h, ctx))
+        span = ctx.retrieval_span(hf_arch.cached_length(kwargs, self.layer_idx), h.shape[1])  # before the cache grows
+        out = self.base_layer(*args, **kwargs)
+        if span.start == span.stop:  # no retrieving position in this call (a decode step)
+            self.kb_module.record_without_retrieval(h, ctx)
+            return out
+        return hf_arch.add_to_attention_output(out, self.kb_module(h, ctx, span), span)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes HF code reads from attention modules (layer_idx, config, ...) come from base_layer."""

@@ -11,12 +11,17 @@ from typing import Iterator
 
 import torch
 
+from kblampp.config import RETRIEVAL_POSITIONS
 from kblampp.retrieval import KBSource
 
 
 @dataclass
 class LayerRecord:
-    """One forward call at one inject layer (during generate: prefill first, then T=1 steps)."""
+    """One forward call at one inject layer (during generate: prefill first, then T=1 steps).
+
+    Positions that did not retrieve (retrieval_positions "last_prompt": all but the last prompt token,
+    and every decode step) hold no candidates: cand_ids -1, alpha, beta and parts 0, windows NaN;
+    `hidden` is recorded at every position (the copy gate reads it at each answer step)."""
 
     alpha: torch.Tensor  # (B, T, K) selector weights
     cand_ids: torch.Tensor  # (B, T, K) fact indices (-1 = no candidate)
@@ -24,6 +29,16 @@ class LayerRecord:
     hidden: torch.Tensor  # (B, T, d_model) normalised state the branch read
     parts: torch.Tensor | None = None  # (B, T, K, 3) sem, phi, g_time of each candidate
     windows: torch.Tensor | None = None  # (B, T, K, 2) candidate windows (tau_min, tau_max) in days
+
+    @classmethod
+    def without_candidates(cls, hidden: torch.Tensor, k: int, dtype: torch.dtype) -> "LayerRecord":
+        """A record of hidden (B, T, d_model) where no position retrieved (K = k empty slots)."""
+        B, T = hidden.shape[:2]
+        zeros = hidden.new_zeros((B, T, k), dtype=dtype)
+        return cls(alpha=zeros, cand_ids=torch.full((B, T, k), -1, dtype=torch.long, device=hidden.device),
+                   beta=hidden.new_zeros((B, T), dtype=dtype), hidden=hidden.detach(),
+                   parts=hidden.new_zeros((B, T, k, 3), dtype=dtype),
+                   windows=torch.full((B, T, k, 2), float("nan"), device=hidden.device))
 
 
 @dataclass
@@ -37,6 +52,12 @@ class KBContext:
     (B, E) facts that must not be candidates (a relative question's anchor group). `off_layers` / `zero_beta_layers` are the multi-hop
     ablations (docs/DESIGN_QA.md, hops).
     Rows may be repeated by generate() (beams, num_return_sequences): B_hidden = r * B is accepted.
+
+    `retrieval_positions` (config key of the same name): "all" retrieves and fuses at every position of
+    every forward call; "last_prompt" only at the last position of the request's first forward call
+    (generate()'s prefill, whose left-padded rows all end with their last prompt token), found again
+    by its index in the sequence when a later call recomputes it (no KV cache). Elsewhere the layer
+    is the base attention, bit for bit. One request = one generate() (or one forward).
     """
 
     source: KBSource | None = None
@@ -51,8 +72,26 @@ class KBContext:
     zero_beta_layers: frozenset[int] = frozenset()  # layers that retrieve and record but add nothing (beta = 0)
     record: bool = False
     capture_query: bool = False
+    retrieval_positions: str = "all"
     records: dict[int, list[LayerRecord]] = field(default_factory=dict)
     queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    prompt_end: int | None = None  # "last_prompt": sequence index of the last prompt token (first call)
+
+    def __post_init__(self) -> None:
+        if self.retrieval_positions not in RETRIEVAL_POSITIONS:
+            raise ValueError(f"KBContext.retrieval_positions: {self.retrieval_positions!r} is not one of "
+                             f"{', '.join(RETRIEVAL_POSITIONS)}")
+
+    def retrieval_span(self, cached: int, length: int) -> slice:
+        """The positions of a forward call that retrieve, as a slice of its `length` positions; `cached`
+        = positions already in the KV cache before it. "all": every one; "last_prompt": the last prompt
+        token where this call holds it, else none (an empty slice)."""
+        if self.retrieval_positions == "all":
+            return slice(0, length)
+        if self.prompt_end is None:  # the first call is the prompt (or its last token, after a cut cache)
+            self.prompt_end = cached + length - 1
+        at = self.prompt_end - cached
+        return slice(at, at + 1) if 0 <= at < length else slice(0, 0)
 
     def rows(self, value: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """Per-row tensor matched to the hidden batch size (repeat_interleave for expanded batches)."""
@@ -65,6 +104,12 @@ class KBContext:
     def clear_records(self) -> None:
         self.records.clear()
         self.queries.clear()
+
+
+def prefix_shareable(retrieval_positions: str) -> bool:
+    """Whether a request's states at every prompt position but the last are the plain model's, so a
+    batch may start from the prompts' common prefix computed once without a request."""
+    return retrieval_positions == "last_prompt"
 
 
 class ContextHolder:

@@ -3,7 +3,7 @@
     model = KBLaMPP(backbone, cfg, d_ctx=384)
     ctx = KBContext(source=TensorKB(...), e_q=e_q, tau=tau, record=True)
     with model.kb_request(ctx):
-        out = model.generate(input_ids, max_new_tokens=16)   # each new token retrieves
+        out = model.generate(input_ids, max_new_tokens=16)   # each new token retrieves (retrieval_positions "all")
     ctx.records[layer] -> [LayerRecord(alpha, cand_ids, beta, hidden), ...]
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 from kblampp import hf_arch
 from kblampp.backbone import check_backbone
-from kblampp.config import ConfigError, KBConfig
+from kblampp.config import ConfigError, KBConfig, check_retrieval_positions
 from kblampp.injection_wrapper import KBInjection, is_patched, patch_layers, unpatch_layers
 from kblampp.kb_context import ContextHolder, KBContext
 
@@ -40,7 +40,9 @@ class KBLaMPP(nn.Module):
         layers = list(cfg.inject_layers)
         if cfg.K_top < 1:
             raise ConfigError(f"K_top: must be >= 1, got {cfg.K_top}")
+        check_retrieval_positions(cfg.retrieval_positions)
         self.backbone = backbone
+        self.retrieval_positions = cfg.retrieval_positions  # what serving and evaluation put in each KBContext
         self.d_model, self.d_ctx, self.inject_layers = d_model, d_ctx, layers
         self.kb_layers = nn.ModuleDict({str(idx): KBInjection(
             idx, d_model, cfg.d_k, cfg.d_v, d_ctx, cfg.K_top, cfg.gamma, cfg.eta, cfg.temperature)

@@ -218,6 +218,7 @@ class KBRequest:
         later = frozenset(int(x) for x in self.model.inject_layers[1:])
         ctx = KBContext(source=self.source, e_q=self.e_q[idx].to(device), tau=self.tau[idx].to(device),
                         time_kind=kind, forced_ids=forced, forced_only=only, excluded_ids=excluded, record=True,
+                        retrieval_positions=self.model.retrieval_positions,
                         off_layers=later if self.variant.one_layer else frozenset(),
                         zero_beta_layers=frozenset({self.layer}) if self.variant.hop1_zeroed else frozenset())
         extra: dict[str, Any] = {}

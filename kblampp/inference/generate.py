@@ -12,8 +12,9 @@ the answer line are never computed.
 Rows without a request (the prompt rows) compute the prompts' common first tokens (the chat template's
 system instruction) once and start every batch from that cache (`shared_prefix_cache`): a causal model's
 states at those positions do not depend on what follows, and each sequence keeps its positions
-(padding sits between the prefix and the rest, masked). KB rows never share it: the knowledge branch
-reads each question's embedding at every position. Rows whose requests differ only in their logits
+(padding sits between the prefix and the rest, masked). KB rows share it only with
+`retrieval_positions` "last_prompt" (`share_prefix`): otherwise the knowledge branch reads each
+question's embedding at every position. Rows whose requests differ only in their logits
 processors (`generate_with_followers`) share one pass over the prompt instead.
 """
 from __future__ import annotations
@@ -174,18 +175,19 @@ def length_batches(lengths: Sequence[int], max_rows: int, max_tokens: int | None
 def generate_rows(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
                   batch_size: int = 16, request: RequestHook | None = None, desc: str = "generate",
                   progress: bool = True, questions: Sequence[str] | None = None,
-                  batch_tokens: int | None = None) -> list[Generation]:
+                  batch_tokens: int | None = None, share_prefix: bool | None = None) -> list[Generation]:
     """Greedy answers for `prompts` (input order kept). Prompts are batched by length to cut padding
     (`length_batches`: at most `batch_size` prompts and `batch_tokens` padded prompt tokens);
     `request(indices, batch)` wraps each generate() call (KB context, logits processors). A sequence
     stops at the end-of-turn token or once its first line is complete (`FirstLineStop`); `questions`
     is accepted for callers that pass it and only checked for length. `max_new_tokens` may be one
     budget per prompt (a served batch): a batch runs to its largest and each row keeps its own first
-    tokens, which greedy decoding makes the same as stopping there."""
+    tokens, which greedy decoding makes the same as stopping there. `share_prefix`: as in
+    `generate_with_followers`."""
     if questions is not None and len(questions) != len(prompts):
         raise ValueError(f"questions: {len(questions)} for {len(prompts)} prompts")
     return generate_with_followers(model, tokenizer, prompts, max_new_tokens, batch_size, request, (), desc,
-                                   progress, batch_tokens)[0][0]
+                                   progress, batch_tokens, share_prefix)[0][0]
 
 
 def _greedy(model: Any, tokenizer: Any, inputs: dict[str, Any], max_new_tokens: int, stop_pad: tuple[int, int],
@@ -205,7 +207,8 @@ def _greedy(model: Any, tokenizer: Any, inputs: dict[str, Any], max_new_tokens: 
 def generate_with_followers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
                             batch_size: int = 16, request: RequestHook | None = None,
                             followers: Sequence[RequestHook] = (), desc: str = "generate", progress: bool = True,
-                            batch_tokens: int | None = None) -> tuple[list[list[Generation]], list[float]]:
+                            batch_tokens: int | None = None, share_prefix: bool | None = None
+                            ) -> tuple[list[list[Generation]], list[float]]:
     """`generate_rows` for `request` and for each follower on the same prompts:
     ([answers of request, answers of follower 1, ...], [seconds of each]).
 
@@ -213,7 +216,10 @@ def generate_with_followers(model: Any, tokenizer: Any, prompts: Sequence[str], 
     their logits processors): it starts from the cache of `request`'s prefill, cut back to all but the
     last prompt token, and computes that token and its own answer (its seconds exclude the prefill).
     `max_new_tokens` may be one budget per prompt (a served batch): a batch runs to its largest and
-    each row keeps its own first tokens, which greedy decoding makes the same as stopping there."""
+    each row keeps its own first tokens, which greedy decoding makes the same as stopping there.
+    `share_prefix`: start every batch from the prompts' common prefix, computed once without a request
+    (default: only when there is no request); a KB request may when its layers leave those positions to
+    the plain model (`kblampp.kb_context.prefix_shareable`)."""
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
         raise ValueError(f"max_new_tokens: {len(budgets)} budgets for {len(prompts)} prompts")
@@ -225,7 +231,7 @@ def generate_with_followers(model: Any, tokenizer: Any, prompts: Sequence[str], 
     token_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     lengths = [len(x) for x in token_ids]
     batches = length_batches(lengths, batch_size, batch_tokens)
-    shared = common_prefix_len(token_ids) if request is None else 0
+    shared = common_prefix_len(token_ids) if (request is None if share_prefix is None else share_prefix) else 0
     prefix, cache = token_ids[0][:shared] if shared else [], None
     if shared:
         cache = shared_prefix_cache(model, prefix, device)

@@ -17,7 +17,7 @@ import torch
 
 from kblampp.backbone import answer_instruction, build_prompt
 from kblampp.inference.generate import generate_rows
-from kblampp.kb_context import KBContext
+from kblampp.kb_context import KBContext, prefix_shareable
 from kblampp.scorers import kinds_from_windows
 from kblampp.time_query import padded_ids
 from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
@@ -159,7 +159,7 @@ class KBModelAnswerer:
             sel = torch.tensor(indices, dtype=torch.long)
             ctx = KBContext(source=self.kb.source, e_q=pick(e_q, sel), tau=pick(tau, sel), time_kind=pick(kinds, sel),
                             forced_ids=pick(forced, sel), forced_only=True, excluded_ids=pick(excluded, sel),
-                            record=True)
+                            record=True, retrieval_positions=self.model.retrieval_positions)
             extra, decision = self._processors(ctx, abstain, [items[i].question for i in indices])
             calls.append((indices, ctx, decision))
             with self.model.kb_request(ctx):
@@ -167,7 +167,8 @@ class KBModelAnswerer:
 
         prompts = [build_prompt(self.tokenizer, it.question, self.instruction) for it in items]
         gens = generate_rows(self.model, self.tokenizer, prompts, [it.max_new_tokens for it in items],
-                             batch_size=len(items), request=hook, progress=False)
+                             batch_size=len(items), request=hook, progress=False,
+                             share_prefix=prefix_shareable(self.model.retrieval_positions))
         out: list[RowAnswer | None] = [None] * len(items)
         for indices, ctx, decision in calls:
             for row, i in enumerate(indices):
