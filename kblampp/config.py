@@ -41,6 +41,7 @@ class IndexConfig:
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 128
+    mips: str = "l2"  # hnsw + ip: l2 = inner product searched as L2 over norm-equalised keys (exact order); ip = faiss's own
     ivf_nlist: int = 0  # 0 = about 4*sqrt(N)
     pq_m: int = 16
     pq_bits: int = 8
