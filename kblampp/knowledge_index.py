@@ -37,7 +37,7 @@ from kblampp.store_io import StoreError, atomic_dir, read_json, save_npy, write_
 METHODS = ("hnsw", "ivfpq", "flat", "milvus")  # milvus: kblampp/milvus_index.py, same API
 SIMILARITIES = ("cosine", "ip")
 DEFAULTS = {
-    "hnsw": {"hnsw_m": 32, "ef_construction": 200, "ef_search": 128, "mips": "l2"},
+    "hnsw": {"hnsw_m": 64, "ef_construction": 400, "ef_search": 1024, "mips": "l2"},  # see docs/BENCHMARKS.md
     "ivfpq": {"ivf_nlist": 0, "pq_m": 16, "pq_bits": 8, "nprobe": 16},
     "flat": {},
     "milvus": {"uri": "", "collection": "kblampp_keys", "hnsw_m": 32, "ef_construction": 200, "ef_search": 128},
