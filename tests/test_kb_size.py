@@ -50,6 +50,18 @@ def test_distractors_never_reuse_a_base_name_or_id(base):
     assert clash_ids.ids > 0 and clash_ids.examples
 
 
+def test_name_blocks_restart_from_the_base_names_only(base):
+    one_block = distractor_facts(base, 400, seed=4, sizes=SMALL, progress=False)
+    blocks = distractor_facts(base, 400, seed=4, sizes=SMALL, progress=False, names_block=2)
+    taken = set(entity_names(base))
+    first_two = len(generate_world(2, 4, taken, SMALL)) + len(generate_world(3, 4, taken, SMALL))
+    assert blocks[:first_two] == one_block[:first_two]  # the first block (worlds 2 and 3) is the same draw
+    clash = collisions(base, blocks)
+    assert (clash.names, clash.ids) == (0, 0)  # later blocks may repeat each other's names, never the base's
+    with pytest.raises(ValueError, match="names_block: must be >= 1, got 0"):
+        distractor_facts(base, 10, seed=4, names_block=0)
+
+
 def test_recall_against_counts_ties_as_hits():
     scores = np.array([[5.0, 4.0, 4.0, 1.0, 0.0]])  # facts 1 and 2 tie (same head and relation)
     tied = recall_against(np.array([[0, 2, 3]]), scores, [2])

@@ -6,6 +6,10 @@ date draws) and world indices after the base's (entity ids `W<index>E<n>` never 
 name of the base KB (heads and tails) is reserved before drawing, so no distractor entity shares a
 name with an entity the base KB's questions ask about: nothing a question names gets a conflicting
 fact. `collisions` checks that on the result.
+
+The name pools are finite (about 4,000 university names, for one), so the reserved set starts again
+from the base names every `names_block` worlds: distractor worlds of different blocks may share a
+name with each other (never with the base KB). The default block of 400 worlds is ~2 x 10^5 facts.
 """
 from __future__ import annotations
 
@@ -31,18 +35,22 @@ def first_free_world(facts: Sequence[dict]) -> int:
 
 
 def distractor_facts(base: Sequence[dict], count: int, seed: int, sizes: WorldSizes | None = None,
-                     progress: bool = True) -> list[dict]:
+                     progress: bool = True, names_block: int = 400) -> list[dict]:
     """Exactly `count` facts of new worlds (indices from `first_free_world(base)`, names unused in `base`).
 
     Deterministic; a smaller `count` gives a prefix of a larger one (worlds are drawn in order and the
     last one is cut), so KBs of growing size are nested."""
     if count < 0:
         raise ValueError(f"count: must be >= 0, got {count}")
-    taken = entity_names(base)
+    if names_block < 1:
+        raise ValueError(f"names_block: must be >= 1, got {names_block}")
+    reserved = entity_names(base)
     start, out = first_free_world(base), []
     bar = progress_bar(total=count, desc="distractor facts", unit="fact", disable=not progress or count == 0)
     index = start
     while len(out) < count:
+        if (index - start) % names_block == 0:
+            taken = set(reserved)
         world = generate_world(index, seed, taken, sizes)
         world = world[:count - len(out)]
         out.extend(world)
