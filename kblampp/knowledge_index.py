@@ -12,6 +12,15 @@ index when they grow past a fraction of the live facts (the server does that at 
 The folder `index_<method>/` holds `index.faiss`, `labels.npy`, `dead.npy`, `exact_ids.npy`,
 `exact_keys.npy` and `params.json` (method, similarity, parameters, dim, and the store id + N it was
 built for, checked on load).
+
+Inner product on HNSW (`mips: "l2"`, the default): the model's queries are far from its keys (trained
+queries have norms ~40x the keys'), and faiss's native inner-product HNSW graph then misses a tenth of
+the exact top-8 at 10^4 keys (issue 16). The index instead stores each key with one extra coordinate
+sqrt(M^2 - |k|^2) (M = the largest key norm at build), so all keys have norm M, and searches the unit
+query with a 0 appended by L2: |q - k'|^2 = 1 + M^2 - 2 q.k, the same order as the inner product
+(Bachrach et al., 2014). Scores are converted back to inner products. A key added later with a norm
+above M goes to the exact segment. `mips: "ip"` keeps faiss's native inner product (folders saved
+before this option load as that).
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ from kblampp.store_io import StoreError, atomic_dir, read_json, save_npy, write_
 METHODS = ("hnsw", "ivfpq", "flat", "milvus")  # milvus: kblampp/milvus_index.py, same API
 SIMILARITIES = ("cosine", "ip")
 DEFAULTS = {
-    "hnsw": {"hnsw_m": 32, "ef_construction": 200, "ef_search": 128},
+    "hnsw": {"hnsw_m": 64, "ef_construction": 400, "ef_search": 1024, "mips": "l2"},  # see docs/BENCHMARKS.md
     "ivfpq": {"ivf_nlist": 0, "pq_m": 16, "pq_bits": 8, "nprobe": 16},
     "flat": {},
     "milvus": {"uri": "", "collection": "kblampp_keys", "hnsw_m": 32, "ef_construction": 200, "ef_search": 128},
@@ -57,7 +66,8 @@ class KnowledgeIndex:
         self.index, self.method, self.similarity, self.params = index, method, similarity, params
         self.labels, self.dead = labels.astype(np.int64), dead.astype(bool)
         self.store_id, self.n = store_id, n
-        self.dim = int(index.d)
+        self.mips_l2 = method == "hnsw" and similarity == "ip" and params.get("mips", "ip") == "l2"
+        self.dim = int(index.d) - int(self.mips_l2)  # the keys' dimension (the L2 form stores one more)
         self.exact_ids = np.zeros(0, np.int64) if exact_ids is None else np.asarray(exact_ids, np.int64)
         self.exact_keys = (np.zeros((0, self.dim), np.float32) if exact_keys is None
                            else np.ascontiguousarray(exact_keys, dtype=np.float32))  # already normalised for cosine
@@ -81,10 +91,15 @@ class KnowledgeIndex:
         if ids.shape != (count,):
             raise ValueError(f"ids: expected shape ({count},), got {ids.shape}")
         full = {**DEFAULTS[method], **params}
+        if method == "hnsw" and full["mips"] not in ("l2", "ip"):
+            raise ValueError(f"mips: {full['mips']!r} is not one of l2, ip")
+        if method == "hnsw" and similarity == "ip" and full["mips"] == "l2":
+            full["mips_norm"] = float(np.linalg.norm(keys, axis=1).max()) if count else 0.0
+            dim += 1
         if method == "milvus":
             from kblampp.milvus_index import MilvusIndex
             return MilvusIndex.create(keys, ids, similarity, full, store_id, count if n is None else n)
-        index = cls._new_faiss(method, dim, full, count)
+        index = cls._new_faiss(method, dim, full, count, l2="mips_norm" in full)
         self = cls(index, method, similarity, full, np.zeros(0, np.int64), np.zeros(0, bool), store_id,
                    count if n is None else n)
         if method == "ivfpq":
@@ -93,8 +108,8 @@ class KnowledgeIndex:
         return self
 
     @staticmethod
-    def _new_faiss(method: str, dim: int, p: dict, count: int) -> faiss.Index:
-        ip = faiss.METRIC_INNER_PRODUCT
+    def _new_faiss(method: str, dim: int, p: dict, count: int, l2: bool = False) -> faiss.Index:
+        ip = faiss.METRIC_L2 if l2 else faiss.METRIC_INNER_PRODUCT
         if method == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         if method == "hnsw":
@@ -120,6 +135,18 @@ class KnowledgeIndex:
             faiss.normalize_L2(x)
         return x
 
+    def _l2_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Keys with the extra coordinate sqrt(M^2 - |k|^2): every row has norm M (`mips: l2`)."""
+        norm2 = np.einsum("nd,nd->n", keys, keys)
+        extra = np.sqrt(np.maximum(float(self.params["mips_norm"]) ** 2 - norm2, 0.0))
+        return np.ascontiguousarray(np.hstack([keys, extra[:, None]]), dtype=np.float32)
+
+    def _l2_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(unit queries with a 0 appended, their norms): L2 order on these = inner-product order."""
+        norms = np.linalg.norm(queries, axis=1)
+        unit = queries / np.maximum(norms, 1e-12)[:, None]
+        return np.ascontiguousarray(np.hstack([unit, np.zeros((len(queries), 1), np.float32)]), np.float32), norms
+
     # ---- edits -------------------------------------------------------------------------------
     def add(self, keys: np.ndarray, ids: np.ndarray, exact: bool = False) -> None:
         """Add keys under fact ids (an id already live must be removed first); `exact=True` puts them
@@ -138,9 +165,14 @@ class KnowledgeIndex:
             if self.n is not None and len(ids):
                 self.n = max(self.n, int(ids.max()) + 1)
             return
+        if self.mips_l2:  # a key longer than M has no L2 form with the same order: search it exactly
+            longer = np.linalg.norm(keys, axis=1) > float(self.params["mips_norm"])
+            if longer.any():
+                self.add(keys[longer], ids[longer], exact=True)
+                keys, ids = keys[~longer], ids[~longer]
         start = len(self.labels)
         new_labels = np.arange(start, start + len(ids), dtype=np.int64)
-        x = self._prep(keys)
+        x = self._l2_keys(keys) if self.mips_l2 else self._prep(keys)
         if self.method == "hnsw":
             self.index.add(x)
         else:
@@ -213,7 +245,13 @@ class KnowledgeIndex:
         if self.method == "hnsw":
             self.index.hnsw.efSearch = max(int(self.params["ef_search"]), fetch)
         for start in range(0, len(queries), batch_size):
-            d, lab = self.index.search(queries[start:start + batch_size], fetch)
+            chunk = queries[start:start + batch_size]
+            if self.mips_l2:  # distances back to inner products: q.k = |q| (1 + M^2 - d) / 2
+                unit, norms = self._l2_queries(chunk)
+                d, lab = self.index.search(unit, fetch)
+                d = norms[:, None] * (1.0 + float(self.params["mips_norm"]) ** 2 - d) / 2.0
+            else:
+                d, lab = self.index.search(chunk, fetch)
             if not hidden:  # nothing dead in the index: map labels to fact ids in one vectorised step
                 found = lab >= 0
                 rows = slice(start, start + len(lab))
@@ -271,10 +309,12 @@ class KnowledgeIndex:
                               f"this store is {expect_store_id!r} (rebuild with offline/build_index.py)")
         if expect_n is not None and meta.get("n") != expect_n:
             raise IndexMismatchError(f"{where}: n: index covers {meta.get('n')} facts, the store has {expect_n}")
-        if expect_dim is not None and index.d != expect_dim:
-            raise IndexMismatchError(f"{where}: dim: index dimension {index.d}, the store's keys have {expect_dim}")
-        if meta.get("dim") != index.d:
-            raise IndexMismatchError(f"{where}: dim: params say {meta.get('dim')}, index.faiss has {index.d}")
+        key_dim = index.d - int(meta.get("method") == "hnsw" and meta.get("similarity") == "ip"
+                                and (meta.get("params") or {}).get("mips", "ip") == "l2")
+        if expect_dim is not None and key_dim != expect_dim:
+            raise IndexMismatchError(f"{where}: dim: index dimension {key_dim}, the store's keys have {expect_dim}")
+        if meta.get("dim") != key_dim:
+            raise IndexMismatchError(f"{where}: dim: params say {meta.get('dim')}, index.faiss has {key_dim}")
         if index.ntotal != meta.get("ntotal"):
             raise IndexMismatchError(f"{where}: ntotal: params say {meta.get('ntotal')}, index.faiss has {index.ntotal}")
         if labels.shape != (meta.get("n_labels"),) or dead.shape != labels.shape:
@@ -284,9 +324,9 @@ class KnowledgeIndex:
         if (folder / "exact_ids.npy").is_file():  # older folders have no exact segment
             exact_ids = np.load(folder / "exact_ids.npy", allow_pickle=False)
             exact_keys = np.load(folder / "exact_keys.npy", allow_pickle=False)
-            if exact_ids.shape != (meta.get("n_exact", 0),) or exact_keys.shape != (len(exact_ids), index.d):
+            if exact_ids.shape != (meta.get("n_exact", 0),) or exact_keys.shape != (len(exact_ids), key_dim):
                 raise IndexMismatchError(f"{folder}/exact_ids.npy: {exact_ids.shape[0]} ids / keys {exact_keys.shape}, "
-                                         f"params say {meta.get('n_exact', 0)} of dimension {index.d}")
+                                         f"params say {meta.get('n_exact', 0)} of dimension {key_dim}")
         return cls(index, meta["method"], meta["similarity"], meta["params"], labels, dead,
                    meta.get("store_id"), meta.get("n"), exact_ids, exact_keys)
 

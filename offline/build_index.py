@@ -22,7 +22,7 @@ from kblampp.kb_store import build_store_index  # noqa: E402
 from kblampp.knowledge_index import DEFAULTS  # noqa: E402
 
 INT_PARAMS = ("hnsw_m", "ef_construction", "ef_search", "ivf_nlist", "pq_m", "pq_bits", "nprobe")
-STR_PARAMS = ("uri", "collection")
+STR_PARAMS = ("uri", "collection", "mips")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in INT_PARAMS:
         p.add_argument(f"--{name}", type=int, help="default from the config's index section")
     for name in STR_PARAMS:
-        p.add_argument(f"--{name}", help="milvus only; default from the config's index section")
+        p.add_argument(f"--{name}", help="uri, collection: milvus only; mips (l2 | ip): hnsw with ip only; "
+                                         "default from the config's index section")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     method = args.method or cfg.index.method

@@ -91,7 +91,8 @@ def step_index(job: Job) -> None:
     from kblampp.kb_store import build_store_index
 
     ix = job.cfg.index
-    params = {"hnsw": dict(hnsw_m=ix.hnsw_m, ef_construction=ix.ef_construction, ef_search=ix.ef_search),
+    params = {"hnsw": dict(hnsw_m=ix.hnsw_m, ef_construction=ix.ef_construction, ef_search=ix.ef_search,
+                           mips=ix.mips),
               "ivfpq": dict(ivf_nlist=ix.ivf_nlist, pq_m=ix.pq_m, pq_bits=ix.pq_bits, nprobe=ix.nprobe),
               "flat": {}}[ix.method]
     report = build_store_index(ROOT / job.cfg.store_dir, ix.method, ix.similarity, **params)

@@ -158,3 +158,53 @@ def test_exact_segment_merge_is_exact_for_flat():
     np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="fact id 160 is already in the index"):
         mixed.add(keys[:1], [160], exact=True)
+
+
+def _far_queries(keys: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Queries ~40x longer than the keys, along a shared direction (the trained model's queries look so)."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal(keys.shape[1]).astype(np.float32)
+    return (40 * (shared + 0.7 * rng.standard_normal((n, keys.shape[1])))).astype(np.float32)
+
+
+def test_inner_product_hnsw_searches_as_l2_and_returns_inner_products():
+    keys = _keys(1500) * np.random.default_rng(5).uniform(0.3, 2.0, (1500, 1)).astype(np.float32)
+    q = _far_queries(keys, 50, seed=6)
+    index = KnowledgeIndex.build(keys, "hnsw", "ip", ef_search=1500)  # mips "l2" is the default
+    assert index.mips_l2 and index.dim == 32 and index.index.d == 33
+    assert index.params["mips_norm"] == pytest.approx(float(np.linalg.norm(keys, axis=1).max()))
+    scores, ids = index.search(q, 8)
+    ref = q @ keys.T
+    assert ids.tolist() == np.argsort(-ref, axis=1)[:, :8].tolist()  # efSearch >= N: the exact order
+    np.testing.assert_allclose(scores, np.take_along_axis(ref, ids, 1), rtol=1e-4, atol=1e-2)
+    native = KnowledgeIndex.build(keys, "hnsw", "ip", mips="ip", ef_search=1500)
+    assert not native.mips_l2 and native.index.d == 32
+
+
+def test_a_longer_key_added_after_the_build_goes_to_the_exact_segment(tmp_path):
+    keys = _keys(400)
+    index = KnowledgeIndex.build(keys, "hnsw", "ip")
+    long_key = 10 * keys[:1] / np.linalg.norm(keys[:1]) * index.params["mips_norm"]
+    index.add(np.concatenate([long_key, keys[1:2]]), [400, 401])
+    assert index.exact_ids.tolist() == [400] and index.ntotal == 402 and index.n_live == 402
+    _, ids = index.search(long_key, 1)
+    assert ids[0, 0] == 400
+    index.save(tmp_path / "idx")
+    back = KnowledgeIndex.load(tmp_path / "idx", expect_dim=32)
+    assert back.mips_l2 and back.search(long_key, 1)[1][0, 0] == 400
+    with pytest.raises(IndexMismatchError, match="dim: index dimension 32, the store's keys have 33"):
+        KnowledgeIndex.load(tmp_path / "idx", expect_dim=33)
+    with pytest.raises(ValueError, match="mips: 'cos' is not one of l2, ip"):
+        KnowledgeIndex.build(keys, "hnsw", "ip", mips="cos")
+
+
+def test_a_folder_saved_before_the_mips_option_loads_as_native_inner_product(tmp_path):
+    keys = _keys(300)
+    index = KnowledgeIndex.build(keys, "hnsw", "ip", mips="ip")
+    index.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old/params.json").read_text())
+    del meta["params"]["mips"]  # what older versions wrote
+    (tmp_path / "old/params.json").write_text(json.dumps(meta))
+    back = KnowledgeIndex.load(tmp_path / "old", expect_dim=32)
+    assert not back.mips_l2 and back.dim == 32
+    assert back.search(keys[:5], 3)[1].tolist() == index.search(keys[:5], 3)[1].tolist()

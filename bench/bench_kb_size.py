@@ -1,0 +1,382 @@
+"""Answer quality against KB size (issue 16): the trained main-job model (not retrained) on the whole
+test split with its KB grown by distractor facts from freshly generated worlds.
+
+    python bench/bench_kb_size.py --sizes base 10000 100000 --out_dir runs/kb_size --doc_dir docs/results
+    python bench/bench_kb_size.py --sizes 10000 --before mips=ip --before_em   # also the pre-fix HNSW's EM
+    python bench/bench_kb_size.py --million --out_dir runs/kb_size            # adds 10^6 (hours on 2 cores)
+    python bench/bench_kb_size.py --keys_only --sizes base 10000 100000 --before mips=ip   # retrieval only
+    python bench/bench_kb_size.py --table_only --out_dir runs/kb_size --doc_dir docs/results
+
+Per size N ("base" = the main job's store alone): the base store's facts first and unchanged (QA
+records name facts by position), then N - base distractor facts from new worlds (`--distractor_seed`,
+world indices after the base's, every base entity name reserved: `kblampp.synth.distractors`), embedded
+with the store's embedding model and encoded with the store's trained K/V encoder; the HNSW index of the
+config's `index` section; rows `lookup` and `kblampp` (exact search and HNSW) with official EM, 95%
+bootstrap intervals, recall@1 and recall@K_top; the HNSW's recall of exact top-K on the real questions'
+queries (the first inject layer's query at each prompt's last token). Each size runs in its own process
+(peak RSS is per size) and writes `<out_dir>/n<N>/result.json`; a size with a result is skipped unless
+--force. The table (`kb_size.md/.json`) and plot (`kb_size.png`) go to --doc_dir.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kblampp.config import KBConfig, add_config_args, config_from_args  # noqa: E402
+from kblampp.progress import status  # noqa: E402
+
+MILLION = 1_000_000
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def parse_params(text: str | None) -> dict[str, Any]:
+    """`mips=ip,ef_search=64` -> {"mips": "ip", "ef_search": 64} (ints where they parse)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--before: {item!r} is not KEY=VALUE")
+        out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return out
+
+
+def index_params(cfg: KBConfig) -> dict[str, Any]:
+    from kblampp.knowledge_index import DEFAULTS
+
+    return {k: getattr(cfg.index, k) for k in DEFAULTS[cfg.index.method]}
+
+
+def describe_index(params: dict[str, Any], similarity: str) -> str:
+    shown = {k: v for k, v in params.items() if k not in ("mips_norm",)}
+    return f"HNSW {similarity} " + " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+# ---- one size -------------------------------------------------------------------------------------
+
+def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: Path) -> dict[str, Any]:
+    """Facts file, store (trained encoder) and HNSW index of one size; returns the build record."""
+    from kblampp.embedding import load_embedder
+    from kblampp.kb_store import KBValueStore, RAW, build_store_index, embed_facts, write_store
+    from kblampp.schema import load_facts
+    from kblampp.synth.distractors import collisions, distractor_facts
+    from kblampp.synth.jsonl import write_jsonl
+
+    base = KBValueStore.load(args.base_store)
+    base_dicts = [json.loads(line) for line in (base.root / "facts.jsonl").read_text(encoding="utf-8").splitlines()]
+    t0 = time.perf_counter()
+    extra = distractor_facts(base_dicts, n_facts - base.n, seed=args.distractor_seed)
+    clash = collisions(base_dicts, extra)
+    if clash.names or clash.ids:
+        raise SystemExit(f"distractors share {clash.names} names / {clash.ids} ids with the base KB: {clash.examples}")
+    facts_path = size_dir / "facts.jsonl"
+    write_jsonl(facts_path, base_dicts + extra)
+    facts = load_facts(facts_path)  # validated like any KB file
+    generate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embedder = load_embedder(base.manifest["embedding_model"])
+    new_raw = embed_facts(embedder, facts[base.n:], batch_size=128) if extra else None
+    embed_s = time.perf_counter() - t0
+    raw = {k: np.concatenate([np.asarray(base.raw(k)), new_raw[k]]) if new_raw else np.asarray(base.raw(k))
+           for k in RAW}
+    t0 = time.perf_counter()
+    write_store(size_dir / "store", facts, raw, base.encoder.eval(), base.manifest["embedding_model"], facts_path)
+    kv_write_s = time.perf_counter() - t0
+    del raw, new_raw
+    store = KBValueStore.load(size_dir / "store")
+    key_drift = float(np.abs(np.asarray(store.arrays["K.npy"][:base.n]) - np.asarray(base.arrays["K.npy"])).max())
+    if key_drift > 1e-4:  # the same encoder on the same raw embeddings must give the base keys
+        raise SystemExit(f"{size_dir / 'store'}: base keys differ from {args.base_store} by {key_drift}")
+    report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **index_params(cfg))
+    return {"n_facts": store.n, "n_distractors": len(extra), "distractor_seed": args.distractor_seed,
+            "collisions": dataclasses.asdict(clash) | {"rate": clash.rate},
+            "build": {"generate_s": generate_s, "embed_s": embed_s, "kv_write_s": kv_write_s,
+                      "hnsw_build_s": report["build_s"], "strings_embedded": None if not extra else
+                      len({s for f in facts[base.n:] for s in (f.head_name, f.relation_name, f.tail_name, f.sentence)})},
+            "index": {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"]},
+            "base_key_max_diff": key_drift, "peak_rss_build_bytes": peak_rss_bytes()}
+
+
+def question_queries(ec: Any, records: list, out_dir: Path, checkpoint: Path) -> np.ndarray:
+    """The last-token queries of the test questions (independent of the KB: computed once, cached)."""
+    from kblampp.backbone import answer_instruction
+    from kblampp.evaluation.baselines import backbone_prompts
+    from kblampp.evaluation.kb_size import last_token_queries
+    from kblampp.store_io import sha256_file
+
+    import torch
+
+    meta = {"checkpoint_sha256": sha256_file(checkpoint), "qids": [r.qid for r in records]}
+    path, meta_path = out_dir / "queries.npy", out_dir / "queries.json"
+    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text(encoding="utf-8")) == meta:
+        return np.load(path, allow_pickle=False)
+    e_q = torch.from_numpy(np.asarray(ec.embed([r.question for r in records]), dtype=np.float32))
+    prompts = backbone_prompts(ec.tokenizer, records, answer_instruction(ec.cfg.abstain_answer))
+    q = last_token_queries(ec.model, ec.tokenizer, prompts, e_q, ec.source, batch_size=64)
+    from kblampp.store_io import save_npy, write_json_atomic
+
+    tmp = out_dir / ".queries.npy.tmp"
+    save_npy(tmp, q)
+    tmp.replace(path)
+    write_json_atomic(meta_path, meta)
+    return q
+
+
+def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Rows lookup + kblampp (exact, HNSW[, HNSW before]) on the whole test split, index recall."""
+    import torch
+
+    from kblampp.evaluation.kb_size import index_recall, row_metrics
+    from kblampp.evaluation.report import seen_answers, summarize_row, write_report
+    from kblampp.evaluation.runner import load_eval_context, run_rows
+    from kblampp.inference.loading import resolve_checkpoint
+    from kblampp.knowledge_index import KnowledgeIndex
+    from kblampp.retrieval import IndexedKB
+    from kblampp.schema import load_qa
+
+    torch.set_grad_enabled(False)
+    checkpoint = resolve_checkpoint(args.checkpoint or cfg.output_dir)
+    ec = load_eval_context(dataclasses.replace(cfg, store_dir=str(size_dir / "store"), retrieval="exact"), checkpoint)
+    records = list(load_qa(args.qa or cfg.test_dataset, num_facts=len(ec.facts)))
+    train = Path(cfg.train_dataset) if cfg.train_dataset else None
+    seen = seen_answers(load_qa(train)) if train is not None and train.is_file() else set()
+    queries = question_queries(ec, records, Path(args.out_dir), checkpoint)
+    keys = ec.store.keys_tensor().numpy()
+    ks = (1, cfg.K_top)
+    hnsw = KnowledgeIndex.load(ec.store.index_dir("hnsw"), expect_n=ec.store.n, expect_store_id=ec.store.store_id)
+    variants = {"hnsw": (hnsw, describe_index(hnsw.params, hnsw.similarity))}
+    before = parse_params(args.before)
+    if before:
+        t0 = time.perf_counter()
+        params = {**{k: v for k, v in hnsw.params.items() if k != "mips_norm"}, **before}
+        old = KnowledgeIndex.build(keys, "hnsw", cfg.index.similarity, **params)
+        record["build"]["hnsw_before_build_s"] = time.perf_counter() - t0
+        variants["hnsw_before"] = (old, describe_index(old.params, old.similarity) + " (before)")
+    record["index_recall"] = {name: index_recall(ix, keys, queries, ks, similarity=cfg.index.similarity) | {"index": label}
+                              for name, (ix, label) in variants.items()}
+    status(f"index recall on the questions' queries: {json.dumps(record['index_recall'])}")
+    kw = dict(batch_size=args.batch_size, batch_tokens=args.batch_tokens or None)
+    rows: dict[str, dict[str, Any]] = dict(record.get("rows", {}))  # rows of earlier runs of this size stay
+    wanted_runs = [r.strip() for r in args.retrievals.split(",") if r.strip()] + (["hnsw_before"] if args.before_em else [])
+    runs = [("exact", ec.source, ["lookup", "kblampp"])] if "exact" in wanted_runs else []
+    runs += [(name, IndexedKB(ix, ec.store), ["kblampp"]) for name, (ix, _) in variants.items() if name in wanted_runs]
+    for name, source, wanted in runs:
+        ec.source = source
+        t0 = time.perf_counter()
+        results, _, seconds = run_rows(ec, records, wanted, seen, **kw)
+        write_report(size_dir / f"eval_{name}", results, meta={"n_facts": ec.store.n, "retrieval": name},
+                     extra={"row_seconds": seconds})
+        for row, res in results.items():
+            key = row if row == "lookup" else f"{row}_{name}"
+            label = variants[name][1] if name in variants else "exact"
+            rows[key] = row_metrics(summarize_row(res)) | {
+                "label": row, "retrieval": "–" if row == "lookup" else label,
+                "index": name if name in variants and row != "lookup" else "", "seconds": seconds[row]}
+        status(f"n={ec.store.n}: {name} done in {time.perf_counter() - t0:.0f} s")
+    record.update(rows=rows, K_top=cfg.K_top, store_bytes=folder_bytes(size_dir / "store"),
+                  index_bytes=folder_bytes(ec.store.index_dir("hnsw")), peak_rss_bytes=peak_rss_bytes(),
+                  questions=len(records), checkpoint=str(checkpoint))
+    return record
+
+
+def refresh_index(cfg: KBConfig, size_dir: Path, record: dict[str, Any], build_path: Path) -> dict[str, Any]:
+    """Rebuild the size's HNSW index when the config's index parameters changed since it was built."""
+    from kblampp.kb_store import build_store_index
+    from kblampp.store_io import write_json_atomic
+
+    built = {k: v for k, v in record["index"]["params"].items() if k != "mips_norm"}
+    if built == index_params(cfg) and record["index"]["similarity"] == cfg.index.similarity:
+        return record
+    status(f"{size_dir}: index parameters changed ({built} -> {index_params(cfg)}): rebuilding the HNSW index")
+    report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **index_params(cfg))
+    record["build"]["hnsw_build_s"] = report["build_s"]
+    record["index"] = {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"]}
+    write_json_atomic(build_path, record)
+    return record
+
+
+def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int) -> dict[str, Any]:
+    """Retrieval at the last prompt token without generating: the keys of an N-fact KB (distractor keys
+    from their head and relation embeddings only, which is all a key depends on), exact search against
+    the HNSW of the config and the --before HNSW, on the real questions' queries. Cheap enough for 10^6."""
+    import torch
+
+    from kblampp.embedding import embed_unique, load_embedder
+    from kblampp.evaluation.kb_size import exact_top, gold_recall, index_recall
+    from kblampp.evaluation.retrieval_metrics import answer_fact_of
+    from kblampp.kb_store import KBValueStore
+    from kblampp.knowledge_index import KnowledgeIndex
+    from kblampp.schema import load_qa
+    from kblampp.store_io import save_npy
+    from kblampp.synth.distractors import collisions, distractor_facts
+
+    out = Path(args.out_dir) / f"n{n_facts}"
+    out.mkdir(parents=True, exist_ok=True)
+    base = KBValueStore.load(args.base_store)
+    record: dict[str, Any] = {"n_facts": n_facts, "n_distractors": n_facts - base.n}
+    key_path = out / "keys_only_K.npy"
+    if (out / "store" / "manifest.json").is_file():  # the full store of this size holds the same keys
+        keys = KBValueStore.load(out / "store").keys_tensor().numpy()
+    elif key_path.is_file():
+        keys = np.load(key_path, allow_pickle=False)
+    else:
+        base_dicts = [json.loads(x) for x in (base.root / "facts.jsonl").read_text(encoding="utf-8").splitlines()]
+        extra = distractor_facts(base_dicts, n_facts - base.n, seed=args.distractor_seed)
+        clash = collisions(base_dicts, extra)
+        record["collisions"] = dataclasses.asdict(clash) | {"rate": clash.rate}
+        t0 = time.perf_counter()
+        names = [f["head"]["name"].strip() for f in extra] + [f["relation"]["name"].strip() for f in extra]
+        table, idx = embed_unique(load_embedder(base.manifest["embedding_model"]), names, 128)
+        n = len(extra)
+        with torch.no_grad():
+            new = base.encoder.eval().encode_keys(torch.from_numpy(table[idx[:n]]), torch.from_numpy(table[idx[n:]]))
+        keys = np.concatenate([np.asarray(base.arrays["K.npy"], np.float32), new.numpy()])
+        record["embed_s"] = time.perf_counter() - t0
+        tmp = out / ".keys_only_K.npy.tmp"
+        save_npy(tmp, keys)
+        tmp.replace(key_path)
+    queries = np.load(Path(args.out_dir) / "queries.npy", allow_pickle=False)
+    records = list(load_qa(args.qa or cfg.test_dataset, num_facts=base.n))
+    supports = [list(r.supporting_facts) if r.answerable else [] for r in records]
+    answers = [answer_fact_of(r) if s else None for r, s in zip(records, supports)]
+    k, sim = cfg.K_top, cfg.index.similarity
+    exact = exact_top(keys, queries, k, sim)
+    record["retrieval"] = {"exact": gold_recall(exact, supports, answers, k) | {"index": "exact"}}
+    record["index_recall"] = {}
+    indexes = {"hnsw": index_params(cfg)}
+    if args.before:
+        indexes["hnsw_before"] = {**index_params(cfg), **parse_params(args.before)}
+    for name, params in indexes.items():
+        t0 = time.perf_counter()
+        index = KnowledgeIndex.build(keys, "hnsw", sim, **params)
+        build_s = time.perf_counter() - t0
+        _, found = index.search(queries, k)
+        label = describe_index(index.params, sim) + (" (before)" if name == "hnsw_before" else "")
+        record["index_recall"][name] = index_recall(index, keys, queries, (1, k), sim, found=found) | {
+            "index": label, "build_s": build_s}
+        record["retrieval"][name] = gold_recall(found, supports, answers, k) | {"index": label}
+        del index
+    record["K_top"] = k
+    status(f"n={n_facts} keys only: {json.dumps(record['retrieval'])} {json.dumps(record['index_recall'])}")
+    return record
+
+
+def run_worker(cfg: KBConfig, args: argparse.Namespace) -> int:
+    from kblampp.store_io import write_json_atomic
+
+    n = int(args.worker)
+    size_dir = Path(args.out_dir) / f"n{n}"
+    size_dir.mkdir(parents=True, exist_ok=True)
+    build_path = size_dir / "build.json"
+    if args.force or not build_path.is_file():
+        write_json_atomic(build_path, build_size(cfg, args, n, size_dir))
+    record = json.loads(build_path.read_text(encoding="utf-8"))
+    record = refresh_index(cfg, size_dir, record, build_path)
+    if (size_dir / "result.json").is_file():  # keep the rows of earlier retrievals
+        record["rows"] = json.loads((size_dir / "result.json").read_text(encoding="utf-8")).get("rows", {})
+    record = eval_size(cfg, args, size_dir, record)
+    write_json_atomic(size_dir / "result.json", record)
+    status(f"n={n}: wrote {size_dir / 'result.json'}")
+    return 0
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+
+def requested_sizes(args: argparse.Namespace, base_n: int) -> list[int]:
+    from kblampp.evaluation.kb_size import size_plan
+
+    sizes = [base_n if s == "base" else int(s) for s in args.sizes] + ([MILLION] if args.million else [])
+    return size_plan(base_n, sizes)
+
+
+def write_outputs(out_dir: Path, doc_dir: Path) -> None:
+    from kblampp.evaluation.kb_size import plot_size, write_size_table
+
+    found = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out_dir.glob("n*/result.json"))]
+    keys_only = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out_dir.glob("n*/keys_only.json"))]
+    if not found and not keys_only:
+        raise SystemExit(f"{out_dir}: no n*/result.json or n*/keys_only.json yet")
+    paths = write_size_table(found, doc_dir, keys_only=keys_only)
+    plot = plot_size(found, doc_dir / "kb_size.png", keys_only=keys_only)
+    print(paths["md"].read_text(encoding="utf-8"))
+    print(f"wrote {paths['md']}, {paths['json']}, {plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, required=False)
+    p.set_defaults(config=str(ROOT / "configs/embedded_default.yaml"))
+    p.add_argument("--checkpoint", help="trained run folder or checkpoint (default: the config's output_dir)")
+    p.add_argument("--base_store", help="the trained store the sizes grow from (default: the config's store_dir)")
+    p.add_argument("--qa", help="questions (default: the config's test_dataset; every question is asked)")
+    p.add_argument("--sizes", nargs="+", default=["base", "10000", "100000"],
+                   help="KB sizes in facts; 'base' = the base store alone (default: base 10000 100000)")
+    p.add_argument("--million", action="store_true", help="also 10^6 facts (~2 h of embedding on 2 cores)")
+    p.add_argument("--distractor_seed", type=int, default=1, help="seed of the distractor worlds (main job: 0)")
+    p.add_argument("--before", help="a second HNSW measured beside the config's, as KEY=VALUE overrides "
+                                    "(e.g. mips=ip,ef_search=128: the index before issue 16's fix)")
+    p.add_argument("--before_em", action="store_true", help="also run kblampp through the --before index")
+    p.add_argument("--retrievals", default="exact,hnsw",
+                   help="kblampp runs: exact (with the lookup row), hnsw; rows of earlier runs of a size are kept")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_tokens", type=int, default=5120)
+    p.add_argument("--out_dir", default="runs/kb_size", help="stores, reports and per-size results")
+    p.add_argument("--doc_dir", help="where kb_size.md/.json/.png go (default: --out_dir)")
+    p.add_argument("--force", action="store_true", help="rebuild and rerun sizes that have results")
+    p.add_argument("--rerun", action="store_true", help="run the --retrievals again on sizes that have results "
+                                                       "(the store is kept; the index is rebuilt if its parameters changed)")
+    p.add_argument("--keys_only", action="store_true",
+                   help="retrieval only (no generation): exact vs HNSW top-K on the real queries, per size")
+    p.add_argument("--table_only", action="store_true", help="only write the table and plot from results")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    args.base_store = args.base_store or cfg.store_dir
+    if args.worker:
+        return run_worker(cfg, args)
+    if args.keys_only:
+        from kblampp.kb_store import KBValueStore
+        from kblampp.store_io import write_json_atomic
+
+        for n in requested_sizes(args, KBValueStore.load(args.base_store).n):
+            write_json_atomic(Path(args.out_dir) / f"n{n}" / "keys_only.json", keys_only_size(cfg, args, n))
+        write_outputs(Path(args.out_dir), Path(args.doc_dir or args.out_dir))
+        return 0
+    out_dir, doc_dir = Path(args.out_dir), Path(args.doc_dir or args.out_dir)
+    if not args.table_only:
+        from kblampp.kb_store import KBValueStore
+
+        for n in requested_sizes(args, KBValueStore.load(args.base_store).n):
+            if (out_dir / f"n{n}" / "result.json").is_file() and not (args.force or args.rerun):
+                status(f"n={n}: result exists (--force to redo)")
+                continue
+            status(f"== n={n}")
+            argv_now = list(sys.argv[1:] if argv is None else argv)
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv_now, "--worker", str(n)])
+            if done.returncode:
+                raise SystemExit(f"size {n}: worker failed (exit {done.returncode})")
+    write_outputs(out_dir, doc_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    from kblampp.cli import run_main
+    sys.exit(run_main(main))
