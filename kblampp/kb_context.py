@@ -49,8 +49,8 @@ class KBContext:
     None) = no time; time_kind: (B,) long index into `kblampp.question_time.TIME_KINDS` (None = read
     from the window: open start "before", open end "after", else "at"); forced_ids: (B, F) facts that
     must be among the candidates (-1 = padding), or with `forced_only` be the only ones; excluded_ids:
-    (B, E) facts that must not be candidates (a relative question's anchor group). `off_layers` / `zero_beta_layers` are the multi-hop
-    ablations (docs/DESIGN_QA.md, hops).
+    (B, E) facts that must not be candidates (a relative question's anchor group). `off_layers` /
+    `zero_beta_layers` are the multi-hop ablations (docs/DESIGN_QA.md, hops).
     Rows may be repeated by generate() (beams, num_return_sequences): B_hidden = r * B is accepted.
 
     `retrieval_positions` (config key of the same name): "all" retrieves and fuses at every position of

@@ -91,6 +91,28 @@ def anchor_fact_of(fact: Any) -> AnchorFact:
     return AnchorFact(fact.relation_name, fact.start, fact.end, fact.head_name, fact.tail_name)
 
 
+@dataclass
+class AnchorUse:
+    """What an anchor fact does to its question: the dated constraint, the second retrieval's only
+    candidates (succession) or excluded ones (relative), and e_q's text (relative; None = the question)."""
+
+    used: TimeConstraint
+    forced: list[int]
+    excluded: list[int]
+    query_text: str | None
+
+
+def use_anchor(question: str, c: TimeConstraint, fact: int, siblings: Sequence[int], info: AnchorFact | None,
+               window: tuple[float, float] | None = None) -> AnchorUse:
+    """One place for evaluation, training signals and the server: date `c` by anchor `fact` (its
+    `info`, or without it the store's `window` in days) and say how the second retrieval uses it."""
+    lo, hi = anchor_days(c, info.relation, info.start, info.end) if info is not None else window
+    used = anchored(c, lo, hi)
+    if c.kind in SUCCESSION_KINDS:  # the successor / predecessor is one of the anchor's siblings
+        return AnchorUse(used, list(siblings), [], None)
+    return AnchorUse(used, [], [fact, *siblings], relative_query_text(question, info))  # the answer is another fact
+
+
 def relative_query_text(question: str, anchor: AnchorFact | None) -> str:
     """The text whose embedding queries a dated relative question's answer: the question without its
     clause; when what is left still asks about the anchor's own head ("the organiser of the Expo"), or
@@ -236,18 +258,13 @@ def question_times(questions: Sequence[str], reference_date: str | None = None, 
         excluded: list[list[int]] = [[] for _ in parsed]
         texts_q: list[str | None] = [None] * len(parsed)
         for j, i in enumerate(todo):
-            fact, c = int(ids[j]), parsed[i]
-            info = None if fact_time is None else fact_time(fact)
-            if info is not None:
-                lo, hi = anchor_days(c, info.relation, info.start, info.end)
-            else:
-                lo, hi = float(windows["tau_min"][j]), float(windows["tau_max"][j])
-            anchors[i], used[i] = fact, anchored(c, lo, hi)
+            fact = int(ids[j])
             siblings = [int(x) for x in group[j].tolist() if x >= 0 and x != fact]
-            if c.kind in SUCCESSION_KINDS:
-                groups[i] = siblings
-            else:
-                excluded[i], texts_q[i] = [fact] + siblings, relative_query_text(questions[i], info)
+            window = (float(windows["tau_min"][j]), float(windows["tau_max"][j]))
+            use = use_anchor(questions[i], parsed[i], fact, siblings,
+                             None if fact_time is None else fact_time(fact), window)
+            anchors[i], used[i], groups[i], excluded[i], texts_q[i] = fact, use.used, use.forced, use.excluded, \
+                use.query_text
         return QuestionTimes(parsed, anchors, used, groups, excluded, texts_q)
     return QuestionTimes(parsed, anchors, used)
 
@@ -262,10 +279,10 @@ def gold_anchor_times(parsed: Sequence[TimeConstraint | None], supporting: Seque
     for i, c in enumerate(parsed):
         if needs_anchor(c) and len(supporting[i]) >= 1:
             fact = int(supporting[i][0])
-            info = fact_time(fact)
-            anchors[i], used[i] = fact, anchored(c, *anchor_days(c, info.relation, info.start, info.end))
-            if questions is not None and c.kind not in SUCCESSION_KINDS:
-                texts[i] = relative_query_text(questions[i], info)
+            use = use_anchor("" if questions is None else questions[i], c, fact, [], fact_time(fact))
+            anchors[i], used[i] = fact, use.used
+            if questions is not None:
+                texts[i] = use.query_text
     return QuestionTimes(list(parsed), anchors, used, query_texts=texts if questions is not None else None)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -18,9 +18,8 @@ from kblampp.inference.generate import RequestHook
 from kblampp.evaluation.parsed_time import question_tau
 from kblampp.kb_context import KBContext
 from kblampp.retrieval import KBSource
-from kblampp.time_query import anchor_fact_of
 from kblampp.schema import QARecord
-from kblampp.time_query import QuestionTimes, question_times
+from kblampp.time_query import QuestionTimes, anchor_fact_of, padded_ids, question_times
 
 
 @dataclass(frozen=True)
@@ -111,12 +110,8 @@ def request_times(model: Any, source: KBSource, records: Sequence[QARecord], emb
 
 def forced_ids(records: Sequence[QARecord]) -> torch.Tensor:
     """(n, F) supporting facts padded with -1, for `KBContext.forced_ids`."""
-    width = max([len(r.supporting_facts) for r in records] + [1])
-    out = torch.full((len(records), width), -1, dtype=torch.long)
-    for i, r in enumerate(records):
-        if r.supporting_facts:
-            out[i, :len(r.supporting_facts)] = torch.tensor(r.supporting_facts, dtype=torch.long)
-    return out
+    out = padded_ids([r.supporting_facts for r in records])
+    return torch.full((len(records), 1), -1, dtype=torch.long) if out is None else out
 
 
 @contextlib.contextmanager
@@ -171,7 +166,7 @@ class KBRequest:
     hop_forced: torch.Tensor | None = None  # (n, F) succession: the anchor's siblings, -1 padded
     hop_excluded: torch.Tensor | None = None  # (n, E) relative: the anchor's group, -1 padded
     questions: list[str] | None = None  # the question texts, in question order (the decision's name check)
-    head_names: Sequence[str] | None = None  # head name per fact id (the decision's name check)
+    head_name: Callable[[int], str] | None = None  # fact id -> its head's name (the decision's name check)
     records: dict[int, LastTokenRecord] = field(default_factory=dict)
 
     @property
@@ -193,12 +188,12 @@ class KBRequest:
 
     def _name_check(self, indices: list[int]) -> Any:
         """`head_named` for these rows, or None without question texts and head names."""
-        if self.questions is None or self.head_names is None:
+        if self.questions is None or self.head_name is None:
             return None
         from kblampp.abstention import head_named
 
-        texts, names = [self.questions[i] for i in indices], self.head_names
-        return lambda cand_ids: head_named(texts, cand_ids, names.__getitem__)
+        texts, name = [self.questions[i] for i in indices], self.head_name
+        return lambda cand_ids: head_named(texts, cand_ids, name)
 
     @contextlib.contextmanager
     def __call__(self, indices: list[int], batch: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
@@ -256,11 +251,11 @@ class KBRequest:
 def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],
                variant: KBVariant, tail_table: torch.Tensor | None = None, reference_date: str | None = None,
                times: QuestionTimes | None = None, abstainer: Any = None, abstain_ids: Sequence[int] | None = None,
-               stop_id: int = -1, head_names: Sequence[str] | None = None) -> KBRequest:
+               stop_id: int = -1, head_name: Callable[[int], str] | None = None) -> KBRequest:
     """A ready `KBRequest` (a RequestHook) for `records` in order; `times` from `request_times`
     (default: parsed from the text with `reference_date` resolving "now", anchors left undated); with
-    `abstainer`, rows it abstains on write `abstain_ids` then `stop_id`; `head_names` (per fact id)
-    give the decision its name check."""
+    `abstainer`, rows it abstains on write `abstain_ids` then `stop_id`; `head_name(fact_id)` gives
+    the decision its name check."""
     if e_q.shape[0] != len(records):
         raise ValueError(f"e_q has {e_q.shape[0]} rows for {len(records)} questions")
     times = times if times is not None else request_times(model, source, records, reference_date=reference_date)
@@ -269,7 +264,7 @@ def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequenc
                      tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None,
                      hop_forced=times.forced(), hop_excluded=times.excluded_ids(), abstainer=abstainer,
                      abstain_ids=None if abstain_ids is None else list(abstain_ids), stop_id=stop_id,
-                     questions=[r.question for r in records], head_names=head_names)
+                     questions=[r.question for r in records], head_name=head_name)
 
 
 __all__ = ["time_free_twin", "prefill_followers", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord",

@@ -81,7 +81,10 @@ class EvalContext:
         return kb_request(self.model, self.source, q_vecs, records, KB_VARIANTS[row], self.tail_table,
                           reference_date=self.cfg.reference_date, times=times, abstainer=self.abstainer,
                           abstain_ids=ids, stop_id=stop_token_id(self.tokenizer),
-                          head_names=[f.head_name for f in self.facts] if self.cfg.abstention.name_check else None)
+                          head_name=self._head_name if self.cfg.abstention.name_check else None)
+
+    def _head_name(self, index: int) -> str:
+        return self.facts[index].head_name
 
 
 def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = True) -> EvalContext:

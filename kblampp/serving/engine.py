@@ -32,8 +32,7 @@ from kblampp.serving.config import ServerSettings
 from kblampp.serving.kb_log import AuditLog, KBLog, LogEntry, default_audit_path, read_log
 from kblampp.serving.model_answerer import AnswerItem
 from kblampp.serving.schemas import ApiError
-from kblampp.time_query import (SUCCESSION_KINDS, AnchorFact, anchor_days, anchored, constraint_days, hop_texts,
-                                needs_anchor, relative_query_text, window_satisfies)
+from kblampp.time_query import AnchorFact, constraint_days, hop_texts, needs_anchor, use_anchor, window_satisfies
 from kblampp.timewin import window_days
 
 
@@ -262,13 +261,13 @@ class Engine:
         if fact is None:
             return c, {}
         info = AnchorFact(fact["relation"]["name"], *_window_list(fact), fact["head"]["name"], fact["tail"]["name"])
-        used = anchored(c, *anchor_days(c, info.relation, info.start, info.end))
-        shown.update(anchor_fact=index, resolved={"start": used.start, "end": used.end})
-        if c.kind in SUCCESSION_KINDS:  # the successor / predecessor is one of the anchor's siblings
-            return used, ({"forced_ids": siblings} if siblings else {})
-        text = relative_query_text(question, info)  # relative: the answer is another fact, queried by this
-        shown.update(query_text=text)
-        return used, {"excluded_ids": [index] + siblings, "e_q": self.embedder.encode([text], progress=False)[0]}
+        use = use_anchor(question, c, index, siblings, info)
+        shown.update(anchor_fact=index, resolved={"start": use.used.start, "end": use.used.end})
+        if use.query_text is None:  # succession
+            return use.used, ({"forced_ids": use.forced} if use.forced else {})
+        shown.update(query_text=use.query_text)
+        return use.used, {"excluded_ids": use.excluded,
+                          "e_q": self.embedder.encode([use.query_text], progress=False)[0]}
 
     def answer(self, question: str, question_time: dict | None, max_new_tokens: int, top_k: int,
                kind: str = "answer", abstain: bool = True, reference_date: str | None = None) -> dict:
