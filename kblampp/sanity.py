@@ -64,15 +64,16 @@ def _answer_fact_problems(path: Path, valid_lines: set[int]) -> list[Problem]:
 
 def _recomputed_answer_problems(path: Path, valid_lines: set[int], facts_path: str,
                                 reference_date: str) -> tuple[list[Problem], int]:
-    """Every generated record (a `family` and a synthetic `world`) has its answer recomputed from the
-    facts (kblampp.answer_check); real-data builders' records follow their dataset's own answers."""
+    """Every generated record (a `family` and a `template`: programmatic or LLM-written) has its answer
+    recomputed from the facts (kblampp.answer_check); real-data builders' records (TimeQA tags its pages
+    with a `world` too) follow their dataset's own answers."""
     from kblampp.answer_check import FactLookup, check_record
     from kblampp.schema import load_facts
 
     lookup: FactLookup | None = None
     out, checked = [], 0
     for line, obj, _problem in iter_jsonl(path):
-        if line not in valid_lines or "family" not in obj or "world" not in obj:
+        if line not in valid_lines or "family" not in obj or "template" not in obj:
             continue
         lookup = lookup or FactLookup(load_facts(facts_path))
         out += [Problem(line, f, reason) for f, reason in check_record(obj, lookup, reference_date)]

@@ -17,7 +17,7 @@ from kblampp.builders.timeqa import (build_timeqa, evidence_sentence, load_timeq
 from kblampp.builders.timeqa_split import page_split, report_lines, window_report, write_split_files
 from kblampp.builders.timeqa_table import timeqa_table
 from kblampp.question_time import parse_question_time
-from kblampp.sanity import check_5tuple_file, check_qa_file
+from kblampp.sanity import check_5tuple_file, check_qa_file, run_check
 from kblampp.schema import load_facts, load_qa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +219,12 @@ def test_split_by_page(tmp_path: Path) -> None:
     assert [f.raw["context"]["disamb"].get("world") for f in facts] == [None] * 4 + ["timeqa-test"] * 4
     train = load_qa(tmp_path / "qa" / "timeqa_train.jsonl", num_facts=len(facts))
     assert [r.qid for r in train] == [r["qid"] for r in rovers.qa]  # the base training QA, untouched
+    # the job checks every written file; TimeQA answers are the dataset's own (a page tagged with a
+    # `world` is not a generated record whose answer would be recomputed from the facts)
+    for name, path in written.paths.items():
+        kind = "5tuple" if name == "facts" else "qa"
+        result = run_check(path, kind, **({} if kind == "5tuple" else {"facts": str(written.paths["facts"])}))
+        assert result.problems == [], (name, result.lines()[:3])
 
 
 def test_table_from_results(tmp_path: Path) -> None:
