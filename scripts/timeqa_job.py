@@ -6,8 +6,9 @@ Steps: synthetic worlds + QA and the synthetic-only Stage A run (the main job's;
 `runs/main/kb_final.safetensors` exists) -> TimeQA KB from the pages (windows inferred from the text)
 + window report -> split by page, files merged with the synthetic ones -> the KB encoded with the
 synthetic-only run's K/V encoder, and for the new run -> Stage A on synthetic + TimeQA training
-questions -> KB rows of both runs, then the baselines -> the table (official EM). Every evaluation
-runs on the held-out pages, easy and hard apart, on the same questions.
+questions -> KB rows of both runs, then the baselines -> the abstention decision retrained with the
+training pages' unanswerable questions, evaluated on each level with its unanswerable ones -> the table
+(official EM). Every evaluation runs on the held-out pages, easy and hard apart, on the same questions.
 `--until STEP` stops after a step; reruns resume Stage A and skip evaluations already written.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kblampp.config import add_config_args, config_from_args, load_config  # noq
 from kblampp.sanity import run_check  # noqa: E402
 
 BASELINE_ROWS = ("backbone", "rag", "oracle_context")
+BUILT_FACTS, BUILT_QA = "data/5tuple/timeqa_pages.jsonl", "data/qa/timeqa_pages.jsonl"  # the build step's output
 LEVELS = ("easy", "hard")
 
 
@@ -77,7 +79,7 @@ def step_build(job: TimeQAJob) -> None:
     inputs = [src / name for name in job.args.timeqa_files]
     labels = load_timeqa_relations(src / "timeqa_relations.json") if (src / "timeqa_relations.json").is_file() else None
     result = build_timeqa(inputs, relation_labels=labels, keep_unanswerable=True)
-    facts, qa = ROOT / "data/5tuple/timeqa_pages.jsonl", ROOT / "data/qa/timeqa_pages.jsonl"
+    facts, qa = ROOT / BUILT_FACTS, ROOT / BUILT_QA
     if finish(result, facts, qa, strict=True, stream=sys.stdout) != 0:
         raise SystemExit("TimeQA build failed")
     report = "\n".join(report_lines(window_report(result.facts, result.qa)))
@@ -94,6 +96,8 @@ def step_split(job: TimeQAJob) -> None:
 
     qa_dir, prefix = main_job.qa_location(job.cfg)
     m_dir, m_prefix = main_job.qa_location(job.main.cfg)
+    for name, built in (("timeqa_facts", BUILT_FACTS), ("timeqa_qa", BUILT_QA)):  # `--steps split` alone
+        job.files.setdefault(name, ROOT / built)
     fractions = tuple(float(x) for x in job.args.split.split(","))
     written = write_split_files(job.files["timeqa_facts"], job.files["timeqa_qa"], ROOT / job.cfg.tuples_path,
                                 ROOT / qa_dir, prefix, base_facts=ROOT / job.main.cfg.tuples_path,
@@ -169,8 +173,9 @@ def step_encode_synth_only(job: TimeQAJob) -> None:
     main_job.step_index(main_job.Job(cfg, job.main.args))
 
 
-def _evaluate(cfg, name: str, rows: tuple[str, ...], job: TimeQAJob) -> None:
-    """`rows` of the run `cfg` on the test questions of each level -> <output_dir>/eval/<name>_<level>/."""
+def _evaluate(cfg, name: str, rows: tuple[str, ...], job: TimeQAJob, test_name: str = "test_{level}") -> None:
+    """`rows` of the run `cfg` on the test questions of each level (`<prefix>_<test_name>.jsonl`)
+    -> <output_dir>/eval/<name>_<level>/."""
     from kblampp.evaluation.runner import evaluate, load_eval_context
     from kblampp.inference.loading import resolve_checkpoint
 
@@ -183,7 +188,7 @@ def _evaluate(cfg, name: str, rows: tuple[str, ...], job: TimeQAJob) -> None:
             continue
         if ec is None:
             ec = load_eval_context(dataclasses.replace(cfg, retrieval="faiss"), resolve_checkpoint(ROOT / cfg.output_dir))
-        evaluate(ec, ROOT / qa_dir / f"{prefix}_test_{level}.jsonl", out, rows=rows,
+        evaluate(ec, ROOT / qa_dir / f"{prefix}_{test_name.format(level=level)}.jsonl", out, rows=rows,
                  max_questions=job.args.eval_questions, batch_size=16)
         print((out / "results.md").read_text(encoding="utf-8"))
 
@@ -211,13 +216,49 @@ def step_eval_baselines(job: TimeQAJob) -> None:
     _evaluate(job.cfg, "baselines", BASELINE_ROWS, job)
 
 
+def abstention_cfg(job: TimeQAJob):
+    """The run whose decision also learned TimeQA's unanswerable questions (train pages; threshold on dev)."""
+    qa_dir, prefix = main_job.qa_location(job.cfg)
+    return dataclasses.replace(job.cfg, train_dataset=f"{qa_dir}/{prefix}_abstain_train.jsonl",
+                               eval_dataset=f"{qa_dir}/{prefix}_abstain_dev.jsonl",
+                               output_dir=job.cfg.output_dir + "_abstain")
+
+
+def step_abstention(job: TimeQAJob) -> None:
+    """Unanswerable TimeQA questions (the builder's `targets [""]`): the finished run's `kb_abstain`
+    retrained on the training pages' questions with their unanswerable ones, its threshold set on the
+    dev pages' (easy) questions with theirs; then `lookup` (its floor tuned on the same dev file) and
+    KBLaM++ on each test level with that level's unanswerable questions."""
+    from kblampp.builders.timeqa_split import merge_unanswerable
+    from kblampp.training.abstention_phase import train_on_checkpoint
+
+    qa_dir, prefix = main_job.qa_location(job.cfg)
+    base = ROOT / qa_dir / prefix
+    merge_unanswerable([f"{base}_train.jsonl"], f"{base}_train_unanswerable.jsonl", f"{base}_abstain_train.jsonl")
+    merge_unanswerable([f"{base}_dev.jsonl"], f"{base}_dev_unanswerable.jsonl", f"{base}_abstain_dev.jsonl",
+                       level="easy")
+    for level in LEVELS:
+        merge_unanswerable([f"{base}_test_{level}.jsonl"], f"{base}_test_unanswerable.jsonl",
+                           f"{base}_test_{level}_with_unanswerable.jsonl", level=level)
+    cfg = abstention_cfg(job)
+    if not _trained(cfg) or job.args.retrain:
+        report = train_on_checkpoint(cfg, ROOT / job.cfg.output_dir, ROOT / cfg.output_dir)
+        print(f"kb_abstain: threshold {report['threshold']:.4f}, training questions {report.get('train_n')} "
+              f"({report.get('train_unanswerable')} unanswerable)")
+    cfg = load_config(ROOT / cfg.output_dir / "config.resolved.yaml")
+    _evaluate(cfg, "abstain", ("lookup", "kblampp", "kblampp_no_abstention"), job,
+              test_name="test_{level}_with_unanswerable")
+
+
 def step_table(job: TimeQAJob) -> None:
-    from kblampp.builders.timeqa_table import timeqa_table
+    from kblampp.builders.timeqa_table import abstention_table, timeqa_table
 
     text = timeqa_table(ROOT / job.cfg.output_dir / "eval", LEVELS,
                         [("lookup", "–"), ("baselines", "–"), ("synth_timeqa", "synthetic + TimeQA"),
                          ("synth_timeqa_eta0", "synthetic + TimeQA"), ("synth_only", "synthetic only"),
                          ("synth_only_eta0", "synthetic only")])
+    if any((ROOT / job.cfg.output_dir / "eval" / f"abstain_{lv}" / "results.json").is_file() for lv in LEVELS):
+        text += "\n\n" + abstention_table(ROOT / job.cfg.output_dir / "eval", LEVELS, "abstain")
     out = ROOT / job.cfg.output_dir / "timeqa_table.md"
     out.write_text(text + "\n", encoding="utf-8")
     print(text)
@@ -227,7 +268,7 @@ def step_table(job: TimeQAJob) -> None:
 STEPS = [("synthetic", step_synthetic), ("build", step_build), ("split", step_split),
          ("encode_synth_only", step_encode_synth_only), ("encode", step_encode), ("stage_a", step_stage_a),
          ("eval", step_eval), ("eval_lookup", step_eval_lookup), ("eval_synth_only", step_eval_synth_only),
-         ("eval_baselines", step_eval_baselines),
+         ("eval_baselines", step_eval_baselines), ("abstention", step_abstention),
          ("table", step_table)]
 
 

@@ -14,8 +14,9 @@ from kblampp.builders.common import finish
 from kblampp.builders.text_windows import close_open_ends, find_page_times, infer_window
 from kblampp.builders.timeqa import (build_timeqa, evidence_sentence, load_timeqa_relations, page_name,
                                      sentence_ends)
-from kblampp.builders.timeqa_split import page_split, report_lines, window_report, write_split_files
-from kblampp.builders.timeqa_table import timeqa_table
+from kblampp.builders.timeqa_split import (merge_unanswerable, page_split, report_lines, window_report,
+                                          write_split_files)
+from kblampp.builders.timeqa_table import abstention_table, timeqa_table
 from kblampp.question_time import parse_question_time
 from kblampp.sanity import check_5tuple_file, check_qa_file, run_check
 from kblampp.schema import load_facts, load_qa
@@ -138,6 +139,14 @@ def test_infer_window_rules() -> None:
     assert _window("She joined the Union of Architects . That was from 1950 to 1960 .", "Union of Architects") == (
         "1950", "1960", "neighbour-range")
     assert _window("She joined the Union of Architects .", "Union of Architects") is None
+    # rule 4: the page's last date before the span (a narrative), as an open start
+    story = "In March 1943 he was posted to the front . Later he flew more . He was promoted to Junior Lieutenant ."
+    assert _window(story, "Junior Lieutenant") == ("1943-03", None, "preceding")
+    assert _window("It ran from 1950 to 1960 . It was loved . It was sold . Then came Delta .", "Delta") == ("1960", None, "preceding")
+    # a long range in parentheses right after the name is the tail's life, not the fact's window
+    rector = "On 19 October 1954 the mathematician Herbert Dallmann ( 1909–1996 ) was appointed rector ."
+    assert _window(rector, "Herbert Dallmann") == ("1954-10-19", None, "point")
+    assert _window("Ralph Lauren ( 1967–2015 ) was its chief .", "Ralph Lauren") == ("1967", "2015", "range")
 
 
 def test_close_open_ends() -> None:
@@ -225,6 +234,14 @@ def test_split_by_page(tmp_path: Path) -> None:
         kind = "5tuple" if name == "facts" else "qa"
         result = run_check(path, kind, **({} if kind == "5tuple" else {"facts": str(written.paths["facts"])}))
         assert result.problems == [], (name, result.lines()[:3])
+    # the abstention files: a level's questions, then that level's unanswerable ones
+    unans = load_qa(tmp_path / "qa" / "timeqa_test_unanswerable.jsonl", num_facts=len(facts))
+    out = tmp_path / "qa" / "easy_with_unanswerable.jsonl"
+    n = merge_unanswerable([tmp_path / "qa" / "timeqa_test_easy.jsonl"], tmp_path / "qa" / "timeqa_test_unanswerable.jsonl",
+                           out, level="easy")
+    merged = load_qa(out, num_facts=len(facts))
+    assert [r.qid for r in merged] == [r.qid for r in easy] + [r.qid for r in unans if r.raw["level"] == "easy"]
+    assert n == len(merged) == 4 + 2 and [r.answerable for r in merged] == [True] * 4 + [False] * 2
 
 
 def test_table_from_results(tmp_path: Path) -> None:
@@ -241,6 +258,12 @@ def test_table_from_results(tmp_path: Path) -> None:
         "| – | `lookup` (no LLM) | 50.0 [0.0, 100.0] | 75.0 | – | – |",
         "| synthetic + TimeQA | KBLaM++ (answer head) | 75.0 [25.0, 100.0] | 75.0 | 25.0 [–, –] | 50.0 |",
         "", "Questions per level (held-out pages, answerable): easy 4, hard 4."]
+    ab = {"n": 6, "n_unanswerable": 2, "em": 0.5, "em_ci_low": 0.25, "em_ci_high": 0.75, "em_answerable": 0.25,
+          "abstain_precision": 1.0, "abstain_recall": 0.5, "abstain_f1": 2 / 3}
+    write("ab_easy", {"kblampp": ab, "lookup": dict(ab, abstain_precision=None)})
+    assert abstention_table(tmp_path, ["easy", "hard"], "ab").splitlines()[2:] == [
+        "| easy | KBLaM++ (answer head) | 6 (2) | 50.0 [25.0, 75.0] | 25.0 | 100.0 | 50.0 | 66.7 |",
+        "| easy | `lookup` (no LLM) | 6 (2) | 50.0 [25.0, 75.0] | 25.0 | – | 50.0 | 66.7 |"]
 
 
 def test_truncated_gzip_is_reported(tmp_path: Path) -> None:

@@ -15,7 +15,11 @@ The window of a span (`infer_window`), first rule that gives a date wins:
   2. `point`: start = the last point / `since` / `until` ("until 1990 , when X took over") before
      the span in the sentence (else the first point after it); end = an `until` after the span, or
      a later point in the sentence introduced by an ending word ("resigned", "left", "replaced", ...);
-  3. `neighbour`: rules 1-2 on the previous sentence, then on the next one.
+  3. `neighbour`: rules 1-2 on the previous sentence, then on the next one;
+  4. `preceding`: the page's last date before the span, as an open start (a narrative's order:
+     "In March 1943 he was posted ... He was promoted to Junior Lieutenant").
+A range in parentheses right after the span that lasts LIFESPAN_YEARS or more ("Herbert Dallmann
+( 1909–1996 ) was appointed ...") is the tail's own lifespan, never the fact's window.
 `close_open_ends` then ends an open window at the next start among the same (page, relation)'s
 facts (`+next_start`): successive owners, coaches, office holders.
 """
@@ -40,6 +44,8 @@ _RANGE = re.compile(
 _OPEN = re.compile(rf"\b(?P<kw>since|until|till|up\s+to)\s+(?P<a>{_DATE})", re.I)
 _POINT = re.compile(_DATE, re.I)
 _BULLET = re.compile(r" (?:-|–|;|•) ")
+_OPEN_PAREN = re.compile(r"\s*\(\s*")
+LIFESPAN_YEARS = 60  # a parenthesised range this long after a name is a life, not a tenure
 _END_CUE = re.compile(r"\b(?:resign\w*|left|leav\w+|until|till|replac\w+|succeed\w*|sack\w*|dismiss\w*|retir\w+"
                       r"|end\w*|died|death|sold|relieved|depart\w*|quit|fired|stepped\s+down|lost|moved|closed"
                       r"|dissolved|abolished|renamed|released|transferred|joined)\b", re.I)
@@ -59,7 +65,7 @@ class PageTime:
 class InferredWindow:
     start: str | None
     end: str | None
-    rule: str  # range | point | neighbour-range | neighbour-point (+next_start added later)
+    rule: str  # range | point | neighbour-range | neighbour-point | preceding (+next_start added later)
 
 
 def _date(text: str, last: bool = False) -> str | None:
@@ -121,7 +127,7 @@ def _gap(t: PageTime, lo: int, hi: int) -> int:
 def _from_unit(times: list[PageTime], text: str, lo: int, hi: int, unit: tuple[int, int],
                row: tuple[int, int] | None) -> tuple[str | None, str | None, str] | None:
     """(start, end, rule) from the times inside `unit` (a sentence) for the span [lo, hi), or None."""
-    inside = [t for t in times if unit[0] <= t.span[0] and t.span[1] <= unit[1]]
+    inside = [t for t in times if unit[0] <= t.span[0] and t.span[1] <= unit[1] and not _lifespan(t, text, hi)]
     in_row = [t for t in inside if row and row[0] <= t.span[0] and t.span[1] <= row[1]]
     inside = in_row or inside  # a list row that carries a date speaks for its own entry
     ranges = [t for t in inside if t.kind == "range"]
@@ -144,6 +150,19 @@ def _from_unit(times: list[PageTime], text: str, lo: int, hi: int, unit: tuple[i
         if t.kind == "until" or (t.kind == "point" and t.start >= begin and cue):
             return begin, t.end, "point"
     return begin, None, "point"
+
+
+def _lifespan(t: PageTime, text: str, hi: int) -> bool:
+    """`t` is a long range in parentheses right after the span ending at `hi`: the tail's life."""
+    return (t.kind == "range" and t.start is not None and t.end is not None and t.span[0] >= hi
+            and int(t.end[:4]) - int(t.start[:4]) >= LIFESPAN_YEARS
+            and _OPEN_PAREN.fullmatch(text[hi:t.span[0]]) is not None)
+
+
+def _preceding(times: list[PageTime], lo: int) -> tuple[str | None, str | None, str] | None:
+    """Rule 4: the latest date of the page's last time expression before the span, as an open start."""
+    before = [t for t in times if t.span[1] <= lo]
+    return (before[-1].end or before[-1].start, None, "preceding") if before else None
 
 
 def _row(text: str, unit: tuple[int, int], lo: int, hi: int, times: list[PageTime]) -> tuple[int, int] | None:
@@ -180,7 +199,10 @@ def infer_window(text: str, lo: int, hi: int, ends: tuple[int, ...],
     if got is None and unit[1] < len(text):  # next sentence: the span sits at its start
         nxt = sentence_bounds(ends, len(text), unit[1] + 1, unit[1] + 1)
         got = _from_unit(times, text, unit[1], unit[1], nxt, None)
-    return None if got is None else InferredWindow(got[0], got[1], "neighbour-" + got[2])
+    if got is not None:
+        return InferredWindow(got[0], got[1], "neighbour-" + got[2])
+    got = _preceding(times, lo)
+    return None if got is None else InferredWindow(*got)
 
 
 def close_open_ends(windows: list[tuple[str | None, str | None]]) -> list[tuple[str | None, str | None, bool]]:

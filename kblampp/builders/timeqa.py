@@ -34,7 +34,7 @@ _ABBREV = {"mr", "mrs", "ms", "dr", "prof", "maj", "col", "gen", "lt", "capt", "
            "pvt", "vs", "vol", "fr", "bros", "corp", "dept", "univ", "est", "approx", "u.s", "d.c", "e.g", "i.e"}
 _END = re.compile(r" [.?!](?= |$)")
 _NEXT = re.compile(r"\s*(\S)")
-RULE_ORDER = ("range", "point", "neighbour-range", "neighbour-point")
+RULE_ORDER = ("range", "point", "neighbour-range", "neighbour-point", "preceding")
 MAX_EVIDENCE_CHARS = 400
 
 

@@ -154,3 +154,13 @@ def write_split_files(timeqa_facts: str | Path, timeqa_qa: str | Path, out_facts
     for split in SPLITS:
         result.counts[f"pages_{split}"] = sum(1 for s in split_of.values() if s == split)
     return result
+
+
+def merge_unanswerable(answerable: Sequence[str | Path], unanswerable: str | Path, out: str | Path,
+                       level: str | None = None) -> int:
+    """One QA file: the `answerable` files' records, then the unanswerable ones (only `level`'s when
+    given: each test level is scored with its own phrasing). Written atomically; returns the count."""
+    rows = [r for path in answerable for r in _read_jsonl(path)]
+    rows += [r for r in _read_jsonl(unanswerable) if level is None or r.get("level") == level]
+    _write_lines(Path(out), rows).replace(out)
+    return len(rows)

@@ -10,7 +10,8 @@ from typing import Sequence
 
 ROW_NAMES = {"backbone": "backbone alone", "rag": "in-context RAG (top-8 facts)",
              "oracle_context": "oracle context (supporting facts in the prompt)", "lookup": "`lookup` (no LLM)",
-             "kblampp": "KBLaM++ (answer head)", "kblampp_eta0": "KBLaM++, eta = 0"}
+             "kblampp": "KBLaM++ (answer head)", "kblampp_eta0": "KBLaM++, eta = 0",
+             "kblampp_no_abstention": "KBLaM++, abstention off"}
 
 
 def read_rows(results_json: Path) -> dict[str, dict]:
@@ -39,4 +40,22 @@ def timeqa_table(eval_dir: str | Path, levels: Sequence[str], runs: Sequence[tup
               for lv in levels}
     lines += ["", "Questions per level (held-out pages, answerable): "
               + ", ".join(f"{lv} {'/'.join(map(str, n)) or 0}" for lv, n in counts.items()) + "."]
+    return "\n".join(lines)
+
+
+def abstention_table(eval_dir: str | Path, levels: Sequence[str], run: str) -> str:
+    """Markdown: per level and row, EM on all questions [95% CI], EM on the answerable ones, and
+    abstention precision / recall / F1 as a detector of the unanswerable questions."""
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    lines = ["| level | row | n (unanswerable) | EM [95% CI] | EM answerable | abstain P | abstain R | abstain F1 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lv in levels:
+        path = Path(eval_dir) / f"{run}_{lv}" / "results.json"
+        if not path.is_file():
+            continue
+        for row, s in read_rows(path).items():
+            lines.append(f"| {lv} | {ROW_NAMES.get(row, row)} | {s['n']} ({s['n_unanswerable']}) | {pct(s['em'])} "
+                         f"[{pct(s.get('em_ci_low'))}, {pct(s.get('em_ci_high'))}] | {pct(s.get('em_answerable'))} | "
+                         f"{pct(s.get('abstain_precision'))} | {pct(s.get('abstain_recall'))} | "
+                         f"{pct(s.get('abstain_f1'))} |")
     return "\n".join(lines)
