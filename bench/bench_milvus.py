@@ -1,11 +1,13 @@
 """Recall@k of the Milvus backend (Milvus Lite, HNSW) against faiss HNSW, both against exact search.
 
     python bench/bench_milvus.py --store_dir /work/main/store/synth_world --copies 8 --queries 1000
+    python bench/bench_milvus.py --store_dir runs/kb_size/n100000/store --copies 1 \
+        --queries_npy runs/kb_size/queries.npy --hnsw_m 64 --ef_construction 400 --ef_search 1024
 
 Keys: the store's trained keys K.npy, plus `copies - 1` noisy replicas of each (replica = key + noise
 of relative norm --replica_noise), so the index holds N * copies keys with the store's real geometry
 and dense neighbourhoods. Queries: stored keys (random rows) + noise of relative norm --noise, so no
-query is in the index. Both indexes get the same HNSW parameters (M, efConstruction, efSearch) and
+query is in the index; or `--queries_npy`, real questions' queries. Both indexes get the same HNSW parameters (M, efConstruction, efSearch) and
 the store index's similarity; recall is `recall_at_k` (tie-aware; `strict` is plain id overlap).
 Prints one JSON object with the machine load. Not a test and not a timing benchmark.
 """
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replica_noise", type=float, default=0.5)
     p.add_argument("--noise", type=float, default=0.3, help="query = stored key + noise of this relative norm")
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--queries_npy", help="real queries (N, d) instead of noisy stored keys, e.g. the trained "
+                   "model's query at each test question's last prompt token (bench/bench_kb_size.py's queries.npy)")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--hnsw_m", type=int, default=32)
     p.add_argument("--ef_construction", type=int, default=200)
@@ -58,13 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         similarity = read_json(found[0], "index params")["similarity"] if found else "ip"
     rng = np.random.default_rng(args.seed)
     keys = np.concatenate([base] + [noisy(base, args.replica_noise, rng) for _ in range(args.copies - 1)])
-    rows = rng.choice(len(base), size=min(args.queries, len(base)), replace=False)
-    queries = noisy(base[rows], args.noise, rng)
+    if args.queries_npy:
+        queries = np.load(args.queries_npy, allow_pickle=False).astype(np.float32)
+        if queries.ndim != 2 or queries.shape[1] != base.shape[1]:
+            raise SystemExit(f"{args.queries_npy}: expected (N, {base.shape[1]}) queries, got {queries.shape}")
+    else:
+        rows = rng.choice(len(base), size=min(args.queries, len(base)), replace=False)
+        queries = noisy(base[rows], args.noise, rng)
     hnsw = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search}
 
     res = {"keys": f"{store}/K.npy ({len(base)} live trained keys) x {args.copies} "
                    f"(replicas at relative noise {args.replica_noise})",
-           "n": len(keys), "d": keys.shape[1], "queries": len(queries), "query_noise": args.noise,
+           "n": len(keys), "d": keys.shape[1], "queries": len(queries),
+           "query_source": args.queries_npy or f"stored keys + noise of relative norm {args.noise}",
            "k": args.k, "similarity": similarity, "hnsw": hnsw, "load_avg_start": os.getloadavg(),
            "cpu_count": os.cpu_count()}
     faiss_index = KnowledgeIndex.build(keys, "hnsw", similarity, **hnsw)
