@@ -15,7 +15,8 @@ from doc_commands import ROOT, Command, commands_in, documented_commands, script
 
 RUN_FILES = {"kb_final.safetensors", "kv_encoder.safetensors", "metrics.jsonl", "config.resolved.yaml",
              "stage_a_summary.json", "progress.json", "evidence.json", "results.json", "results.md",
-             "predictions.jsonl", "stage_b_adapter.json", "top_layers.safetensors"}  # what training/eval write
+             "predictions.jsonl", "stage_b_adapter.json", "top_layers.safetensors",
+             "queries.npy"}  # what training/eval write (queries.npy: bench/bench_kb_size.py's real queries)
 
 
 def option_strings(help_text: str) -> set[str]:
