@@ -47,7 +47,7 @@ class IndexConfig:
     hnsw_m: int = 64  # 64 / 400 / 1024: recall@8 of exact 0.976 at 10^5 facts on the trained model's queries (issue 16)
     ef_construction: int = 400
     ef_search: int = 1024
-    mips: str = "l2"  # hnsw + ip: l2 = inner product searched as L2 over norm-equalised keys (exact order); ip = faiss's own
+    mips: str = "l2"  # hnsw / milvus + ip: l2 = inner product searched as L2 over norm-equalised keys (exact order); ip = faiss's own
     ivf_nlist: int = 0  # 0 = about 4*sqrt(N)
     pq_m: int = 16
     pq_bits: int = 8

@@ -40,7 +40,8 @@ DEFAULTS = {
     "hnsw": {"hnsw_m": 64, "ef_construction": 400, "ef_search": 1024, "mips": "l2"},  # see docs/BENCHMARKS.md
     "ivfpq": {"ivf_nlist": 0, "pq_m": 16, "pq_bits": 8, "nprobe": 16},
     "flat": {},
-    "milvus": {"uri": "", "collection": "kblampp_keys", "hnsw_m": 32, "ef_construction": 200, "ef_search": 128},
+    "milvus": {"uri": "", "collection": "kblampp_keys", "hnsw_m": 64, "ef_construction": 400, "ef_search": 1024,
+               "mips": "l2"},  # the faiss HNSW's defaults: the same graph, the same search list
 }
 
 
@@ -91,9 +92,10 @@ class KnowledgeIndex:
         if ids.shape != (count,):
             raise ValueError(f"ids: expected shape ({count},), got {ids.shape}")
         full = {**DEFAULTS[method], **params}
-        if method == "hnsw" and full["mips"] not in ("l2", "ip"):
+        graph = method in ("hnsw", "milvus")  # the HNSW backends: inner product searched as L2 (`mips`)
+        if graph and full["mips"] not in ("l2", "ip"):
             raise ValueError(f"mips: {full['mips']!r} is not one of l2, ip")
-        if method == "hnsw" and similarity == "ip" and full["mips"] == "l2":
+        if graph and similarity == "ip" and full["mips"] == "l2":
             full["mips_norm"] = float(np.linalg.norm(keys, axis=1).max()) if count else 0.0
             dim += 1
         if method == "milvus":

@@ -10,7 +10,13 @@ A Lite path inside the index folder is recorded by its name, so the store folder
 Edits reach Milvus at once; the manifest is committed with the store's edit (`writers`), and load
 compares its row count with the collection's, so an edit interrupted between the two is detected.
 Cosine is inner product on normalised keys (as in faiss), so scores mean the same on both backends.
-No torch here, and pymilvus is imported only when a collection is opened.
+Inner product (`mips: l2`, the default, as for faiss HNSW): the HNSW collection holds each key with
+the extra coordinate sqrt(M^2 - |k|^2) and is searched by L2 with unit queries (0 appended), whose
+order is the inner product's; scores are the inner products with the stored keys' first coordinates.
+A key added later that is longer than M goes to a second, exact (FLAT, IP) collection
+`<collection>_exact`, and searches merge both. `mips: ip` (and folders saved before the option) keep
+Milvus's native inner-product HNSW, which walks badly for the trained model's queries
+(docs/BENCHMARKS.md). No torch here, and pymilvus is imported only when a collection is opened.
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ from kblampp.store_io import read_json, write_json_atomic
 
 INSERT_CHUNK = 2000  # rows per insert request (keeps one gRPC message small)
 QUERY_CHUNK = 1000  # ids per `id in [...]` filter
+# M of the L2 form is the longest key times this: every key keeps a positive extra coordinate (Milvus
+# Lite 3.2.2 never returned a vector whose last coordinate was exactly 0: 599 of 600 keys came back).
+MIPS_HEADROOM = 1.01
 
 
 def _is_server(uri: str) -> bool:
@@ -45,7 +54,7 @@ def _connect(uri: str, where: str) -> Any:
 
 
 class MilvusIndex:
-    """Fact keys in one Milvus collection (HNSW, inner product), searched by fact id (see module doc)."""
+    """Fact keys in a Milvus collection (HNSW; plus an exact one under `mips: l2`), by fact id (see module doc)."""
 
     method = "milvus"
 
@@ -53,6 +62,8 @@ class MilvusIndex:
                  store_id: str | None = None, n: int | None = None):
         self.client, self.similarity, self.params, self.dim = client, similarity, params, dim
         self.collection = params["collection"]
+        self.mips_l2 = similarity == "ip" and params.get("mips", "ip") == "l2"
+        self.exact_collection = f"{self.collection}_exact"  # keys longer than mips_norm (mips_l2 only)
         self.store_id, self.n = store_id, n
         self.folder: Path | None = None  # the index folder last saved to or loaded from
 
@@ -64,28 +75,40 @@ class MilvusIndex:
 
         Called by `KnowledgeIndex.build(keys, "milvus", ...)`, which has checked the arguments."""
         client = _connect(str(params["uri"]), "index")
-        cls._create_collection(client, params, keys.shape[1])
+        if "mips_norm" in params:
+            params = dict(params, mips_norm=float(params["mips_norm"]) * MIPS_HEADROOM)
         self = cls(client, similarity, params, keys.shape[1], store_id, n)
+        graph = {"M": int(params["hnsw_m"]), "efConstruction": int(params["ef_construction"])}
+        self._create_collection(self.collection, keys.shape[1] + int(self.mips_l2), "HNSW",
+                                "L2" if self.mips_l2 else "IP", graph)
+        if self.mips_l2:
+            self._create_collection(self.exact_collection, keys.shape[1], "FLAT", "IP", {})
         self.add(keys, ids, check_live=False)
         self.client.flush(self.collection)  # seal the rows into segments, then reload so the HNSW graphs
         self.client.release_collection(self.collection)  # are built now: Milvus Lite otherwise builds them
         self.client.load_collection(self.collection)  # in the background and searches exactly meanwhile
         return self
 
-    @staticmethod
-    def _create_collection(client: Any, p: dict, dim: int) -> None:
+    def _create_collection(self, name: str, dim: int, index_type: str, metric: str, params: dict) -> None:
         from pymilvus import DataType
 
-        if client.has_collection(p["collection"]):
-            client.drop_collection(p["collection"])
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        if self.client.has_collection(name):
+            self.client.drop_collection(name)
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("key", DataType.FLOAT_VECTOR, dim=dim)
-        index_params = client.prepare_index_params()
-        index_params.add_index(field_name="key", index_type="HNSW", metric_type="IP",
-                               params={"M": int(p["hnsw_m"]), "efConstruction": int(p["ef_construction"])})
-        client.create_collection(p["collection"], schema=schema, index_params=index_params,
-                                 consistency_level="Strong")
+        index_params = self.client.prepare_index_params()
+        index_params.add_index(field_name="key", index_type=index_type, metric_type=metric, params=params)
+        self.client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong")
+
+    @property
+    def collections(self) -> tuple[str, ...]:
+        return (self.collection, self.exact_collection) if self.mips_l2 else (self.collection,)
+
+    def _l2_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Keys with the extra coordinate sqrt(M^2 - |k|^2): every row has norm M (`mips: l2`)."""
+        extra = np.sqrt(np.maximum(float(self.params["mips_norm"]) ** 2 - np.einsum("nd,nd->n", keys, keys), 0.0))
+        return np.ascontiguousarray(np.hstack([keys, extra[:, None]]), dtype=np.float32)
 
     def _prep(self, x: np.ndarray) -> np.ndarray:
         if self.similarity == "cosine":
@@ -93,17 +116,25 @@ class MilvusIndex:
         return np.ascontiguousarray(x, dtype=np.float32)
 
     # ---- edits -------------------------------------------------------------------------------
-    def _live_among(self, ids: np.ndarray) -> np.ndarray:
-        """The ids of `ids` that are in the collection now."""
+    def _live_among(self, ids: np.ndarray, collection: str | None = None) -> np.ndarray:
+        """The ids of `ids` that are in the index (or in `collection` only) now."""
         found: list[int] = []
-        for start in range(0, len(ids), QUERY_CHUNK):
-            chunk = [int(i) for i in ids[start:start + QUERY_CHUNK]]
-            rows = self.client.query(self.collection, filter=f"id in {chunk}", output_fields=["id"])
-            found += [int(r["id"]) for r in rows]
+        for name in (collection,) if collection else self.collections:
+            for start in range(0, len(ids), QUERY_CHUNK):
+                chunk = [int(i) for i in ids[start:start + QUERY_CHUNK]]
+                rows = self.client.query(name, filter=f"id in {chunk}", output_fields=["id"])
+                found += [int(r["id"]) for r in rows]
         return np.array(sorted(found), dtype=np.int64)
 
-    def add(self, keys: np.ndarray, ids: np.ndarray, check_live: bool = True) -> None:
-        """Add keys under fact ids (an id already live must be removed first)."""
+    def _insert(self, name: str, ids: np.ndarray, x: np.ndarray) -> None:
+        for start in range(0, len(ids), INSERT_CHUNK):
+            rows = [{"id": int(i), "key": v} for i, v in zip(ids[start:start + INSERT_CHUNK], x[start:start + INSERT_CHUNK])]
+            self.client.insert(name, rows)
+
+    def add(self, keys: np.ndarray, ids: np.ndarray, exact: bool = False, check_live: bool = True) -> None:
+        """Add keys under fact ids (an id already live must be removed first). `exact` (store and server
+        edits, as for faiss): under `mips: l2` the keys go to the exact collection, so an edit is found
+        however the graph would have linked it; native IP collections search unsealed rows exactly."""
         keys = _as_f32(keys, self.dim, "keys")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.shape[0] != keys.shape[0]:
@@ -115,24 +146,32 @@ class MilvusIndex:
         if len(clash):
             raise ValueError(f"ids: fact id {int(clash[0])} is already in the index (remove it first)")
         x = self._prep(keys)
-        for start in range(0, len(ids), INSERT_CHUNK):
-            rows = [{"id": int(i), "key": v} for i, v in zip(ids[start:start + INSERT_CHUNK], x[start:start + INSERT_CHUNK])]
-            self.client.insert(self.collection, rows)
+        if self.mips_l2:  # a key longer than M has no L2 form with the same order: the exact collection
+            longer = np.linalg.norm(x, axis=1) > float(self.params["mips_norm"])
+            longer |= exact
+            self._insert(self.exact_collection, ids[longer], x[longer])
+            self._insert(self.collection, ids[~longer], self._l2_keys(x[~longer]))
+        else:
+            self._insert(self.collection, ids, x)
         if self.n is not None and len(ids):
             self.n = max(self.n, int(ids.max()) + 1)
 
     def remove(self, ids) -> int:
         """Remove facts by id; returns how many were in the index."""
-        gone = self._live_among(np.unique(np.asarray(ids, dtype=np.int64).reshape(-1)))
-        if len(gone):
-            self.client.delete(self.collection, ids=gone.tolist())
-        return len(gone)
+        wanted = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        gone = 0
+        for name in self.collections:
+            found = self._live_among(wanted, name)
+            if len(found):
+                self.client.delete(name, ids=found.tolist())
+            gone += len(found)
+        return gone
 
     # ---- search ------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
-        return int(rows[0]["count(*)"])
+        return sum(int(self.client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+                   for name in self.collections)
 
     @property
     def n_live(self) -> int:
@@ -143,14 +182,37 @@ class MilvusIndex:
         queries = self._prep(_as_f32(queries, self.dim, "queries"))
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
-        search_params = {"metric_type": "IP", "params": {"ef": max(int(self.params["ef_search"]), k)}}
-        for start in range(0, len(queries), batch_size):
-            hits = self.client.search(self.collection, data=queries[start:start + batch_size], limit=k,
-                                      anns_field="key", search_params=search_params, output_fields=["id"])
-            for row, found in enumerate(hits, start=start):
+        ef = {"ef": max(int(self.params["ef_search"]), k)}
+        if not self.mips_l2:
+            for row, found in self._hits(self.collection, queries, k, batch_size, {"metric_type": "IP", "params": ef}):
                 ids[row, :len(found)] = [h["id"] for h in found]
                 scores[row, :len(found)] = [h["distance"] for h in found]
+            return scores, ids
+        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        unit = np.ascontiguousarray(np.hstack([unit, np.zeros((len(queries), 1), np.float32)]), np.float32)
+        found_ids = [[] for _ in queries]
+        found_scores = [[] for _ in queries]
+        searches = [(self.collection, unit, {"metric_type": "L2", "params": ef}, True),
+                    (self.exact_collection, queries, {"metric_type": "IP", "params": {}}, False)]
+        for name, data, search_params, stored in searches:
+            for row, found in self._hits(name, data, k, batch_size, search_params, with_keys=stored):
+                found_ids[row] += [h["id"] for h in found]  # L2 hits: the inner product with the stored key
+                found_scores[row] += [float(np.dot(queries[row], np.asarray(h["entity"]["key"][:self.dim], np.float32)))
+                                      if stored else h["distance"] for h in found]
+        for row, (row_ids, row_scores) in enumerate(zip(found_ids, found_scores)):
+            best = np.argsort(-np.asarray(row_scores, np.float64), kind="stable")[:k]
+            ids[row, :len(best)] = np.asarray(row_ids, np.int64)[best]
+            scores[row, :len(best)] = np.asarray(row_scores, np.float32)[best]
         return scores, ids
+
+    def _hits(self, name: str, data: np.ndarray, k: int, batch_size: int, search_params: dict,
+              with_keys: bool = False):
+        """(row, hits) of one collection's search, in batches of `batch_size` queries."""
+        fields = ["id", "key"] if with_keys else ["id"]
+        for start in range(0, len(data), batch_size):
+            hits = self.client.search(name, data=data[start:start + batch_size], limit=k, anns_field="key",
+                                      search_params=search_params, output_fields=fields)
+            yield from enumerate(hits, start=start)
 
     # ---- persistence -------------------------------------------------------------------------
     def params_json(self, folder: Path | None = None) -> dict:
@@ -173,7 +235,8 @@ class MilvusIndex:
         """Flush the collection and write `params.json` atomically (not the folder: a Lite file may live in it)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.client.flush(self.collection)
+        for name in self.collections:
+            self.client.flush(name)
         self.folder = folder
         write_json_atomic(folder / "params.json", self.params_json(folder))
         return folder
@@ -202,9 +265,13 @@ class MilvusIndex:
         if not client.has_collection(params["collection"]):
             raise IndexMismatchError(f"{where}: collection: {params['collection']!r} is not in Milvus at {uri}")
         fields = client.describe_collection(params["collection"])["fields"]
-        dim = next(int(f["params"]["dim"]) for f in fields if f["name"] == "key")
+        mips_l2 = meta["similarity"] == "ip" and params.get("mips", "ip") == "l2"  # older folders: native IP
+        dim = next(int(f["params"]["dim"]) for f in fields if f["name"] == "key") - int(mips_l2)
         if dim != meta.get("dim"):
             raise IndexMismatchError(f"{where}: dim: params say {meta.get('dim')}, the collection has {dim}")
+        if mips_l2 and not client.has_collection(f"{params['collection']}_exact"):
+            raise IndexMismatchError(f"{where}: collection: {params['collection']}_exact (keys longer than "
+                                     f"mips_norm) is not in Milvus at {uri}")
         index = cls(client, meta["similarity"], params, dim, meta.get("store_id"), meta.get("n"))
         index.folder = folder
         if index.ntotal != meta.get("ntotal"):

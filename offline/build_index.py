@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in INT_PARAMS:
         p.add_argument(f"--{name}", type=int, help="default from the config's index section")
     for name in STR_PARAMS:
-        p.add_argument(f"--{name}", help="uri, collection: milvus only; mips (l2 | ip): hnsw with ip only; "
+        p.add_argument(f"--{name}", help="uri, collection: milvus only; mips (l2 | ip): hnsw and milvus with ip only; "
                                          "default from the config's index section")
     args = p.parse_args(argv)
     cfg = config_from_args(args)

@@ -120,16 +120,54 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         KnowledgeIndex.load(tmp_path / "x")
 
 
-def test_store_builds_edits_and_opens_a_milvus_index(store_dir):
+def test_store_builds_edits_and_opens_a_milvus_index(store_dir, embedder):  # noqa: F811 - the fixtures
     """offline/build_index.py's step with `index.method: milvus` (default Lite file inside index_milvus/),
     then a store edit that commits the index manifest, then open_kb."""
     from kblampp.kb_store import build_store_index, open_kb
 
     report = build_store_index(store_dir, "milvus", "cosine", uri="", collection="kb")
     assert report["path"].endswith("index_milvus") and (store_dir / "index_milvus/milvus.db").exists()
-    store, index = open_kb(store_dir, "milvus")
+    store, index = open_kb(store_dir, "milvus", embedder=embedder)
     assert index.ntotal == store.n and index.store_id == store.store_id
     store.delete_fact(3, index=index)
+    store.replace_fact(5, store.fact(5), index=index)  # the index entry is swapped through index.add(..., exact=True)
     index.close()
     store, index = open_kb(store_dir, "milvus")  # checks store id, N and the collection's count
     assert index.ntotal == store.n - 1 and 3 not in index.search(store.keys_tensor().numpy()[[4]], 5)[1]
+    assert 5 in index.search(store.keys_tensor().numpy()[[5]], 5)[1]
+
+
+def test_inner_product_searches_as_l2_with_an_exact_collection_for_longer_keys(tmp_path):
+    """The trained model's queries (long, along a shared direction) against keys of varied norms: the
+    L2 form returns the exact inner-product order and scores; a key added later that is longer than
+    mips_norm is found through the exact collection, also after save/load; removal reaches both."""
+    from test_knowledge_index import _far_queries
+
+    keys = _keys(800) * np.random.default_rng(5).uniform(0.3, 2.0, (800, 1)).astype(np.float32)
+    q = _far_queries(keys, 30, seed=6)
+    index = _build(tmp_path, keys, "ip", ef_search=800)  # mips "l2" is the default
+    assert index.mips_l2 and index.dim == 32
+    assert index.params["mips_norm"] == pytest.approx(1.01 * float(np.linalg.norm(keys, axis=1).max()))
+    scores, ids = index.search(q, 8)
+    ref = q @ keys.T
+    assert ids.tolist() == np.argsort(-ref, axis=1)[:, :8].tolist()
+    np.testing.assert_allclose(scores, np.take_along_axis(ref, ids, 1), rtol=1e-4, atol=1e-2)
+    long_key = 10 * keys[:1] / np.linalg.norm(keys[:1]) * index.params["mips_norm"]
+    index.add(np.concatenate([long_key, keys[1:2]]), [800, 801])
+    assert index.ntotal == 802 and index._live_among(np.array([800]), index.exact_collection).tolist() == [800]
+    assert index.search(long_key, 1)[1][0, 0] == 800
+    index.add(keys[2:3], [802], exact=True)  # a store / server edit: searched exactly
+    assert index._live_among(np.array([801, 802]), index.exact_collection).tolist() == [802]
+    assert index.search(keys[2:3], 1)[1][0, 0] in (2, 802)  # the edit is a copy of key 2
+    index.remove([802])
+    folder = tmp_path / "index_milvus"
+    index.save(folder)
+    back = KnowledgeIndex.load(folder, expect_dim=32)
+    assert back.mips_l2 and back.ntotal == 802 and back.search(long_key, 1)[1][0, 0] == 800
+    assert back.remove([800, 801, 5]) == 3 and back.ntotal == 799 and 800 not in back.search(long_key, 8)[1]
+    back.close()
+    index.close()
+    native = _build(tmp_path, keys, "ip", mips="ip", collection="native")
+    assert not native.mips_l2 and native.collections == ("native",)
+    with pytest.raises(ValueError, match="mips: 'cos' is not one of l2, ip"):
+        _build(tmp_path, keys, "ip", mips="cos")
