@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import faiss
 import numpy as np
@@ -43,6 +43,25 @@ DEFAULTS = {
     "milvus": {"uri": "", "collection": "kblampp_keys", "hnsw_m": 64, "ef_construction": 400, "ef_search": 1024,
                "mips": "l2"},  # the faiss HNSW's defaults: the same graph, the same search list
 }
+
+
+def searches_ip_as_l2(method: str, similarity: str, params: dict) -> bool:
+    """Whether an index searches inner product in the L2 form (`mips: l2` on an HNSW backend; params
+    without `mips`, as saved before the option, mean native inner product)."""
+    return method in ("hnsw", "milvus") and similarity == "ip" and params.get("mips", "ip") == "l2"
+
+
+def l2_form_keys(keys: np.ndarray, mips_norm: float) -> np.ndarray:
+    """Keys with the extra coordinate sqrt(M^2 - |k|^2): every row has norm M (`mips: l2`)."""
+    extra = np.sqrt(np.maximum(float(mips_norm) ** 2 - np.einsum("nd,nd->n", keys, keys), 0.0))
+    return np.ascontiguousarray(np.hstack([keys, extra[:, None]]), dtype=np.float32)
+
+
+def l2_form_queries(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit queries with a 0 appended, their norms): L2 order on these = inner-product order."""
+    norms = np.linalg.norm(queries, axis=1)
+    unit = queries / np.maximum(norms, 1e-12)[:, None]
+    return np.ascontiguousarray(np.hstack([unit, np.zeros((len(queries), 1), np.float32)]), np.float32), norms
 
 
 class IndexMismatchError(StoreError):
@@ -67,7 +86,7 @@ class KnowledgeIndex:
         self.index, self.method, self.similarity, self.params = index, method, similarity, params
         self.labels, self.dead = labels.astype(np.int64), dead.astype(bool)
         self.store_id, self.n = store_id, n
-        self.mips_l2 = method == "hnsw" and similarity == "ip" and params.get("mips", "ip") == "l2"
+        self.mips_l2 = searches_ip_as_l2(method, similarity, params)
         self.dim = int(index.d) - int(self.mips_l2)  # the keys' dimension (the L2 form stores one more)
         self.exact_ids = np.zeros(0, np.int64) if exact_ids is None else np.asarray(exact_ids, np.int64)
         self.exact_keys = (np.zeros((0, self.dim), np.float32) if exact_keys is None
@@ -92,10 +111,9 @@ class KnowledgeIndex:
         if ids.shape != (count,):
             raise ValueError(f"ids: expected shape ({count},), got {ids.shape}")
         full = {**DEFAULTS[method], **params}
-        graph = method in ("hnsw", "milvus")  # the HNSW backends: inner product searched as L2 (`mips`)
-        if graph and full["mips"] not in ("l2", "ip"):
+        if "mips" in full and full["mips"] not in ("l2", "ip"):  # the HNSW backends
             raise ValueError(f"mips: {full['mips']!r} is not one of l2, ip")
-        if graph and similarity == "ip" and full["mips"] == "l2":
+        if searches_ip_as_l2(method, similarity, full):
             full["mips_norm"] = float(np.linalg.norm(keys, axis=1).max()) if count else 0.0
             dim += 1
         if method == "milvus":
@@ -137,18 +155,6 @@ class KnowledgeIndex:
             faiss.normalize_L2(x)
         return x
 
-    def _l2_keys(self, keys: np.ndarray) -> np.ndarray:
-        """Keys with the extra coordinate sqrt(M^2 - |k|^2): every row has norm M (`mips: l2`)."""
-        norm2 = np.einsum("nd,nd->n", keys, keys)
-        extra = np.sqrt(np.maximum(float(self.params["mips_norm"]) ** 2 - norm2, 0.0))
-        return np.ascontiguousarray(np.hstack([keys, extra[:, None]]), dtype=np.float32)
-
-    def _l2_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(unit queries with a 0 appended, their norms): L2 order on these = inner-product order."""
-        norms = np.linalg.norm(queries, axis=1)
-        unit = queries / np.maximum(norms, 1e-12)[:, None]
-        return np.ascontiguousarray(np.hstack([unit, np.zeros((len(queries), 1), np.float32)]), np.float32), norms
-
     # ---- edits -------------------------------------------------------------------------------
     def add(self, keys: np.ndarray, ids: np.ndarray, exact: bool = False) -> None:
         """Add keys under fact ids (an id already live must be removed first); `exact=True` puts them
@@ -174,7 +180,7 @@ class KnowledgeIndex:
                 keys, ids = keys[~longer], ids[~longer]
         start = len(self.labels)
         new_labels = np.arange(start, start + len(ids), dtype=np.int64)
-        x = self._l2_keys(keys) if self.mips_l2 else self._prep(keys)
+        x = l2_form_keys(keys, self.params["mips_norm"]) if self.mips_l2 else self._prep(keys)
         if self.method == "hnsw":
             self.index.add(x)
         else:
@@ -249,7 +255,7 @@ class KnowledgeIndex:
         for start in range(0, len(queries), batch_size):
             chunk = queries[start:start + batch_size]
             if self.mips_l2:  # distances back to inner products: q.k = |q| (1 + M^2 - d) / 2
-                unit, norms = self._l2_queries(chunk)
+                unit, norms = l2_form_queries(chunk)
                 d, lab = self.index.search(unit, fetch)
                 d = norms[:, None] * (1.0 + float(self.params["mips_norm"]) ** 2 - d) / 2.0
             else:
@@ -311,8 +317,7 @@ class KnowledgeIndex:
                               f"this store is {expect_store_id!r} (rebuild with offline/build_index.py)")
         if expect_n is not None and meta.get("n") != expect_n:
             raise IndexMismatchError(f"{where}: n: index covers {meta.get('n')} facts, the store has {expect_n}")
-        key_dim = index.d - int(meta.get("method") == "hnsw" and meta.get("similarity") == "ip"
-                                and (meta.get("params") or {}).get("mips", "ip") == "l2")
+        key_dim = index.d - int(searches_ip_as_l2(meta.get("method"), meta.get("similarity"), meta.get("params") or {}))
         if expect_dim is not None and key_dim != expect_dim:
             raise IndexMismatchError(f"{where}: dim: index dimension {key_dim}, the store's keys have {expect_dim}")
         if meta.get("dim") != key_dim:
@@ -340,23 +345,57 @@ def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, similarity: str 
     return ref.search(queries, k, batch_size)
 
 
+def exact_scores(keys: np.ndarray, queries: np.ndarray, similarity: str = "ip", chunk: int = 256) -> np.ndarray:
+    """(Q, N) float32 similarities of every query to every key (the model's exact search ranks by these)."""
+    keys, queries = np.asarray(keys, np.float32), np.asarray(queries, np.float32)
+    if similarity == "cosine":
+        keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    elif similarity != "ip":
+        raise ValueError(f"similarity: {similarity!r} is not one of ip, cosine")
+    return np.concatenate([queries[s:s + chunk] @ keys.T for s in range(0, len(queries), chunk)])
+
+
+def recall_against(found: np.ndarray, scores: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """Recall of `found` (Q, >= max k) key rows, best first (-1 = none), against exact `scores` (Q, N), per k:
+    tie-aware ("recall@k": a hit scores at least the exact k-th best, so facts with equal keys
+    (one head and relation) are not misses) and plain id overlap with the exact top-k ("strict@k").
+    Hits and the k-th best are read from the same `scores`, so no tolerance has to absorb two
+    computations' rounding (queries ~200x a key's norm make scores of ~10^3)."""
+    out = {}
+    for k in ks:
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (Q, k) exact top-k, unordered
+        kth = np.take_along_axis(scores, top, 1).min(axis=1)  # (Q,) the exact k-th best score
+        got = found[:, :k]
+        ok = got >= 0
+        got_scores = np.where(ok, np.take_along_axis(scores, np.where(ok, got, 0), 1), -np.inf)
+        out[f"recall@{k}"] = float((got_scores >= kth[:, None] - 1e-5).sum() / got.size)
+        out[f"strict@{k}"] = float(sum(len(set(g[g >= 0].tolist()) & set(t.tolist())) for g, t in zip(got, top))
+                                   / got.size)
+    return out
+
+
+def recall_of(found: np.ndarray, keys: np.ndarray, queries: np.ndarray, ks: Sequence[int],
+              similarity: str = "ip", chunk: int = 128) -> dict[str, float]:
+    """`recall_against` of `found` (Q, >= max k) key rows over `similarity` on `keys`, in query chunks
+    (memory stays at chunk x N)."""
+    queries = np.asarray(queries, np.float32)
+    total: dict[str, float] = {}
+    for s in range(0, len(queries), chunk):
+        part = recall_against(found[s:s + chunk], exact_scores(keys, queries[s:s + chunk], similarity), ks)
+        for name, value in part.items():
+            total[name] = total.get(name, 0.0) + value * len(queries[s:s + chunk])
+    return {name: value / len(queries) for name, value in total.items()}
+
+
 def recall_at_k(index: KnowledgeIndex, keys: np.ndarray, queries: np.ndarray, k: int,
                 key_ids: np.ndarray | None = None) -> dict:
-    """Tie-aware recall@k of `index` against brute force over `keys` (rows = fact ids `key_ids`).
-
-    An ANN hit counts when its exact similarity reaches the exact k-th best score (minus 1e-5), so
-    duplicate keys (same head and relation) do not count as misses; `strict` is plain set overlap."""
+    """Tie-aware recall@k of `index` against brute force over `keys` (rows = fact ids `key_ids`), with
+    the index's similarity (`recall_of`); `strict` is plain set overlap with the exact top-k."""
     key_ids = np.arange(len(keys)) if key_ids is None else np.asarray(key_ids)
-    ref_scores, ref_rows = exact_search(keys, queries, k, index.similarity)
     _, got = index.search(queries, k)
-    unit = index._prep(_as_f32(keys, index.dim, "keys"))  # noqa: SLF001 - same similarity as the index
-    q = index._prep(_as_f32(queries, index.dim, "queries"))  # noqa: SLF001
-    row_of = np.full(int(key_ids.max()) + 1, -1, np.int64)
+    row_of = np.full(int(max(key_ids.max(), got.max())) + 1, -1, np.int64)
     row_of[key_ids] = np.arange(len(key_ids))
-    hits = strict = 0
-    for i in range(len(q)):
-        ids = got[i][got[i] >= 0]
-        exact = np.einsum("d,nd->n", q[i], unit[row_of[ids]]) if len(ids) else np.zeros(0)
-        hits += int((exact >= ref_scores[i, k - 1] - 1e-5).sum())
-        strict += len(set(ids.tolist()) & set(key_ids[ref_rows[i][ref_rows[i] >= 0]].tolist()))
-    return {"recall": hits / (k * len(q)), "strict_recall": strict / (k * len(q))}
+    rows = np.where(got >= 0, row_of[np.where(got >= 0, got, 0)], -1)
+    r = recall_of(rows, keys, queries, [k], index.similarity)
+    return {"recall": r[f"recall@{k}"], "strict_recall": r[f"strict@{k}"]}

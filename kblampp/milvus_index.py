@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kblampp.knowledge_index import IndexMismatchError, _as_f32
+from kblampp.knowledge_index import (IndexMismatchError, _as_f32, l2_form_keys, l2_form_queries,
+                                     searches_ip_as_l2)
 from kblampp.store_io import read_json, write_json_atomic
 
 INSERT_CHUNK = 2000  # rows per insert request (keeps one gRPC message small)
@@ -62,7 +63,7 @@ class MilvusIndex:
                  store_id: str | None = None, n: int | None = None):
         self.client, self.similarity, self.params, self.dim = client, similarity, params, dim
         self.collection = params["collection"]
-        self.mips_l2 = similarity == "ip" and params.get("mips", "ip") == "l2"
+        self.mips_l2 = searches_ip_as_l2(self.method, similarity, params)
         self.exact_collection = f"{self.collection}_exact"  # keys longer than mips_norm (mips_l2 only)
         self.store_id, self.n = store_id, n
         self.folder: Path | None = None  # the index folder last saved to or loaded from
@@ -105,11 +106,6 @@ class MilvusIndex:
     def collections(self) -> tuple[str, ...]:
         return (self.collection, self.exact_collection) if self.mips_l2 else (self.collection,)
 
-    def _l2_keys(self, keys: np.ndarray) -> np.ndarray:
-        """Keys with the extra coordinate sqrt(M^2 - |k|^2): every row has norm M (`mips: l2`)."""
-        extra = np.sqrt(np.maximum(float(self.params["mips_norm"]) ** 2 - np.einsum("nd,nd->n", keys, keys), 0.0))
-        return np.ascontiguousarray(np.hstack([keys, extra[:, None]]), dtype=np.float32)
-
     def _prep(self, x: np.ndarray) -> np.ndarray:
         if self.similarity == "cosine":
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -150,7 +146,7 @@ class MilvusIndex:
             longer = np.linalg.norm(x, axis=1) > float(self.params["mips_norm"])
             longer |= exact
             self._insert(self.exact_collection, ids[longer], x[longer])
-            self._insert(self.collection, ids[~longer], self._l2_keys(x[~longer]))
+            self._insert(self.collection, ids[~longer], l2_form_keys(x[~longer], self.params["mips_norm"]))
         else:
             self._insert(self.collection, ids, x)
         if self.n is not None and len(ids):
@@ -188,17 +184,17 @@ class MilvusIndex:
                 ids[row, :len(found)] = [h["id"] for h in found]
                 scores[row, :len(found)] = [h["distance"] for h in found]
             return scores, ids
-        unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        unit = np.ascontiguousarray(np.hstack([unit, np.zeros((len(queries), 1), np.float32)]), np.float32)
-        found_ids = [[] for _ in queries]
-        found_scores = [[] for _ in queries]
-        searches = [(self.collection, unit, {"metric_type": "L2", "params": ef}, True),
-                    (self.exact_collection, queries, {"metric_type": "IP", "params": {}}, False)]
-        for name, data, search_params, stored in searches:
-            for row, found in self._hits(name, data, k, batch_size, search_params, with_keys=stored):
-                found_ids[row] += [h["id"] for h in found]  # L2 hits: the inner product with the stored key
-                found_scores[row] += [float(np.dot(queries[row], np.asarray(h["entity"]["key"][:self.dim], np.float32)))
-                                      if stored else h["distance"] for h in found]
+        unit, _ = l2_form_queries(queries)
+        found_ids: list[list[int]] = [[] for _ in queries]
+        found_scores: list[list[float]] = [[] for _ in queries]
+        for row, found in self._hits(self.collection, unit, k, batch_size, {"metric_type": "L2", "params": ef}, True):
+            if found:  # scores: the inner products with the stored keys' own coordinates
+                stored = np.asarray([h["entity"]["key"][:self.dim] for h in found], np.float32)
+                found_ids[row] += [h["id"] for h in found]
+                found_scores[row] += (stored @ queries[row]).tolist()
+        for row, found in self._hits(self.exact_collection, queries, k, batch_size, {"metric_type": "IP", "params": {}}):
+            found_ids[row] += [h["id"] for h in found]
+            found_scores[row] += [h["distance"] for h in found]
         for row, (row_ids, row_scores) in enumerate(zip(found_ids, found_scores)):
             best = np.argsort(-np.asarray(row_scores, np.float64), kind="stable")[:k]
             ids[row, :len(best)] = np.asarray(row_ids, np.int64)[best]
@@ -265,7 +261,7 @@ class MilvusIndex:
         if not client.has_collection(params["collection"]):
             raise IndexMismatchError(f"{where}: collection: {params['collection']!r} is not in Milvus at {uri}")
         fields = client.describe_collection(params["collection"])["fields"]
-        mips_l2 = meta["similarity"] == "ip" and params.get("mips", "ip") == "l2"  # older folders: native IP
+        mips_l2 = searches_ip_as_l2(cls.method, meta["similarity"], params)  # older folders: native IP
         dim = next(int(f["params"]["dim"]) for f in fields if f["name"] == "key") - int(mips_l2)
         if dim != meta.get("dim"):
             raise IndexMismatchError(f"{where}: dim: params say {meta.get('dim')}, the collection has {dim}")

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from kblampp.knowledge_index import exact_scores, recall_against, recall_of
 from kblampp.progress import progress_bar
 
 TABLE_VERSION = 1
@@ -47,34 +48,6 @@ def last_token_queries(model: Any, tokenizer: Any, prompts: Sequence[str], e_q: 
     return np.concatenate(out).astype(np.float32)
 
 
-def exact_scores(keys: np.ndarray, queries: np.ndarray, similarity: str = "ip", chunk: int = 256) -> np.ndarray:
-    """(Q, N) float32 similarities of every query to every key (the model's exact search ranks by these)."""
-    keys, queries = np.asarray(keys, np.float32), np.asarray(queries, np.float32)
-    if similarity == "cosine":
-        keys = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
-        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    elif similarity != "ip":
-        raise ValueError(f"similarity: {similarity!r} is not one of ip, cosine")
-    return np.concatenate([queries[s:s + chunk] @ keys.T for s in range(0, len(queries), chunk)])
-
-
-def recall_against(found: np.ndarray, scores: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    """Recall of `found` (Q, >= max k) fact ids, best first (-1 = none), against exact `scores` (Q, N), per k:
-    tie-aware ("recall@k": a hit scores at least the exact k-th best, so facts with equal keys
-    (one head and relation) are not misses) and plain id overlap with the exact top-k ("strict@k")."""
-    out = {}
-    for k in ks:
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (Q, k) exact top-k, unordered
-        kth = np.take_along_axis(scores, top, 1).min(axis=1)  # (Q,) the exact k-th best score
-        got = found[:, :k]
-        ok = got >= 0
-        got_scores = np.where(ok, np.take_along_axis(scores, np.where(ok, got, 0), 1), -np.inf)
-        out[f"recall@{k}"] = float((got_scores >= kth[:, None] - 1e-5).sum() / got.size)
-        out[f"strict@{k}"] = float(sum(len(set(g[g >= 0].tolist()) & set(t.tolist())) for g, t in zip(got, top))
-                                   / got.size)
-    return out
-
-
 def exact_top(keys: np.ndarray, queries: np.ndarray, k: int, similarity: str = "ip", chunk: int = 128) -> np.ndarray:
     """(Q, k) ids of the exact top-k, best first, computed in query chunks (no (Q, N) matrix kept)."""
     out = []
@@ -88,18 +61,13 @@ def exact_top(keys: np.ndarray, queries: np.ndarray, k: int, similarity: str = "
 
 def index_recall(index: Any, keys: np.ndarray, queries: np.ndarray, ks: Sequence[int],
                  similarity: str = "ip", chunk: int = 128, found: np.ndarray | None = None) -> dict[str, float]:
-    """`recall_against` for `index.search` on `queries` (or its ids `found`), exact = `similarity` over
+    """`recall_of` for `index.search` on `queries` (or its ids `found`), exact = `similarity` over
     `keys` (row i = fact i): the reference is the model's own exact search, whatever metric the index
-    uses inside. Query chunks keep memory at chunk x N."""
+    uses inside."""
     queries = np.asarray(queries, np.float32)
     if found is None:
         _, found = index.search(queries, max(ks))
-    total: dict[str, float] = {}
-    for s in range(0, len(queries), chunk):
-        part = recall_against(found[s:s + chunk], exact_scores(keys, queries[s:s + chunk], similarity), ks)
-        for name, value in part.items():
-            total[name] = total.get(name, 0.0) + value * len(queries[s:s + chunk])
-    return {name: value / len(queries) for name, value in total.items()}
+    return recall_of(found, keys, queries, ks, similarity, chunk)
 
 
 def gold_recall(found: np.ndarray, supports: Sequence[Sequence[int]], answer_facts: Sequence[int | None],
