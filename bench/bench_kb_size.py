@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kblampp.config import KBConfig, add_config_args, config_from_args  # noqa: E402
+from kblampp.knowledge_index import config_params  # noqa: E402
 from kblampp.progress import status  # noqa: E402
 
 MILLION = 1_000_000
@@ -57,12 +58,6 @@ def parse_params(text: str | None) -> dict[str, Any]:
             raise ValueError(f"--before: {item!r} is not KEY=VALUE")
         out[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
     return out
-
-
-def index_params(cfg: KBConfig) -> dict[str, Any]:
-    from kblampp.knowledge_index import DEFAULTS
-
-    return {k: getattr(cfg.index, k) for k in DEFAULTS[cfg.index.method]}
 
 
 def describe_index(params: dict[str, Any], similarity: str) -> str:
@@ -105,7 +100,7 @@ def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: 
     key_drift = float(np.abs(np.asarray(store.arrays["K.npy"][:base.n]) - np.asarray(base.arrays["K.npy"])).max())
     if key_drift > 1e-4:  # the same encoder on the same raw embeddings must give the base keys
         raise SystemExit(f"{size_dir / 'store'}: base keys differ from {args.base_store} by {key_drift}")
-    report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **index_params(cfg))
+    report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **config_params(cfg.index))
     return {"n_facts": store.n, "n_distractors": len(extra), "distractor_seed": args.distractor_seed,
             "collisions": dataclasses.asdict(clash) | {"rate": clash.rate},
             "build": {"generate_s": generate_s, "embed_s": embed_s, "kv_write_s": kv_write_s,
@@ -203,10 +198,10 @@ def refresh_index(cfg: KBConfig, size_dir: Path, record: dict[str, Any], build_p
     from kblampp.store_io import write_json_atomic
 
     built = {k: v for k, v in record["index"]["params"].items() if k != "mips_norm"}
-    if built == index_params(cfg) and record["index"]["similarity"] == cfg.index.similarity:
+    if built == config_params(cfg.index) and record["index"]["similarity"] == cfg.index.similarity:
         return record
-    status(f"{size_dir}: index parameters changed ({built} -> {index_params(cfg)}): rebuilding the HNSW index")
-    report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **index_params(cfg))
+    status(f"{size_dir}: index parameters changed ({built} -> {config_params(cfg.index)}): rebuilding the HNSW index")
+    report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **config_params(cfg.index))
     record["build"]["hnsw_build_s"] = report["build_s"]
     record["index"] = {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"]}
     write_json_atomic(build_path, record)
@@ -261,9 +256,9 @@ def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int) -> dic
     exact = exact_top(keys, queries, k, sim)
     record["retrieval"] = {"exact": gold_recall(exact, supports, answers, k) | {"index": "exact"}}
     record["index_recall"] = {}
-    indexes = {"hnsw": index_params(cfg)}
+    indexes = {"hnsw": config_params(cfg.index)}
     if args.before:
-        indexes["hnsw_before"] = {**index_params(cfg), **parse_params(args.before)}
+        indexes["hnsw_before"] = {**config_params(cfg.index), **parse_params(args.before)}
     for name, params in indexes.items():
         t0 = time.perf_counter()
         index = KnowledgeIndex.build(keys, "hnsw", sim, **params)

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef_construction", type=int, default=200)
     p.add_argument("--ef_search", type=int, default=128)
     p.add_argument("--similarity", default=None, help="default: the store index's (else ip)")
+    p.add_argument("--milvus_mips", choices=("l2", "ip"), default="l2",
+                   help="Milvus's inner-product search: the L2 form (default, as faiss's) or its native IP")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     del faiss_index
     with tempfile.TemporaryDirectory(prefix="kblampp_milvus_") as tmp:
         uri = str(Path(tmp) / "milvus.db")
-        milvus = KnowledgeIndex.build(keys, "milvus", similarity, uri=uri, collection="bench", **hnsw)
+        milvus = KnowledgeIndex.build(keys, "milvus", similarity, uri=uri, collection="bench", mips=args.milvus_mips,
+                                      **hnsw)
         res["milvus_index"] = milvus.client.describe_index("bench", "key")
         files = [f.suffix or f.name for f in Path(uri).rglob("*") if f.is_file()]
         res["milvus_lite_files"] = {s: files.count(s) for s in sorted(set(files))}  # .idx: one HNSW per segment

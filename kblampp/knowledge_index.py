@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import faiss
 import numpy as np
@@ -43,6 +43,11 @@ DEFAULTS = {
     "milvus": {"uri": "", "collection": "kblampp_keys", "hnsw_m": 64, "ef_construction": 400, "ef_search": 1024,
                "mips": "l2"},  # the faiss HNSW's defaults: the same graph, the same search list
 }
+
+
+def config_params(index_cfg: Any, method: str | None = None) -> dict:
+    """The build parameters of `method` (default: the section's own) from a config's `index` section."""
+    return {k: getattr(index_cfg, k) for k in DEFAULTS[method or index_cfg.method]}
 
 
 def searches_ip_as_l2(method: str, similarity: str, params: dict) -> bool:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kblampp.config import add_config_args, config_from_args  # noqa: E402
 from kblampp.kb_store import build_store_index  # noqa: E402
-from kblampp.knowledge_index import DEFAULTS  # noqa: E402
+from kblampp.knowledge_index import DEFAULTS, config_params  # noqa: E402
 
 INT_PARAMS = ("hnsw_m", "ef_construction", "ef_search", "ivf_nlist", "pq_m", "pq_bits", "nprobe")
 STR_PARAMS = ("uri", "collection", "mips")
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     method = args.method or cfg.index.method
-    params = {k: (getattr(args, k) if getattr(args, k) is not None else getattr(cfg.index, k))
-              for k in DEFAULTS[method]}
+    params = {k: v if getattr(args, k) is None else getattr(args, k)
+              for k, v in config_params(cfg.index, method).items()}
     report = build_store_index(args.store_dir or cfg.store_dir, method, args.similarity or cfg.index.similarity,
                                **params)
     report["build_s"] = round(report["build_s"], 3)

@@ -89,13 +89,10 @@ def step_encode(job: Job) -> None:
 
 def step_index(job: Job) -> None:
     from kblampp.kb_store import build_store_index
+    from kblampp.knowledge_index import config_params
 
     ix = job.cfg.index
-    params = {"hnsw": dict(hnsw_m=ix.hnsw_m, ef_construction=ix.ef_construction, ef_search=ix.ef_search,
-                           mips=ix.mips),
-              "ivfpq": dict(ivf_nlist=ix.ivf_nlist, pq_m=ix.pq_m, pq_bits=ix.pq_bits, nprobe=ix.nprobe),
-              "flat": {}}[ix.method]
-    report = build_store_index(ROOT / job.cfg.store_dir, ix.method, ix.similarity, **params)
+    report = build_store_index(ROOT / job.cfg.store_dir, ix.method, ix.similarity, **config_params(ix))
     print(f"{ix.method} index over {report['ntotal']} keys in {report['build_s']:.1f} s -> {report['path']}")
 
 

@@ -341,7 +341,7 @@ class StageA:
 def reencode_store(cfg: KBConfig, store: Any, encoder_path: Path, progress: bool = True) -> dict:
     """Recompute K/V with the trained encoder (raw embeddings reused) and rebuild every index of the store."""
     from kblampp.kb_store import build_store_index, encode_file
-    from kblampp.knowledge_index import DEFAULTS
+    from kblampp.knowledge_index import config_params
 
     source = (store.manifest.get("source") or {}).get("path") or cfg.tuples_path
     methods = sorted(p.name[len("index_"):] for p in Path(store.root).glob("index_*") if p.is_dir())
@@ -350,7 +350,6 @@ def reencode_store(cfg: KBConfig, store: Any, encoder_path: Path, progress: bool
                          store.manifest["dtype"], progress=progress)
     rebuilt = []
     for method in methods:
-        params = {k: getattr(cfg.index, k) for k in DEFAULTS[method]}
-        build_store_index(store.root, method, cfg.index.similarity, **params)
+        build_store_index(store.root, method, cfg.index.similarity, **config_params(cfg.index, method))
         rebuilt.append(method)
     return {"reused_raw": report["reused_raw"], "indexes_rebuilt": rebuilt}
