@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from kblampp.config import RETRIEVAL_POSITIONS
+from kblampp.config import check_retrieval_positions
 from kblampp.retrieval import KBSource
 
 
@@ -78,9 +78,7 @@ class KBContext:
     prompt_end: int | None = None  # "last_prompt": sequence index of the last prompt token (first call)
 
     def __post_init__(self) -> None:
-        if self.retrieval_positions not in RETRIEVAL_POSITIONS:
-            raise ValueError(f"KBContext.retrieval_positions: {self.retrieval_positions!r} is not one of "
-                             f"{', '.join(RETRIEVAL_POSITIONS)}")
+        check_retrieval_positions(self.retrieval_positions, "KBContext.retrieval_positions")
 
     def retrieval_span(self, cached: int, length: int) -> slice:
         """The positions of a forward call that retrieve, as a slice of its `length` positions; `cached`

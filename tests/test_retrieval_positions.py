@@ -279,6 +279,9 @@ def test_last_prompt_rows_start_from_the_shared_prefix_and_answer_as_without_it(
                                       share_prefix=share)
         got[share] = gens, req.records
     assert len(prefixes) == 1 and prefixes[0] > 10  # the chat template's system part, computed once
+    req = kb_request(ec.model, ec.source, e_q, records, KB_VARIANTS["kblampp"], ec.tail_table)
+    default = generate.generate_rows(ec.model, ec.tokenizer, prompts, 6, batch_size=3, request=req, progress=False)
+    assert len(prefixes) == 2 and [g.output for g in default] == [g.output for g in got[True][0]]  # from the model
     assert [g.output for g in got[True][0]] == [g.output for g in got[False][0]]
     assert all(g.pred == r.answer for g, r in zip(got[True][0], records))
     for i, rec in got[False][1].items():

@@ -20,7 +20,6 @@ import torch
 
 from kblampp.inference.generate import generate_rows
 from kblampp.evaluation.retrieval_metrics import answer_fact_of
-from kblampp.kb_context import prefix_shareable
 from kblampp.metrics import exact_match, mean, normalize_answer
 from kblampp.schema import Fact, QARecord, load_facts
 
@@ -119,8 +118,7 @@ def run_kb_edit(ec: Any, records: Sequence[QARecord], n: int, batch_size: int = 
         req = kb_request(ec.model, source, e_q, chosen, variant, tail_table, ec.cfg.reference_date)
         return [g.pred for g in generate_rows(ec.model, ec.tokenizer, prompts, ec.cfg.max_new_tokens,
                                               batch_size=batch_size, request=req, desc=desc, progress=progress,
-                                              questions=[r.question for r in chosen],
-                                              share_prefix=prefix_shareable(ec.model.retrieval_positions))]
+                                              questions=[r.question for r in chosen])]
 
     before = answer(ec.source, ec.tail_table, "kb_edit before")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

@@ -27,7 +27,6 @@ from kblampp.evaluation.kbqa import (KB_VARIANTS, MULTI_HOP_VARIANTS, KBRequest,
 from kblampp.evaluation.lookup_rows import LOOKUP_ROWS, LookupRows, load_dev
 from kblampp.evaluation.report import QuestionResult, is_seen, record_answerable, record_family
 from kblampp.evaluation.retrieval_metrics import score_question
-from kblampp.kb_context import prefix_shareable
 from kblampp.metrics import score_answer
 from kblampp.progress import format_duration, format_rate, status
 from kblampp.schema import QA_TYPES, Fact, QARecord
@@ -262,8 +261,7 @@ def run_rows(ec: EvalContext, records: Sequence[QARecord], rows: Sequence[str], 
                 fol = prefill_followers(row, rows) if twin is None else []
                 fol_reqs = [ec.kb_request(torch.from_numpy(kb_vecs), records, f, times=times) for f in fol]
                 all_gens, secs = generate_with_followers(ec.model, ec.tokenizer, [plain[i] for i in idx], budget,
-                                                         batch_size, req, fol_reqs, row, progress, batch_tokens,
-                                                         prefix_shareable(ec.model.retrieval_positions))
+                                                         batch_size, req, fol_reqs, row, progress, batch_tokens)
                 sub_gens, moved = all_gens[0], sum(secs[1:])
                 followed.update({f: (r, g, s) for f, r, g, s in zip(fol, fol_reqs, all_gens[1:], secs[1:])})
             if sub:
@@ -381,7 +379,6 @@ def collect_evidence(ec: EvalContext, records: Sequence[QARecord], row: str = "k
     prompts = backbone_prompts(ec.tokenizer, records, answer_instruction(ec.cfg.abstain_answer))
     gens = generate_rows(ec.model, ec.tokenizer, prompts, ec.cfg.max_new_tokens,
                          batch_size=batch_size, request=req, desc=row, progress=progress,
-                         questions=[r.question for r in records],
-                         share_prefix=prefix_shareable(ec.model.retrieval_positions))
+                         questions=[r.question for r in records])
     return [evidence_entry(rec, gen.pred, req.records[i], ec.facts, output=gen.output, time=times.row(i))
             for i, (rec, gen) in enumerate(zip(records, gens))]

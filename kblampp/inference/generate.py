@@ -28,6 +28,7 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from kblampp.kb_context import prefix_shareable
 from kblampp.metrics import answer_line
 from kblampp.progress import progress_bar
 
@@ -218,8 +219,8 @@ def generate_with_followers(model: Any, tokenizer: Any, prompts: Sequence[str], 
     `max_new_tokens` may be one budget per prompt (a served batch): a batch runs to its largest and
     each row keeps its own first tokens, which greedy decoding makes the same as stopping there.
     `share_prefix`: start every batch from the prompts' common prefix, computed once without a request
-    (default: only when there is no request); a KB request may when its layers leave those positions to
-    the plain model (`kblampp.kb_context.prefix_shareable`)."""
+    (default: without a request, or when the model's `retrieval_positions` leave those positions to the
+    plain model, `kblampp.kb_context.prefix_shareable`)."""
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
         raise ValueError(f"max_new_tokens: {len(budgets)} budgets for {len(prompts)} prompts")
@@ -231,7 +232,9 @@ def generate_with_followers(model: Any, tokenizer: Any, prompts: Sequence[str], 
     token_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     lengths = [len(x) for x in token_ids]
     batches = length_batches(lengths, batch_size, batch_tokens)
-    shared = common_prefix_len(token_ids) if (request is None if share_prefix is None else share_prefix) else 0
+    if share_prefix is None:
+        share_prefix = request is None or prefix_shareable(getattr(model, "retrieval_positions", "all"))
+    shared = common_prefix_len(token_ids) if share_prefix else 0
     prefix, cache = token_ids[0][:shared] if shared else [], None
     if shared:
         cache = shared_prefix_cache(model, prefix, device)

@@ -17,7 +17,7 @@ import torch
 
 from kblampp.backbone import answer_instruction, build_prompt
 from kblampp.inference.generate import generate_rows
-from kblampp.kb_context import KBContext, prefix_shareable
+from kblampp.kb_context import KBContext
 from kblampp.scorers import kinds_from_windows
 from kblampp.time_query import padded_ids
 from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
@@ -167,8 +167,7 @@ class KBModelAnswerer:
 
         prompts = [build_prompt(self.tokenizer, it.question, self.instruction) for it in items]
         gens = generate_rows(self.model, self.tokenizer, prompts, [it.max_new_tokens for it in items],
-                             batch_size=len(items), request=hook, progress=False,
-                             share_prefix=prefix_shareable(self.model.retrieval_positions))
+                             batch_size=len(items), request=hook, progress=False)
         out: list[RowAnswer | None] = [None] * len(items)
         for indices, ctx, decision in calls:
             for row, i in enumerate(indices):
