@@ -1,9 +1,13 @@
 """The answer head (SPEC sections 1 and 7): copy a retrieved fact's tail, token by token.
 
 At answer step m (tokens y_<m already written), candidate i proposes the next token of its tail t_i[m]
-if y_<m == t_i[:m], with weight alpha_i; that pointer mass is mixed into the LM's distribution by a
-per-token copy gate g:  p = (1 - g * mass) * softmax(lm_logits) + g * p_copy.
-No matching candidate, or g = 0, leaves the LM distribution as it was. The value path alone never
+if y_<m == t_i[:m], with weight alpha_i renormalised over the candidates that match: the posterior
+P(i | y_<m) of the candidate being copied, so a copy once begun keeps its whole weight ("Aston" then
+" Villa", not the LM's "ishing") instead of shrinking to the alpha of the facts that share its prefix.
+That pointer is mixed into the LM's distribution by a per-token copy gate g:
+p = (1 - g * mass) * softmax(lm_logits) + g * p_copy, with mass = 1 where some candidate matches.
+At step 0 every candidate matches, so the first token is weighted by alpha itself. No matching
+candidate, or g = 0, leaves the LM distribution as it was. The value path alone never
 decoded names in a CPU budget (0 EM); copying the top fact's tail gave 0.646 held-out EM.
 
 One function does the math (`mix_log_probs` over `pointer_at_steps`); two entry points use it:
@@ -120,7 +124,11 @@ def prefix_match(tails: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
 def pointer_at_steps(tails: torch.Tensor, alpha: torch.Tensor, seq: torch.Tensor, steps: torch.Tensor,
                      vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pointer distribution (B, P, V) and its mass (B, P) at answer steps `steps` (B, P; -1 = none),
-    given the copied-so-far tokens `seq` (B, M) of each row (only seq[:, :step] is read)."""
+    given the copied-so-far tokens `seq` (B, M) of each row (only seq[:, :step] is read).
+
+    The weights are alpha over the candidates whose tail matches seq[:, :step], renormalised to sum
+    to 1 (the posterior of the candidate being copied); mass is 1 where one matches with alpha > 0,
+    else 0 (the LM alone)."""
     ok = prefix_match(tails, seq)  # (B, K, S+1)
     L = tails.shape[2]
     valid = (steps >= 0) & (steps < L) & (steps <= ok.shape[2] - 1)
@@ -131,9 +139,12 @@ def pointer_at_steps(tails: torch.Tensor, alpha: torch.Tensor, seq: torch.Tensor
     active = match & (token >= 0) & valid.unsqueeze(1)
     weight = torch.where(active, alpha.unsqueeze(-1).to(torch.float32), torch.zeros((), device=alpha.device))
     weight, token = weight.transpose(1, 2), token.clamp_min(0).transpose(1, 2)  # (B, P, K)
+    matched = weight.sum(-1, keepdim=True)  # (B, P, 1) alpha of the candidates still matching
+    posterior = torch.where(matched > 0, weight / matched.clamp_min(torch.finfo(weight.dtype).tiny),
+                            torch.zeros((), dtype=weight.dtype, device=weight.device))  # (B, P, K)
     p_copy = torch.zeros(*weight.shape[:2], vocab, dtype=weight.dtype, device=weight.device)
-    p_copy = p_copy.scatter_add(2, token, weight)
-    return p_copy, weight.sum(-1)
+    p_copy = p_copy.scatter_add(2, token, posterior)
+    return p_copy, (matched.squeeze(-1) > 0).to(weight.dtype)
 
 
 def mix_log_probs(lm_logits: torch.Tensor, p_copy: torch.Tensor, mass: torch.Tensor,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kblampp.answer_head import (CopyLogitsProcessor, KBCopyGate, build_tail_token_table,
-                                 copy_mixture_log_probs, load_or_build_tail_table, tail_table_name,
-                                 teacher_forced_copy_log_probs)
+                                 copy_mixture_log_probs, load_or_build_tail_table, pointer_at_steps,
+                                 tail_table_name, teacher_forced_copy_log_probs)
 from kblampp.backbone import build_prompt
 from kblampp.config import KBConfig
 from kblampp.kb_context import KBContext
@@ -83,7 +83,9 @@ def test_copy_mixture_matches_hand_computation_and_trains():
 
     sm = torch.softmax(logits[0], -1)
     want = torch.log_softmax(logits[0], -1).clone()
-    copies = {1: ({3: 0.8, 1: 0.2}, 1.0), 2: ({4: 0.5, 5: 0.3}, 0.8), 3: ({END: 0.5}, 0.5)}
+    # step 0: alpha itself; later steps: alpha renormalised over the tails matching the copied prefix
+    # (after "3", candidates 0 and 1 share the whole pointer; after "3 4", candidate 0 has all of it)
+    copies = {1: ({3: 0.8, 1: 0.2}, 1.0), 2: ({4: 0.5 / 0.8, 5: 0.3 / 0.8}, 1.0), 3: ({END: 1.0}, 1.0)}
     for t, (p_copy, mass) in copies.items():
         p = (1 - 0.5 * mass) * sm[t]
         for tok, w in p_copy.items():
@@ -98,6 +100,21 @@ def test_copy_mixture_matches_hand_computation_and_trains():
     assert torch.isfinite(alpha.grad).all() and torch.isfinite(gate.grad).all()
     assert alpha.grad[0, 0] < 0 < alpha.grad[0, 2]  # more alpha on the gold-tail fact lowers the loss
     assert alpha.grad[0, 3] == 0
+
+
+def test_pointer_keeps_a_begun_copy_whole_and_weighs_step_zero_by_alpha():
+    """Two tails share "7" (alpha 0.2 + 0.1), a third (0.7) starts elsewhere: once "7" is written the
+    pointer is the posterior over the two that match (2/3, 1/3), not their alpha (0.2, 0.1)."""
+    tails = torch.tensor([[[7, 8, END], [7, 9, END], [4, END, -1]]])  # (1, K=3, L=3)
+    alpha = torch.tensor([[0.2, 0.1, 0.7]])
+    seq = torch.tensor([[7, 8, 2]])
+    p, mass = pointer_at_steps(tails, alpha, seq, torch.tensor([[0, 1, 2, 3]]), vocab=12)
+    assert torch.equal(mass, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))  # step 3: no tail has 4 tokens
+    torch.testing.assert_close(p[0, 0, [7, 4]], torch.tensor([0.3, 0.7]), rtol=0, atol=1e-7)
+    torch.testing.assert_close(p[0, 1, [8, 9]], torch.tensor([2 / 3, 1 / 3]), rtol=0, atol=1e-7)
+    assert float(p[0, 2, END]) == 1.0 and float(p[0, 3].sum()) == 0.0
+    p, mass = pointer_at_steps(tails, alpha, torch.tensor([[5]]), torch.tensor([[1]]), vocab=12)
+    assert float(mass) == 0.0 and float(p.sum()) == 0.0  # the LM wrote something no tail starts with
 
 
 def test_closed_gate_or_no_match_is_exactly_log_softmax():
