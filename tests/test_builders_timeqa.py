@@ -147,6 +147,11 @@ def test_infer_window_rules() -> None:
     rector = "On 19 October 1954 the mathematician Herbert Dallmann ( 1909–1996 ) was appointed rector ."
     assert _window(rector, "Herbert Dallmann") == ("1954-10-19", None, "point")
     assert _window("Ralph Lauren ( 1967–2015 ) was its chief .", "Ralph Lauren") == ("1967", "2015", "range")
+    # a date after born / died in parentheses right after the name is life data too: the row's range wins
+    rectors = "- Hans Emons ( born 1930 ) , chemist , 1968 - 1975 - Gert Naue ( died 2011 ) , engineer , 1975 - 1981"
+    assert _window(rectors, "Hans Emons") == ("1968", "1975", "range")
+    assert _window(rectors, "Gert Naue") == ("1975", "1981", "range")
+    assert _window("Born in 1930 , Hans Emons led it .", "Hans Emons") == ("1930", None, "point")  # not after the name
 
 
 def test_close_open_ends() -> None:

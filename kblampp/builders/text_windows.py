@@ -18,8 +18,9 @@ The window of a span (`infer_window`), first rule that gives a date wins:
   3. `neighbour`: rules 1-2 on the previous sentence, then on the next one;
   4. `preceding`: the page's last date before the span, as an open start (a narrative's order:
      "In March 1943 he was posted ... He was promoted to Junior Lieutenant").
-A range in parentheses right after the span that lasts LIFESPAN_YEARS or more ("Herbert Dallmann
-( 1909–1996 ) was appointed ...") is the tail's own lifespan, never the fact's window.
+Life data in parentheses right after the span is the tail's own, never the fact's window: a range of
+LIFESPAN_YEARS or more ("Herbert Dallmann ( 1909–1996 ) was appointed ...") or a date introduced by
+born / died ("Hans-Heinz Emons ( born 1930 ) , chemist , 1968 - 1975": the row's range is the tenure).
 `close_open_ends` then ends an open window at the next start among the same (page, relation)'s
 facts (`+next_start`): successive owners, coaches, office holders.
 """
@@ -46,6 +47,7 @@ _POINT = re.compile(_DATE, re.I)
 _BULLET = re.compile(r" (?:-|–|;|•) ")
 _OPEN_PAREN = re.compile(r"\s*\(\s*")
 LIFESPAN_YEARS = 60  # a parenthesised range this long after a name is a life, not a tenure
+_LIFE_CUE = re.compile(r"\s*\(\s*(?:born|died)\s*", re.I)  # "( born 1930", "( died 1712"
 _END_CUE = re.compile(r"\b(?:resign\w*|left|leav\w+|until|till|replac\w+|succeed\w*|sack\w*|dismiss\w*|retir\w+"
                       r"|end\w*|died|death|sold|relieved|depart\w*|quit|fired|stepped\s+down|lost|moved|closed"
                       r"|dissolved|abolished|renamed|released|transferred|joined)\b", re.I)
@@ -153,10 +155,15 @@ def _from_unit(times: list[PageTime], text: str, lo: int, hi: int, unit: tuple[i
 
 
 def _lifespan(t: PageTime, text: str, hi: int) -> bool:
-    """`t` is a long range in parentheses right after the span ending at `hi`: the tail's life."""
-    return (t.kind == "range" and t.start is not None and t.end is not None and t.span[0] >= hi
-            and int(t.end[:4]) - int(t.start[:4]) >= LIFESPAN_YEARS
-            and _OPEN_PAREN.fullmatch(text[hi:t.span[0]]) is not None)
+    """`t` is the tail's life data in parentheses right after the span ending at `hi`: a long range,
+    or a date after born / died."""
+    if t.span[0] < hi:
+        return False
+    gap = text[hi:t.span[0]]
+    if _LIFE_CUE.fullmatch(gap):
+        return True
+    return (t.kind == "range" and t.start is not None and t.end is not None
+            and int(t.end[:4]) - int(t.start[:4]) >= LIFESPAN_YEARS and _OPEN_PAREN.fullmatch(gap) is not None)
 
 
 def _preceding(times: list[PageTime], lo: int) -> tuple[str | None, str | None, str] | None:
