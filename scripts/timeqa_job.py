@@ -251,12 +251,16 @@ def step_abstention(job: TimeQAJob) -> None:
 
 
 def step_table(job: TimeQAJob) -> None:
-    from kblampp.builders.timeqa_table import abstention_table, timeqa_table
+    from kblampp.builders.timeqa_table import abstention_table, answerable_scores, timeqa_table
 
-    text = timeqa_table(ROOT / job.cfg.output_dir / "eval", LEVELS,
+    eval_dir = ROOT / job.cfg.output_dir / "eval"
+    retrained = {lv: answerable_scores(eval_dir / f"abstain_{lv}" / "predictions.jsonl", "kblampp") for lv in LEVELS}
+    text = timeqa_table(eval_dir, LEVELS,
                         [("lookup", "–"), ("baselines", "–"), ("synth_timeqa", "synthetic + TimeQA"),
                          ("synth_timeqa_eta0", "synthetic + TimeQA"), ("synth_only", "synthetic only"),
-                         ("synth_only_eta0", "synthetic only")])
+                         ("synth_only_eta0", "synthetic only")],
+                        [("synthetic + TimeQA", "KBLaM++ (answer head), decision retrained with TimeQA's "
+                          "unanswerable questions (step `abstention`)", retrained)])
     if any((ROOT / job.cfg.output_dir / "eval" / f"abstain_{lv}" / "results.json").is_file() for lv in LEVELS):
         text += "\n\n" + abstention_table(ROOT / job.cfg.output_dir / "eval", LEVELS, "abstain")
     out = ROOT / job.cfg.output_dir / "timeqa_table.md"

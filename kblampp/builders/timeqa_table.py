@@ -19,6 +19,24 @@ def read_rows(results_json: Path) -> dict[str, dict]:
     return json.loads(Path(results_json).read_text(encoding="utf-8"))["rows"]
 
 
+def answerable_scores(predictions: str | Path, row: str) -> dict | None:
+    """Official EM [95% CI] and gold contained of `row` on the answerable questions of one evaluation's
+    predictions.jsonl (a run scored with unanswerable questions beside them), or None when absent."""
+    from kblampp.metrics import bootstrap_interval
+
+    path = Path(predictions)
+    if not path.is_file():
+        return None
+    recs = [r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())
+            if r.get("row") == row and r.get("answerable", True)]
+    if not recs:
+        return None
+    em = [float(r["em"]) for r in recs]
+    low, high = bootstrap_interval(em)
+    return {"n": len(recs), "em": sum(em) / len(em), "em_ci_low": low, "em_ci_high": high,
+            "contained": sum(float(r["contained"]) for r in recs) / len(recs)}
+
+
 def _cell(s: dict | None) -> str:
     if s is None:
         return "– | –"
@@ -26,8 +44,10 @@ def _cell(s: dict | None) -> str:
     return f"{pct(s['em'])} [{pct(s.get('em_ci_low'))}, {pct(s.get('em_ci_high'))}] | {pct(s.get('contained'))}"
 
 
-def timeqa_table(eval_dir: str | Path, levels: Sequence[str], runs: Sequence[tuple[str, str]]) -> str:
-    """Markdown: official EM [95% CI] and gold contained per level, for every row each run evaluated."""
+def timeqa_table(eval_dir: str | Path, levels: Sequence[str], runs: Sequence[tuple[str, str]],
+                 extra_rows: Sequence[tuple[str, str, dict[str, dict | None]]] = ()) -> str:
+    """Markdown: official EM [95% CI] and gold contained per level, for every row each run evaluated,
+    then `extra_rows` (training, row label, {level: scores}), e.g. from `answerable_scores`."""
     scores = {(run, lv): read_rows(p) for run, _ in runs for lv in levels
               if (p := Path(eval_dir) / f"{run}_{lv}" / "results.json").is_file()}
     lines = ["| training | row | " + " | ".join(f"EM {lv} [95% CI] | contained {lv}" for lv in levels) + " |",
@@ -36,6 +56,9 @@ def timeqa_table(eval_dir: str | Path, levels: Sequence[str], runs: Sequence[tup
         for row in dict.fromkeys(r for lv in levels for r in scores.get((run, lv), {})):
             cells = [_cell(scores.get((run, lv), {}).get(row)) for lv in levels]
             lines.append(f"| {label} | {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
+    for label, name, by_level in extra_rows:
+        if any(by_level.get(lv) is not None for lv in levels):
+            lines.append(f"| {label} | {name} | " + " | ".join(_cell(by_level.get(lv)) for lv in levels) + " |")
     counts = {lv: sorted({s["n"] for (_, l2), rows in scores.items() if l2 == lv for s in rows.values()})
               for lv in levels}
     lines += ["", "Questions per level (held-out pages, answerable): "
