@@ -9,7 +9,10 @@
 # client, config, checkpoint and store always come from this checkout. Summaries: OUT_DIR/c1.json,
 # OUT_DIR/c16.json, OUT_DIR/stats.json; loads and exit codes in OUT_DIR/bench.log.
 set -u
-OUT=$1; CODE=${2:-$PWD}; PORT=${3:-8611}; shift $(( $# < 3 ? $# : 3 )); [ "${1:-}" = "--" ] && shift
+OUT=$1; shift; CODE=$PWD; PORT=8611  # optional CODE_DIR and PORT come before "--", the server's flags after it
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then CODE=$1; shift; fi
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then PORT=$1; shift; fi
+[ "${1:-}" = "--" ] && shift
 CONFIG=${CONFIG:-runs/main/config.resolved.yaml}; CKPT=${CKPT:-runs/main/kb_final.safetensors}
 STORE=${STORE:-store/synth_world}; DURATION=${DURATION:-25}; TOKENS=${TOKENS:-16}
 mkdir -p "$OUT" && rm -rf "$OUT/store" && cp -r "$STORE" "$OUT/store"
@@ -18,7 +21,11 @@ PYTHONPATH=$CODE .venv/bin/python "$CODE/infer/infer_server.py" --config "$CONFI
   --checkpoint "$CKPT" --port "$PORT" "$@" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null' EXIT
-for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 1; done
+for _ in $(seq 1 300); do
+  curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break
+  kill -0 $SERVER 2>/dev/null || { echo "server exited; see $OUT/server.log" | tee -a "$OUT/bench.log"; exit 1; }
+  sleep 1
+done
 load() {  # clients edit_fraction name
   echo "uptime before $3: $(uptime)" >> "$OUT/bench.log"
   PYTHONPATH=$PWD .venv/bin/python bench/load_server.py --url "http://127.0.0.1:$PORT" --clients "$1" \
