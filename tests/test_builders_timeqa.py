@@ -263,11 +263,14 @@ def test_table_from_results(tmp_path: Path) -> None:
         "| – | `lookup` (no LLM) | 50.0 [0.0, 100.0] | 75.0 | – | – |",
         "| synthetic + TimeQA | KBLaM++ (answer head) | 75.0 [25.0, 100.0] | 75.0 | 25.0 [–, –] | 50.0 |",
         "", "Questions per level (held-out pages, answerable): easy 4, hard 4."]
-    preds = [{"row": "kblampp", "em": 1.0, "contained": 1.0, "answerable": True},
-             {"row": "kblampp", "em": 1.0, "contained": 1.0, "answerable": True},
-             {"row": "kblampp", "em": 0.0, "contained": 1.0, "answerable": True},
-             {"row": "kblampp", "em": 1.0, "contained": 1.0, "answerable": False},  # an unanswerable one: left out
-             {"row": "lookup", "em": 0.0, "contained": 0.0, "answerable": True}]
+    def pred(row: str, em: float, contained: float, answerable: bool = True) -> dict:  # a predictions.jsonl line
+        return {"row": row, "qid": f"q{em}{contained}{answerable}", "type": "temporal", "seen": False, "answer": "a",
+                "output": "a", "pred": "a", "em": em, "f1": em, "contained": contained, "prompt_tokens": 9,
+                "answerable": answerable}
+
+    preds = [pred("kblampp", 1.0, 1.0), pred("kblampp", 1.0, 1.0), pred("kblampp", 0.0, 1.0),
+             pred("kblampp", 1.0, 1.0, answerable=False),  # an unanswerable one: left out
+             pred("lookup", 0.0, 0.0)]
     (tmp_path / "ab_easy").mkdir()
     (tmp_path / "ab_easy" / "predictions.jsonl").write_text("\n".join(map(json.dumps, preds)), encoding="utf-8")
     got = answerable_scores(tmp_path / "ab_easy" / "predictions.jsonl", "kblampp")

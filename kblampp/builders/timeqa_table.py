@@ -20,21 +20,17 @@ def read_rows(results_json: Path) -> dict[str, dict]:
 
 
 def answerable_scores(predictions: str | Path, row: str) -> dict | None:
-    """Official EM [95% CI] and gold contained of `row` on the answerable questions of one evaluation's
-    predictions.jsonl (a run scored with unanswerable questions beside them), or None when absent."""
-    from kblampp.metrics import bootstrap_interval
+    """The evaluation's own row summary (`summarize_row`: official EM [95% CI], gold contained, ...) of
+    `row` on the answerable questions of one predictions.jsonl (a run scored with unanswerable
+    questions beside them), or None when the file or the row is absent."""
+    from kblampp.evaluation.report import QuestionResult, summarize_row
 
     path = Path(predictions)
     if not path.is_file():
         return None
-    recs = [r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())
-            if r.get("row") == row and r.get("answerable", True)]
-    if not recs:
-        return None
-    em = [float(r["em"]) for r in recs]
-    low, high = bootstrap_interval(em)
-    return {"n": len(recs), "em": sum(em) / len(em), "em_ci_low": low, "em_ci_high": high,
-            "contained": sum(float(r["contained"]) for r in recs) / len(recs)}
+    results = [QuestionResult(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
+    group = [r for r in results if r.row == row and r.answerable]
+    return summarize_row(group) if group else None
 
 
 def _cell(s: dict | None) -> str:
