@@ -99,6 +99,8 @@ class MilvusIndex:
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("key", DataType.FLOAT_VECTOR, dim=dim)
         index_params = self.client.prepare_index_params()
+        if params and not _is_server(str(self.params["uri"])):
+            params = {"params": params}  # Milvus Lite reads build parameters only from a "params" entry
         index_params.add_index(field_name="key", index_type=index_type, metric_type=metric, params=params)
         self.client.create_collection(name, schema=schema, index_params=index_params, consistency_level="Strong")
 

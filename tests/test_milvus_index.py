@@ -171,3 +171,11 @@ def test_inner_product_searches_as_l2_with_an_exact_collection_for_longer_keys(t
     assert not native.mips_l2 and native.collections == ("native",)
     with pytest.raises(ValueError, match="mips: 'cos' is not one of l2, ip"):
         _build(tmp_path, keys, "ip", mips="cos")
+
+
+def test_graph_parameters_reach_the_collection(tmp_path):
+    """M and efConstruction are the configured ones (pymilvus 3 flattens build parameters, and Milvus
+    Lite read none of them, building every graph at its defaults M 16 / efConstruction 200)."""
+    index = _build(tmp_path, _keys(50), "ip", hnsw_m=24, ef_construction=123)
+    described = index.client.describe_index(index.collection, "key")
+    assert described["params"] == {"M": 24, "efConstruction": 123}
