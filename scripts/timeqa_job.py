@@ -6,9 +6,9 @@ Steps: synthetic worlds + QA and the synthetic-only Stage A run (the main job's;
 `runs/main/kb_final.safetensors` exists) -> TimeQA KB from the pages (windows inferred from the text)
 + window report -> split by page, files merged with the synthetic ones -> the KB encoded with the
 synthetic-only run's K/V encoder, and for the new run -> Stage A on synthetic + TimeQA training
-questions -> KB rows of both runs, then the baselines -> the abstention decision retrained with the
-training pages' unanswerable questions, evaluated on each level with its unanswerable ones -> the table
-(official EM). Every evaluation runs on the held-out pages, easy and hard apart, on the same questions.
+questions, the training pages' unanswerable ones among them (its decision learns them from the start;
+threshold on the dev pages' questions with theirs) -> KB rows of both runs, then the baselines -> the
+run and `lookup` on each level with its unanswerable questions -> the table (official EM). Every evaluation runs on the held-out pages, easy and hard apart, on the same questions.
 `--until STEP` stops after a step; reruns resume Stage A and skip evaluations already written.
 """
 from __future__ import annotations
@@ -111,6 +111,23 @@ def step_split(job: TimeQAJob) -> None:
         if result.problems:
             raise SystemExit("\n".join(result.lines()[:50]))
     job.files.update({f"qa_{k}": v for k, v in written.paths.items() if k != "facts"}, facts=written.paths["facts"])
+    write_with_unanswerable(ROOT / qa_dir / prefix)
+
+
+def write_with_unanswerable(base: Path) -> None:
+    """Stage A's files keep the unanswerable questions, so the run's decision learns real ones from
+    the start: `<prefix>_train` gets the training pages' and `<prefix>_dev` the dev pages' (easy; its
+    answerable questions alone stay in `<prefix>_dev_answerable`, for the rows that never abstain).
+    Each test level gets its own in `<prefix>_test_<level>_with_unanswerable` (step `abstention`)."""
+    from kblampp.builders.timeqa_split import merge_unanswerable
+
+    Path(f"{base}_dev.jsonl").replace(f"{base}_dev_answerable.jsonl")
+    merge_unanswerable([f"{base}_train.jsonl"], f"{base}_train_unanswerable.jsonl", f"{base}_train.jsonl")
+    merge_unanswerable([f"{base}_dev_answerable.jsonl"], f"{base}_dev_unanswerable.jsonl", f"{base}_dev.jsonl",
+                       level="easy")
+    for level in LEVELS:
+        merge_unanswerable([f"{base}_test_{level}.jsonl"], f"{base}_test_unanswerable.jsonl",
+                           f"{base}_test_{level}_with_unanswerable.jsonl", level=level)
 
 
 def step_encode(job: TimeQAJob) -> None:
@@ -157,8 +174,10 @@ def step_stage_a(job: TimeQAJob) -> None:
 
 def synth_only_cfg(job: TimeQAJob):
     """The synthetic-only run evaluated on the TimeQA KB: its own checkpoint, the KB in its own store."""
+    qa_dir, prefix = main_job.qa_location(job.cfg)
     return dataclasses.replace(job.cfg, store_dir=job.cfg.store_dir + "_synthonly", output_dir=job.main.cfg.output_dir,
-                               train_dataset=job.main.cfg.train_dataset)
+                               train_dataset=job.main.cfg.train_dataset,
+                               eval_dataset=f"{qa_dir}/{prefix}_dev_answerable.jsonl")
 
 
 def step_encode_synth_only(job: TimeQAJob) -> None:
@@ -216,51 +235,23 @@ def step_eval_baselines(job: TimeQAJob) -> None:
     _evaluate(job.cfg, "baselines", BASELINE_ROWS, job)
 
 
-def abstention_cfg(job: TimeQAJob):
-    """The run whose decision also learned TimeQA's unanswerable questions (train pages; threshold on dev)."""
-    qa_dir, prefix = main_job.qa_location(job.cfg)
-    return dataclasses.replace(job.cfg, train_dataset=f"{qa_dir}/{prefix}_abstain_train.jsonl",
-                               eval_dataset=f"{qa_dir}/{prefix}_abstain_dev.jsonl",
-                               output_dir=job.cfg.output_dir + "_abstain")
-
-
 def step_abstention(job: TimeQAJob) -> None:
-    """Unanswerable TimeQA questions (the builder's `targets [""]`): the finished run's `kb_abstain`
-    retrained on the training pages' questions with their unanswerable ones, its threshold set on the
-    dev pages' (easy) questions with theirs; then `lookup` (its floor tuned on the same dev file) and
-    KBLaM++ on each test level with that level's unanswerable questions."""
-    from kblampp.builders.timeqa_split import merge_unanswerable
-    from kblampp.training.abstention_phase import train_on_checkpoint
-
-    qa_dir, prefix = main_job.qa_location(job.cfg)
-    base = ROOT / qa_dir / prefix
-    merge_unanswerable([f"{base}_train.jsonl"], f"{base}_train_unanswerable.jsonl", f"{base}_abstain_train.jsonl")
-    merge_unanswerable([f"{base}_dev.jsonl"], f"{base}_dev_unanswerable.jsonl", f"{base}_abstain_dev.jsonl",
-                       level="easy")
-    for level in LEVELS:
-        merge_unanswerable([f"{base}_test_{level}.jsonl"], f"{base}_test_unanswerable.jsonl",
-                           f"{base}_test_{level}_with_unanswerable.jsonl", level=level)
-    cfg = abstention_cfg(job)
-    if not _trained(cfg) or job.args.retrain:
-        report = train_on_checkpoint(cfg, ROOT / job.cfg.output_dir, ROOT / cfg.output_dir)
-        print(f"kb_abstain: threshold {report['threshold']:.4f}, training questions {report.get('train_n')} "
-              f"({report.get('train_unanswerable')} unanswerable)")
-    cfg = load_config(ROOT / cfg.output_dir / "config.resolved.yaml")
-    _evaluate(cfg, "abstain", ("lookup", "kblampp", "kblampp_no_abstention"), job,
+    """Unanswerable TimeQA questions (the builder's `targets [""]`): `lookup` (its similarity floor tuned on
+    the dev file with the dev pages' unanswerable questions, the file Stage A set its threshold on) and
+    KBLaM++ (the decision Stage A trained on the training pages' unanswerable questions) on each test
+    level with that level's unanswerable questions."""
+    _evaluate(job.cfg, "abstain", ("lookup", "kblampp", "kblampp_no_abstention"), job,
               test_name="test_{level}_with_unanswerable")
 
 
 def step_table(job: TimeQAJob) -> None:
-    from kblampp.builders.timeqa_table import abstention_table, answerable_scores, timeqa_table
+    from kblampp.builders.timeqa_table import abstention_table, timeqa_table
 
     eval_dir = ROOT / job.cfg.output_dir / "eval"
-    retrained = {lv: answerable_scores(eval_dir / f"abstain_{lv}" / "predictions.jsonl", "kblampp") for lv in LEVELS}
     text = timeqa_table(eval_dir, LEVELS,
                         [("lookup", "–"), ("baselines", "–"), ("synth_timeqa", "synthetic + TimeQA"),
                          ("synth_timeqa_eta0", "synthetic + TimeQA"), ("synth_only", "synthetic only"),
-                         ("synth_only_eta0", "synthetic only")],
-                        [("synthetic + TimeQA", "KBLaM++ (answer head), decision retrained with TimeQA's "
-                          "unanswerable questions (step `abstention`)", retrained)])
+                         ("synth_only_eta0", "synthetic only")])
     if any((ROOT / job.cfg.output_dir / "eval" / f"abstain_{lv}" / "results.json").is_file() for lv in LEVELS):
         text += "\n\n" + abstention_table(ROOT / job.cfg.output_dir / "eval", LEVELS, "abstain")
     out = ROOT / job.cfg.output_dir / "timeqa_table.md"

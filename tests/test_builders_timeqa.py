@@ -16,7 +16,7 @@ from kblampp.builders.timeqa import (build_timeqa, evidence_sentence, load_timeq
                                      sentence_ends)
 from kblampp.builders.timeqa_split import (merge_unanswerable, page_split, report_lines, window_report,
                                           write_split_files)
-from kblampp.builders.timeqa_table import abstention_table, answerable_scores, timeqa_table
+from kblampp.builders.timeqa_table import abstention_table, timeqa_table
 from kblampp.question_time import parse_question_time
 from kblampp.sanity import check_5tuple_file, check_qa_file, run_check
 from kblampp.schema import load_facts, load_qa
@@ -263,22 +263,7 @@ def test_table_from_results(tmp_path: Path) -> None:
         "| – | `lookup` (no LLM) | 50.0 [0.0, 100.0] | 75.0 | – | – |",
         "| synthetic + TimeQA | KBLaM++ (answer head) | 75.0 [25.0, 100.0] | 75.0 | 25.0 [–, –] | 50.0 |",
         "", "Questions per level (held-out pages, answerable): easy 4, hard 4."]
-    def pred(row: str, em: float, contained: float, answerable: bool = True) -> dict:  # a predictions.jsonl line
-        return {"row": row, "qid": f"q{em}{contained}{answerable}", "type": "temporal", "seen": False, "answer": "a",
-                "output": "a", "pred": "a", "em": em, "f1": em, "contained": contained, "prompt_tokens": 9,
-                "answerable": answerable}
-
-    preds = [pred("kblampp", 1.0, 1.0), pred("kblampp", 1.0, 1.0), pred("kblampp", 0.0, 1.0),
-             pred("kblampp", 1.0, 1.0, answerable=False),  # an unanswerable one: left out
-             pred("lookup", 0.0, 0.0)]
     (tmp_path / "ab_easy").mkdir()
-    (tmp_path / "ab_easy" / "predictions.jsonl").write_text("\n".join(map(json.dumps, preds)), encoding="utf-8")
-    got = answerable_scores(tmp_path / "ab_easy" / "predictions.jsonl", "kblampp")
-    assert (got["n"], got["em"], got["contained"]) == (3, 2 / 3, 1.0) and got["em_ci_low"] <= 2 / 3 <= got["em_ci_high"]
-    assert answerable_scores(tmp_path / "ab_hard" / "predictions.jsonl", "kblampp") is None
-    extra = [("synthetic + TimeQA", "retrained", {"easy": dict(got, em_ci_low=0.0, em_ci_high=1.0), "hard": None})]
-    assert timeqa_table(tmp_path, ["easy", "hard"], [("none", "–")], extra).splitlines()[2] == (
-        "| synthetic + TimeQA | retrained | 66.7 [0.0, 100.0] | 100.0 | – | – |")
     ab = {"n": 6, "n_unanswerable": 2, "em": 0.5, "em_ci_low": 0.25, "em_ci_high": 0.75, "em_answerable": 0.25,
           "abstain_precision": 1.0, "abstain_recall": 0.5, "abstain_f1": 2 / 3}
     (tmp_path / "ab_easy" / "results.json").write_text(json.dumps({"meta": {}, "rows": {

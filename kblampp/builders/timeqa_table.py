@@ -19,20 +19,6 @@ def read_rows(results_json: Path) -> dict[str, dict]:
     return json.loads(Path(results_json).read_text(encoding="utf-8"))["rows"]
 
 
-def answerable_scores(predictions: str | Path, row: str) -> dict | None:
-    """The evaluation's own row summary (`summarize_row`: official EM [95% CI], gold contained, ...) of
-    `row` on the answerable questions of one predictions.jsonl (a run scored with unanswerable
-    questions beside them), or None when the file or the row is absent."""
-    from kblampp.evaluation.report import QuestionResult, summarize_row
-
-    path = Path(predictions)
-    if not path.is_file():
-        return None
-    results = [QuestionResult(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
-    group = [r for r in results if r.row == row and r.answerable]
-    return summarize_row(group) if group else None
-
-
 def _cell(s: dict | None) -> str:
     if s is None:
         return "– | –"
@@ -40,10 +26,8 @@ def _cell(s: dict | None) -> str:
     return f"{pct(s['em'])} [{pct(s.get('em_ci_low'))}, {pct(s.get('em_ci_high'))}] | {pct(s.get('contained'))}"
 
 
-def timeqa_table(eval_dir: str | Path, levels: Sequence[str], runs: Sequence[tuple[str, str]],
-                 extra_rows: Sequence[tuple[str, str, dict[str, dict | None]]] = ()) -> str:
-    """Markdown: official EM [95% CI] and gold contained per level, for every row each run evaluated,
-    then `extra_rows` (training, row label, {level: scores}), e.g. from `answerable_scores`."""
+def timeqa_table(eval_dir: str | Path, levels: Sequence[str], runs: Sequence[tuple[str, str]]) -> str:
+    """Markdown: official EM [95% CI] and gold contained per level, for every row each run evaluated."""
     scores = {(run, lv): read_rows(p) for run, _ in runs for lv in levels
               if (p := Path(eval_dir) / f"{run}_{lv}" / "results.json").is_file()}
     lines = ["| training | row | " + " | ".join(f"EM {lv} [95% CI] | contained {lv}" for lv in levels) + " |",
@@ -52,9 +36,6 @@ def timeqa_table(eval_dir: str | Path, levels: Sequence[str], runs: Sequence[tup
         for row in dict.fromkeys(r for lv in levels for r in scores.get((run, lv), {})):
             cells = [_cell(scores.get((run, lv), {}).get(row)) for lv in levels]
             lines.append(f"| {label} | {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
-    for label, name, by_level in extra_rows:
-        if any(by_level.get(lv) is not None for lv in levels):
-            lines.append(f"| {label} | {name} | " + " | ".join(_cell(by_level.get(lv)) for lv in levels) + " |")
     counts = {lv: sorted({s["n"] for (_, l2), rows in scores.items() if l2 == lv for s in rows.values()})
               for lv in levels}
     lines += ["", "Questions per level (held-out pages, answerable): "
