@@ -135,6 +135,20 @@ def question_queries(ec: Any, records: list, out_dir: Path, checkpoint: Path) ->
     return q
 
 
+def base_store_queries(cfg: KBConfig, args: argparse.Namespace, records: list) -> np.ndarray:
+    """`question_queries` of the checkpoint, loaded on the base store when they are not cached yet
+    (the queries do not depend on the KB, and the cache is keyed by the checkpoint's hash)."""
+    import torch
+
+    from kblampp.evaluation.runner import load_eval_context
+    from kblampp.inference.loading import resolve_checkpoint
+
+    torch.set_grad_enabled(False)
+    checkpoint = resolve_checkpoint(args.checkpoint or cfg.output_dir)
+    ec = load_eval_context(dataclasses.replace(cfg, store_dir=str(args.base_store), retrieval="exact"), checkpoint)
+    return question_queries(ec, records, Path(args.out_dir), checkpoint)
+
+
 def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Rows lookup + kblampp (exact, HNSW[, HNSW before]) on the whole test split, index recall."""
     import torch
@@ -248,8 +262,8 @@ def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int) -> dic
         tmp = out / ".keys_only_K.npy.tmp"
         save_npy(tmp, keys)
         tmp.replace(key_path)
-    queries = np.load(Path(args.out_dir) / "queries.npy", allow_pickle=False)
     records = list(load_qa(args.qa or cfg.test_dataset, num_facts=base.n))
+    queries = base_store_queries(cfg, args, records)
     supports = [list(r.supporting_facts) if r.answerable else [] for r in records]
     answers = [answer_fact_of(r) if s else None for r, s in zip(records, supports)]
     k, sim = cfg.K_top, cfg.index.similarity
