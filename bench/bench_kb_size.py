@@ -88,14 +88,15 @@ def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: 
     generate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     embedder = load_embedder(base.manifest["embedding_model"])
-    new_raw = embed_facts(embedder, facts[base.n:], batch_size=128) if extra else None
+    new_raw = embed_facts(embedder, facts[base.n:], batch_size=128) if extra else {}
     embed_s = time.perf_counter() - t0
-    raw = {k: np.concatenate([np.asarray(base.raw(k)), new_raw[k]]) if new_raw else np.asarray(base.raw(k))
-           for k in RAW}
+    raw = {}
+    for k in RAW:  # each distractor array is freed as soon as it is joined (peak memory: one copy, not two)
+        raw[k] = np.concatenate([np.asarray(base.raw(k)), new_raw.pop(k)]) if extra else np.asarray(base.raw(k))
     t0 = time.perf_counter()
     write_store(size_dir / "store", facts, raw, base.encoder.eval(), base.manifest["embedding_model"], facts_path)
     kv_write_s = time.perf_counter() - t0
-    del raw, new_raw
+    del raw
     store = KBValueStore.load(size_dir / "store")
     key_drift = float(np.abs(np.asarray(store.arrays["K.npy"][:base.n]) - np.asarray(base.arrays["K.npy"])).max())
     if key_drift > 1e-4:  # the same encoder on the same raw embeddings must give the base keys

@@ -101,8 +101,8 @@ def write_store(store_dir: str | Path, facts: Sequence[Fact], raw: dict[str, np.
     K, V = compute_kv(encoder, raw, tau_min, tau_max, progress=progress)
     maps: dict[str, dict[str, int]] = {}
     entity_ids, rel_ids = assign_ids(facts, maps)
-    arrays = {"K.npy": K.astype(dtype), "V.npy": V.astype(dtype),
-              "meta/ctx_vec.npy": raw["e_c"].astype(dtype), "meta/tau_min.npy": tau_min,
+    arrays = {"K.npy": K.astype(dtype, copy=False), "V.npy": V.astype(dtype, copy=False),  # no second copy
+              "meta/ctx_vec.npy": raw["e_c"].astype(dtype, copy=False), "meta/tau_min.npy": tau_min,
               "meta/tau_max.npy": tau_max, "meta/entity_ids.npy": entity_ids, "meta/rel_ids.npy": rel_ids,
               "meta/alive.npy": np.ones(len(facts), bool)}
     arrays.update({f"raw/{k}.npy": np.asarray(raw[k], np.float32) for k in RAW})
