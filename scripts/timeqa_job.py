@@ -8,7 +8,8 @@ Steps: synthetic worlds + QA and the synthetic-only Stage A run (the main job's;
 synthetic-only run's K/V encoder, and for the new run -> Stage A on synthetic + TimeQA training
 questions, the training pages' unanswerable ones among them (its decision learns them from the start;
 threshold on the dev pages' questions with theirs) -> KB rows of both runs, then the baselines -> the
-run and `lookup` on each level with its unanswerable questions -> the table (official EM). Every evaluation runs on the held-out pages, easy and hard apart, on the same questions.
+run and `lookup` on each level with its unanswerable questions -> the table (official EM). Every
+evaluation runs on the held-out pages, easy and hard apart, on the same questions.
 `--until STEP` stops after a step; reruns resume Stage A and skip evaluations already written.
 """
 from __future__ import annotations
