@@ -223,10 +223,12 @@ def refresh_index(cfg: KBConfig, size_dir: Path, record: dict[str, Any], build_p
     return record
 
 
-def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int) -> dict[str, Any]:
+def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, records: list,
+                   queries: np.ndarray) -> dict[str, Any]:
     """Retrieval at the last prompt token without generating: the keys of an N-fact KB (distractor keys
     from their head and relation embeddings only, which is all a key depends on), exact search against
-    the HNSW of the config and the --before HNSW, on the real questions' queries. Cheap enough for 10^6."""
+    the HNSW of the config and the --before HNSW, on the real questions' queries (`records`, their
+    `queries`: the same at every size). Cheap enough for 10^6."""
     import torch
 
     from kblampp.embedding import embed_unique, load_embedder
@@ -234,7 +236,6 @@ def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int) -> dic
     from kblampp.evaluation.retrieval_metrics import answer_fact_of
     from kblampp.kb_store import KBValueStore
     from kblampp.knowledge_index import KnowledgeIndex
-    from kblampp.schema import load_qa
     from kblampp.store_io import save_npy
     from kblampp.synth.distractors import collisions, distractor_facts
 
@@ -263,8 +264,6 @@ def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int) -> dic
         tmp = out / ".keys_only_K.npy.tmp"
         save_npy(tmp, keys)
         tmp.replace(key_path)
-    records = list(load_qa(args.qa or cfg.test_dataset, num_facts=base.n))
-    queries = base_store_queries(cfg, args, records)
     supports = [list(r.supporting_facts) if r.answerable else [] for r in records]
     answers = [answer_fact_of(r) if s else None for r, s in zip(records, supports)]
     k, sim = cfg.K_top, cfg.index.similarity
@@ -364,10 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(cfg, args)
     if args.keys_only:
         from kblampp.kb_store import KBValueStore
+        from kblampp.schema import load_qa
         from kblampp.store_io import write_json_atomic
 
-        for n in requested_sizes(args, KBValueStore.load(args.base_store).n):
-            write_json_atomic(Path(args.out_dir) / f"n{n}" / "keys_only.json", keys_only_size(cfg, args, n))
+        base_n = KBValueStore.load(args.base_store).n
+        records = list(load_qa(args.qa or cfg.test_dataset, num_facts=base_n))
+        queries = base_store_queries(cfg, args, records)  # the model runs once, not once per size
+        for n in requested_sizes(args, base_n):
+            write_json_atomic(Path(args.out_dir) / f"n{n}" / "keys_only.json",
+                              keys_only_size(cfg, args, n, records, queries))
         write_outputs(Path(args.out_dir), Path(args.doc_dir or args.out_dir))
         return 0
     out_dir, doc_dir = Path(args.out_dir), Path(args.doc_dir or args.out_dir)

@@ -253,8 +253,8 @@ def step_table(job: TimeQAJob) -> None:
                         [("lookup", "–"), ("baselines", "–"), ("synth_timeqa", "synthetic + TimeQA"),
                          ("synth_timeqa_eta0", "synthetic + TimeQA"), ("synth_only", "synthetic only"),
                          ("synth_only_eta0", "synthetic only")])
-    if any((ROOT / job.cfg.output_dir / "eval" / f"abstain_{lv}" / "results.json").is_file() for lv in LEVELS):
-        text += "\n\n" + abstention_table(ROOT / job.cfg.output_dir / "eval", LEVELS, "abstain")
+    if any((eval_dir / f"abstain_{lv}" / "results.json").is_file() for lv in LEVELS):
+        text += "\n\n" + abstention_table(eval_dir, LEVELS, "abstain")
     out = ROOT / job.cfg.output_dir / "timeqa_table.md"
     out.write_text(text + "\n", encoding="utf-8")
     print(text)

@@ -263,11 +263,9 @@ def test_table_from_results(tmp_path: Path) -> None:
         "| – | `lookup` (no LLM) | 50.0 [0.0, 100.0] | 75.0 | – | – |",
         "| synthetic + TimeQA | KBLaM++ (answer head) | 75.0 [25.0, 100.0] | 75.0 | 25.0 [–, –] | 50.0 |",
         "", "Questions per level (held-out pages, answerable): easy 4, hard 4."]
-    (tmp_path / "ab_easy").mkdir()
     ab = {"n": 6, "n_unanswerable": 2, "em": 0.5, "em_ci_low": 0.25, "em_ci_high": 0.75, "em_answerable": 0.25,
           "abstain_precision": 1.0, "abstain_recall": 0.5, "abstain_f1": 2 / 3}
-    (tmp_path / "ab_easy" / "results.json").write_text(json.dumps({"meta": {}, "rows": {
-        "kblampp": ab, "lookup": dict(ab, abstain_precision=None)}}), encoding="utf-8")
+    write("ab_easy", {"kblampp": ab, "lookup": dict(ab, abstain_precision=None)})
     assert abstention_table(tmp_path, ["easy", "hard"], "ab").splitlines()[2:] == [
         "| easy | KBLaM++ (answer head) | 6 (2) | 50.0 [25.0, 75.0] | 25.0 | 100.0 | 50.0 | 66.7 |",
         "| easy | `lookup` (no LLM) | 6 (2) | 50.0 [25.0, 75.0] | 25.0 | – | 50.0 | 66.7 |"]
