@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import resource
 import subprocess
@@ -67,18 +68,54 @@ def describe_index(params: dict[str, Any], similarity: str) -> str:
 
 # ---- one size -------------------------------------------------------------------------------------
 
+def size_facts(base_store: Any, n_facts: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(the base store's facts, the n_facts - base distractor facts of `seed`) as dicts."""
+    from kblampp.synth.distractors import distractor_facts
+
+    base_dicts = [json.loads(x) for x in (base_store.root / "facts.jsonl").read_text(encoding="utf-8").splitlines()]
+    return base_dicts, distractor_facts(base_dicts, n_facts - base_store.n, seed=seed)
+
+
+def build_identity(base_store: Any, extra: list[dict], seed: int) -> dict[str, Any]:
+    """What a size's keys depend on: the base store's facts and K/V encoder, and the distractors drawn
+    (their digest: a change of the world generator changes them even under the same seed)."""
+    digest = hashlib.sha256()
+    for f in extra:
+        digest.update(json.dumps(f, sort_keys=True).encode())
+        digest.update(b"\n")
+    return {"base_facts_sha256": base_store.manifest["source"]["sha256"],
+            "kv_encoder_sha256": base_store.manifest["kv_encoder"]["sha256"],
+            "distractor_seed": seed, "distractors_sha256": digest.hexdigest()}
+
+
+def current_identity(args: argparse.Namespace, n_facts: int) -> dict[str, Any]:
+    """`build_identity` of size n_facts as the base store and distractor seed give it now."""
+    from kblampp.kb_store import KBValueStore
+
+    base = KBValueStore.load(args.base_store)
+    return build_identity(base, size_facts(base, n_facts, args.distractor_seed)[1], args.distractor_seed)
+
+
+def stale_reason(recorded: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
+    """Why a cached build or key file cannot serve `current` (None when it can)."""
+    if recorded is None:
+        return "no identity recorded (built by an older version)"
+    changed = [k for k in current if recorded.get(k) != current[k]]
+    return f"{', '.join(changed)} changed" if changed else None
+
+
 def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: Path) -> dict[str, Any]:
     """Facts file, store (trained encoder) and HNSW index of one size; returns the build record."""
     from kblampp.embedding import load_embedder
     from kblampp.kb_store import KBValueStore, RAW, build_store_index, embed_facts, write_store
     from kblampp.schema import load_facts
-    from kblampp.synth.distractors import collisions, distractor_facts
+    from kblampp.synth.distractors import collisions
     from kblampp.synth.jsonl import write_jsonl
 
     base = KBValueStore.load(args.base_store)
-    base_dicts = [json.loads(line) for line in (base.root / "facts.jsonl").read_text(encoding="utf-8").splitlines()]
     t0 = time.perf_counter()
-    extra = distractor_facts(base_dicts, n_facts - base.n, seed=args.distractor_seed)
+    base_dicts, extra = size_facts(base, n_facts, args.distractor_seed)
+    identity = build_identity(base, extra, args.distractor_seed)
     clash = collisions(base_dicts, extra)
     if clash.names or clash.ids:
         raise SystemExit(f"distractors share {clash.names} names / {clash.ids} ids with the base KB: {clash.examples}")
@@ -102,7 +139,7 @@ def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: 
     if key_drift > 1e-4:  # the same encoder on the same raw embeddings must give the base keys
         raise SystemExit(f"{size_dir / 'store'}: base keys differ from {args.base_store} by {key_drift}")
     report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **config_params(cfg.index))
-    return {"n_facts": store.n, "n_distractors": len(extra), "distractor_seed": args.distractor_seed,
+    return {"n_facts": store.n, "n_distractors": len(extra), "distractor_seed": args.distractor_seed, "identity": identity,
             "collisions": dataclasses.asdict(clash) | {"rate": clash.rate},
             "build": {"generate_s": generate_s, "embed_s": embed_s, "kv_write_s": kv_write_s,
                       "hnsw_build_s": report["build_s"], "strings_embedded": None if not extra else
@@ -236,21 +273,24 @@ def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, record
     from kblampp.evaluation.retrieval_metrics import answer_fact_of
     from kblampp.kb_store import KBValueStore
     from kblampp.knowledge_index import KnowledgeIndex
-    from kblampp.store_io import save_npy
-    from kblampp.synth.distractors import collisions, distractor_facts
+    from kblampp.store_io import save_npy, write_json_atomic
+    from kblampp.synth.distractors import collisions
 
     out = Path(args.out_dir) / f"n{n_facts}"
     out.mkdir(parents=True, exist_ok=True)
     base = KBValueStore.load(args.base_store)
-    record: dict[str, Any] = {"n_facts": n_facts, "n_distractors": n_facts - base.n}
-    key_path = out / "keys_only_K.npy"
-    if (out / "store" / "manifest.json").is_file():  # the full store of this size holds the same keys
+    base_dicts, extra = size_facts(base, n_facts, args.distractor_seed)
+    identity = build_identity(base, extra, args.distractor_seed)
+    record: dict[str, Any] = {"n_facts": n_facts, "n_distractors": n_facts - base.n, "identity": identity}
+    key_path, key_meta = out / "keys_only_K.npy", out / "keys_only_K.json"
+    build_path = out / "build.json"
+    if build_path.is_file() and stale_reason(json.loads(build_path.read_text(encoding="utf-8")).get("identity"),
+                                             identity) is None:  # the full store of this size holds the same keys
         keys = KBValueStore.load(out / "store").keys_tensor().numpy()
-    elif key_path.is_file():
+    elif key_path.is_file() and key_meta.is_file() and stale_reason(
+            json.loads(key_meta.read_text(encoding="utf-8")), identity) is None:
         keys = np.load(key_path, allow_pickle=False)
     else:
-        base_dicts = [json.loads(x) for x in (base.root / "facts.jsonl").read_text(encoding="utf-8").splitlines()]
-        extra = distractor_facts(base_dicts, n_facts - base.n, seed=args.distractor_seed)
         clash = collisions(base_dicts, extra)
         record["collisions"] = dataclasses.asdict(clash) | {"rate": clash.rate}
         t0 = time.perf_counter()
@@ -264,6 +304,7 @@ def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, record
         tmp = out / ".keys_only_K.npy.tmp"
         save_npy(tmp, keys)
         tmp.replace(key_path)
+        write_json_atomic(key_meta, identity)
     supports = [list(r.supporting_facts) if r.answerable else [] for r in records]
     answers = [answer_fact_of(r) if s else None for r, s in zip(records, supports)]
     k, sim = cfg.K_top, cfg.index.similarity
@@ -295,7 +336,14 @@ def run_worker(cfg: KBConfig, args: argparse.Namespace) -> int:
     size_dir = Path(args.out_dir) / f"n{n}"
     size_dir.mkdir(parents=True, exist_ok=True)
     build_path = size_dir / "build.json"
-    if args.force or not build_path.is_file():
+    reason = "--force" if args.force else None if build_path.is_file() else "not built yet"
+    if reason is None:
+        reason = stale_reason(json.loads(build_path.read_text(encoding="utf-8")).get("identity"),
+                              current_identity(args, n))
+        if reason:
+            (size_dir / "result.json").unlink(missing_ok=True)  # its rows were measured on the old build
+    if reason:
+        status(f"n={n}: building ({reason})")
         write_json_atomic(build_path, build_size(cfg, args, n, size_dir))
     record = json.loads(build_path.read_text(encoding="utf-8"))
     record = refresh_index(cfg, size_dir, record, build_path)
@@ -379,9 +427,14 @@ def main(argv: list[str] | None = None) -> int:
         from kblampp.kb_store import KBValueStore
 
         for n in requested_sizes(args, KBValueStore.load(args.base_store).n):
-            if (out_dir / f"n{n}" / "result.json").is_file() and not (args.force or args.rerun):
-                status(f"n={n}: result exists (--force to redo)")
-                continue
+            result = out_dir / f"n{n}" / "result.json"
+            if result.is_file() and not (args.force or args.rerun):
+                stale = stale_reason(json.loads(result.read_text(encoding="utf-8")).get("identity"),
+                                     current_identity(args, n))
+                if stale is None:
+                    status(f"n={n}: result exists (--force to redo)")
+                    continue
+                status(f"n={n}: result is stale ({stale}): rebuilding")
             status(f"== n={n}")
             argv_now = list(sys.argv[1:] if argv is None else argv)
             done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv_now, "--worker", str(n)])

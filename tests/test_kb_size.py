@@ -12,6 +12,7 @@ from kblampp.evaluation.kb_size import (exact_scores, exact_top, gold_recall, in
                                         plot_size, read_size_table, recall_against, size_plan, write_size_table)
 from kblampp.knowledge_index import KnowledgeIndex
 from kblampp.synth.distractors import collisions, distractor_facts, entity_names, first_free_world
+from kblampp.synth.names import initials_of
 from kblampp.synth.world import WorldSizes, generate_world
 
 SMALL = WorldSizes(persons=20, organisations=3, cities=5, universities=2, clubs=3, events=2)
@@ -136,3 +137,46 @@ def test_size_plan_sorts_and_refuses_sizes_below_the_base():
     assert size_plan(2_614, [100_000, 2_614, 10_000, 10_000]) == [2_614, 10_000, 100_000]
     with pytest.raises(ValueError, match="sizes: 1,000 is below the base KB's 2,614 facts"):
         size_plan(2_614, [1_000])
+
+
+def test_distractors_never_draw_a_person_an_initials_question_would_also_name(base):
+    unguarded = generate_world(2, 4, set(), SMALL)
+    person = next(f["head"]["name"] for f in unguarded if f["head"].get("type") == "PERSON")
+    first, surname = person.split()
+    twin = f"{first[0]}oxley {surname}"  # another first name with the same initial
+    assert initials_of(twin) == initials_of(person) and twin != person
+    planted = copy.deepcopy(base)
+    head = next(f for f in planted if f["head"].get("type") == "PERSON")["head"]
+    old = head["name"]
+    for f in planted:  # the base KB's person is now the twin, everywhere it occurs
+        for part in ("head", "tail"):
+            if f[part]["name"] == old:
+                f[part]["name"] = twin
+    clash = collisions(planted, unguarded)
+    assert clash.names >= 1 and person in clash.examples  # "F. Surname" would name both
+    guarded = distractor_facts(planted, len(unguarded), seed=4, sizes=SMALL, progress=False)
+    drawn = {f[p]["name"] for f in guarded for p in ("head", "tail") if f[p].get("type") == "PERSON"}
+    assert initials_of(twin) not in {initials_of(n) for n in drawn}
+    assert collisions(planted, guarded).names == 0
+
+
+
+def test_a_size_build_is_reused_only_for_the_same_encoder_and_distractors(base):
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_kb_size.py"
+    spec = importlib.util.spec_from_file_location("bench_kb_size", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    store = SimpleNamespace(manifest={"source": {"sha256": "f" * 64}, "kv_encoder": {"sha256": "e" * 64}})
+    extra = distractor_facts(base, 50, seed=4, sizes=SMALL, progress=False)
+    built = bench.build_identity(store, extra, 4)
+    assert bench.stale_reason(built, bench.build_identity(store, copy.deepcopy(extra), 4)) is None
+    retrained = SimpleNamespace(manifest={"source": {"sha256": "f" * 64}, "kv_encoder": {"sha256": "d" * 64}})
+    assert bench.stale_reason(built, bench.build_identity(retrained, extra, 4)) == "kv_encoder_sha256 changed"
+    redrawn = copy.deepcopy(extra)
+    redrawn[7]["head"]["name"] = "Someone Else"  # what a change of the world generator does under one seed
+    assert bench.stale_reason(built, bench.build_identity(store, redrawn, 4)) == "distractors_sha256 changed"
+    assert bench.stale_reason(None, built) == "no identity recorded (built by an older version)"

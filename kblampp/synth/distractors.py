@@ -5,7 +5,9 @@ facts first and unchanged and only appends. The new worlds use another seed (the
 date draws) and world indices after the base's (entity ids `W<index>E<n>` never repeat), and every
 name of the base KB (heads and tails) is reserved before drawing, so no distractor entity shares a
 name with an entity the base KB's questions ask about: nothing a question names gets a conflicting
-fact. `collisions` checks that on the result.
+fact. Questions also name a person by initials ("J. Hubbard", `kblampp.synth.names.initials_of`, asked
+only where the base KB has one such person), so those short forms are reserved too: no distractor is a
+J... Hubbard. `collisions` checks both on the result.
 
 The name pools are finite (about 4,000 university names, for one), so the reserved set starts again
 from the base names every `names_block` worlds: distractor worlds of different blocks may share a
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from kblampp.progress import progress_bar
+from kblampp.synth.names import initials_of
 from kblampp.synth.world import WorldSizes, fact_world, generate_world
 
 _WORLD_INDEX = re.compile(r"^world_(\d+)$")
@@ -26,6 +29,12 @@ _WORLD_INDEX = re.compile(r"^world_(\d+)$")
 def entity_names(facts: Sequence[dict]) -> set[str]:
     """Every head and tail name of `facts` (the names a question can mention)."""
     return {f[part]["name"] for f in facts for part in ("head", "tail")}
+
+
+def person_short_forms(facts: Sequence[dict]) -> set[str]:
+    """The initials form of every person of `facts` (how an "initials" question names them)."""
+    forms = {initials_of(f[part]["name"]) for f in facts for part in ("head", "tail") if f[part].get("type") == "PERSON"}
+    return forms - {None}
 
 
 def first_free_world(facts: Sequence[dict]) -> int:
@@ -44,7 +53,7 @@ def distractor_facts(base: Sequence[dict], count: int, seed: int, sizes: WorldSi
         raise ValueError(f"count: must be >= 0, got {count}")
     if names_block < 1:
         raise ValueError(f"names_block: must be >= 1, got {names_block}")
-    reserved = entity_names(base)
+    reserved = entity_names(base) | person_short_forms(base)
     start, out = first_free_world(base), []
     bar = progress_bar(total=count, desc="distractor facts", unit="fact", disable=not progress or count == 0)
     index = start
@@ -62,7 +71,8 @@ def distractor_facts(base: Sequence[dict], count: int, seed: int, sizes: WorldSi
 
 @dataclass
 class Collisions:
-    """Distractor entities that share a name or an id with the base KB's entities (both should be 0)."""
+    """Distractor entities that share a name (or a person's initials form) or an id with the base KB's
+    entities (both should be 0)."""
 
     names: int
     ids: int
@@ -75,16 +85,19 @@ class Collisions:
 
 
 def collisions(base: Sequence[dict], distractors: Sequence[dict]) -> Collisions:
-    """Count distractor entities whose name or id is also a base entity's."""
-    base_names = entity_names(base)
+    """Count distractor entities whose name, initials form (persons) or id is also a base entity's."""
+    base_names, base_forms = entity_names(base), person_short_forms(base)
     base_ids = {f[p].get("id") for f in base for p in ("head", "tail")} - {None}
     seen: dict[str, str | None] = {}
+    persons: set[str] = set()
     for f in distractors:
         for part in ("head", "tail"):
             seen.setdefault(f[part]["name"], f[part].get("id"))
-    clash_names = sorted(n for n in seen if n in base_names)
+            if f[part].get("type") == "PERSON":
+                persons.add(f[part]["name"])
+    clash_names = sorted(n for n in seen if n in base_names or (n in persons and initials_of(n) in base_forms))
     clash_ids = sorted(i for i in set(seen.values()) - {None} if i in base_ids)
     return Collisions(len(clash_names), len(clash_ids), (clash_names + clash_ids)[:5], checked=len(seen))
 
 
-__all__ = ["distractor_facts", "collisions", "Collisions", "entity_names", "first_free_world"]
+__all__ = ["distractor_facts", "collisions", "Collisions", "entity_names", "first_free_world", "person_short_forms"]

@@ -39,6 +39,12 @@ ORG_SECTORS = (
 UNIVERSITY_FORMS = ("{} University", "{} College", "{} Institute of Technology", "University of {}")
 
 
+def initials_of(name: str) -> str | None:
+    """'Jane Hubbard' -> 'J. Hubbard' (two-word names only): how the "initials" questions name a person."""
+    parts = name.split()
+    return f"{parts[0][0]}. {parts[-1]}" if len(parts) == 2 and parts[0][:1].isalpha() else None
+
+
 class NamePool:
     """Draws unique names of every entity kind for one world (deterministic given seed and `taken`)."""
 
@@ -60,17 +66,19 @@ class NamePool:
                 return out
         raise RuntimeError(f"could not draw {count} distinct values")
 
-    def _unique(self, make, what: str) -> str:
-        """A name from `make()` not used before in any world of this run; recorded as taken."""
+    def _unique(self, make, what: str, short_form=None) -> str:
+        """A name from `make()` not used before in any world of this run (nor, with `short_form`, one whose
+        short form is taken: a reserved "J. Hubbard" keeps out every J... Hubbard); recorded as taken."""
         for _ in range(1000):
             name = make()
-            if name not in self.taken:
+            if name not in self.taken and (short_form is None or short_form(name) not in self.taken):
                 self.taken.add(name)
                 return name
         raise RuntimeError(f"name space for {what} exhausted (too many worlds or entities)")
 
     def person(self) -> str:
-        return self._unique(lambda: f"{self.faker.first_name()} {self.rng.choice(self.surnames)}", "persons")
+        return self._unique(lambda: f"{self.faker.first_name()} {self.rng.choice(self.surnames)}", "persons",
+                            initials_of)
 
     def city(self) -> str:
         return self._unique(self.faker.city, "cities")

@@ -19,6 +19,7 @@ from pathlib import Path
 from kblampp.schema import Fact
 from kblampp.synth.families import NO_ANSWER
 from kblampp.synth.jsonl import write_jsonl
+from kblampp.synth.names import initials_of
 from kblampp.synth.templates import is_heldout, render, render_anchor, template_ids
 from kblampp.synth.world import LAST_DAY, RELATION_KEY
 from kblampp.timewin import EPOCH
@@ -51,12 +52,6 @@ def fact_world_of(fact: Fact) -> str:
     disamb = fact.raw.get("context", {}).get("disamb")
     world = disamb.get("world") if isinstance(disamb, dict) else None
     return world if isinstance(world, str) else "world_unknown"
-
-
-def initials_of(name: str) -> str | None:
-    """'Jane Hubbard' -> 'J. Hubbard' (two-word names only)."""
-    parts = name.split()
-    return f"{parts[0][0]}. {parts[-1]}" if len(parts) == 2 and parts[0][:1].isalpha() else None
 
 
 class WorldQA:
