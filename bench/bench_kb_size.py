@@ -6,6 +6,7 @@ test split with its KB grown by distractor facts from freshly generated worlds.
     python bench/bench_kb_size.py --million --out_dir runs/kb_size            # adds 10^6 (hours on 2 cores)
     python bench/bench_kb_size.py --keys_only --sizes base 10000 100000 --before mips=ip   # retrieval only
     python bench/bench_kb_size.py --table_only --out_dir runs/kb_size --doc_dir docs/results
+    python bench/bench_kb_size.py --build_only --sizes 100000 --distractor_seed 2 --out_dir runs/kb_grown
 
 Per size N ("base" = the main job's store alone): the base store's facts first and unchanged (QA
 records name facts by position), then N - base distractor facts from new worlds (`--distractor_seed`,
@@ -15,7 +16,9 @@ config's `index` section; rows `lookup` and `kblampp` (exact search and HNSW) wi
 bootstrap intervals, recall@1 and recall@K_top; the HNSW's recall of exact top-K on the real questions'
 queries (the first inject layer's query at each prompt's last token). Each size runs in its own process
 (peak RSS is per size) and writes `<out_dir>/n<N>/result.json`; a size with a result is skipped unless
---force. The table (`kb_size.md/.json`) and plot (`kb_size.png`) go to --doc_dir.
+--force (or stale: built for another encoder or other distractors). The table (`kb_size.md/.json`) and
+plot (`kb_size.png`) go to --doc_dir. `--build_only` stops after the stores: a grown KB of other
+distractor worlds for `abstention.grown_stores` (the decision calibrated among a big KB's neighbours).
 """
 from __future__ import annotations
 
@@ -345,6 +348,9 @@ def run_worker(cfg: KBConfig, args: argparse.Namespace) -> int:
     if reason:
         status(f"n={n}: building ({reason})")
         write_json_atomic(build_path, build_size(cfg, args, n, size_dir))
+    if args.build_only:
+        status(f"n={n}: built {size_dir / 'store'}")
+        return 0
     record = json.loads(build_path.read_text(encoding="utf-8"))
     record = refresh_index(cfg, size_dir, record, build_path)
     if (size_dir / "result.json").is_file():  # keep the rows of earlier retrievals
@@ -403,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys_only", action="store_true",
                    help="retrieval only (no generation): exact vs HNSW top-K on the real queries, per size")
     p.add_argument("--table_only", action="store_true", help="only write the table and plot from results")
+    p.add_argument("--build_only", action="store_true", help="only build each size's store and index (a grown KB "
+                                                             "for abstention.grown_stores: give another --distractor_seed)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cfg = config_from_args(args)
@@ -427,12 +435,12 @@ def main(argv: list[str] | None = None) -> int:
         from kblampp.kb_store import KBValueStore
 
         for n in requested_sizes(args, KBValueStore.load(args.base_store).n):
-            result = out_dir / f"n{n}" / "result.json"
+            result = out_dir / f"n{n}" / ("build.json" if args.build_only else "result.json")
             if result.is_file() and not (args.force or args.rerun):
                 stale = stale_reason(json.loads(result.read_text(encoding="utf-8")).get("identity"),
                                      current_identity(args, n))
                 if stale is None:
-                    status(f"n={n}: result exists (--force to redo)")
+                    status(f"n={n}: {result.name} exists (--force to redo)")
                     continue
                 status(f"n={n}: result is stale ({stale}): rebuilding")
             status(f"== n={n}")
@@ -440,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv_now, "--worker", str(n)])
             if done.returncode:
                 raise SystemExit(f"size {n}: worker failed (exit {done.returncode})")
+    if args.build_only:
+        return 0
     write_outputs(out_dir, doc_dir)
     return 0
 

@@ -133,6 +133,8 @@ class AbstentionConfig:
     threshold: float | None = None
     name_check: bool = True  # the decision sees whether each candidate's head is named in the question
     lookup_threshold: float | None = None  # `lookup` row: abstain below this similarity (None = the dev-tuned floor)
+    grown_stores: list[str] = field(default_factory=list)  # train/train_abstention.py: stores of the run's facts
+    # plus many more (bench/bench_kb_size.py --build_only): the decision also learns from their candidates
 
 
 @dataclass

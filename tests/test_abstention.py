@@ -274,7 +274,7 @@ def test_trained_decision_abstains_on_unanswerable_and_explains(built):
         report = train_abstention(ec.model, ec.tokenizer, ec.cfg, ec.source, records, records, ec.embed,
                                   tmp / "cache", progress=False, facts=ec.facts)
     try:
-        assert report["dev"]["f1"] == 1.0 and report["dev_unanswerable"] == 4
+        assert report["dev"]["f1"] == 1.0 and report["dev_unanswerable"] == 4 and report["kbs"] == 1
         assert float(ec.model.kb_abstain.threshold) == pytest.approx(report["threshold"])
         ec.abstainer = model_abstainer(ec.model)  # the calibrated threshold from the head
         gens, _ = _run(ec, records, ("kblampp",))["kblampp"]
@@ -287,6 +287,10 @@ def test_trained_decision_abstains_on_unanswerable_and_explains(built):
         assert all(m["reason"] in ("entity_missing", "time_outside", "relation_missing") for m in ev[0]["near_misses"])
     finally:
         ec.abstainer = None
+    with torch.enable_grad():  # a grown KB (here the same one again) adds each question's rows once more
+        twice = train_abstention(ec.model, ec.tokenizer, ec.cfg, ec.source, records, records, ec.embed,
+                                 tmp / "cache", progress=False, facts=ec.facts, grown=[(ec.source, ec.facts)])
+    assert twice["kbs"] == 2 and twice["train_n"] == 2 * report["train_n"] and twice["dev"]["f1"] == 1.0
 
 
 def test_abstention_twin_and_run_rows_regenerate_only_abstained(built):
@@ -325,3 +329,15 @@ def test_signal_analysis_auc_and_tables():
                              np.array([0, 0, 1, 0], bool), names, shown=names)
     assert "| single_hop | 2 | 0.00 | 0.85 | 0.15 |" in text and "| unans_entity | 2 | 0.50 | 0.25 | 0.15 |" in text
     assert "| unans_entity | answerable, top-alpha right | max_alpha 1.00, copy_gate 0.50 |" in text
+
+
+def test_question_folds_keep_a_questions_rows_together():
+    from kblampp.training.abstention_phase import dev_folds, question_folds
+
+    plain = question_folds(np.arange(11), 3, seed=4)
+    assert [f.tolist() for f in plain] == [f.tolist() for f in dev_folds(11, 3, seed=4)]
+    questions = np.concatenate([np.arange(11), np.arange(11)])  # each question once per KB
+    folds = question_folds(questions, 3, seed=4)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(22))
+    for fold in folds:
+        assert set(questions[fold].tolist()) & set(np.delete(questions, fold).tolist()) == set()

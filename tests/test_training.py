@@ -431,3 +431,33 @@ def test_stage_a_abstention_phase_saves_the_decision_and_its_threshold(world, tm
     plain = inputs(world, make_cfg("stage_a.retrieval_steps=2", "stage_a.copy_gate_steps=0", "stage_a.value_steps=0",
                                    "stage_a.e2e_steps=0"))
     assert "abstention" not in StageA(plain, tmp_path / "plain", progress=False).run()
+    grown = inputs(world, make_cfg("stage_a.retrieval_steps=2", "stage_a.copy_gate_steps=0", "stage_a.value_steps=0",
+                                   "stage_a.e2e_steps=0", "abstention.steps=5", "abstention.grown_stores=[big]"))
+    grown.abstain_train = grown.abstain_dev = list(world["qa"]) + unans
+    with pytest.raises(ValueError, match="abstention.grown_stores: train/train_abstention.py reads them on a finished"):
+        StageA(grown, tmp_path / "grown", progress=False).run()
+
+
+def test_grown_store_must_hold_the_runs_facts_first_under_the_same_encoder(world, tmp_path):
+    from kblampp.kb_store import KBValueStore, write_store
+    from kblampp.training.abstention_phase import grown_kb
+
+    t, facts = world["table"], world["facts"]
+    raw = {k: getattr(t, k).numpy() for k in ("e_h", "e_r", "e_t", "e_c")}
+    enc = KVEncoder(D_CTX, 16, 16, 8, 32)
+
+    def store(name, rows, encoder=enc):
+        write_store(tmp_path / name, [facts[i] for i in rows], {k: v[rows] for k, v in raw.items()}, encoder,
+                    "toy:hash-trigram", progress=False)
+        return KBValueStore.load(tmp_path / name)
+
+    base = store("base", list(range(12)))
+    cfg = make_cfg()
+    source, grown_facts = grown_kb(cfg, base, store("grown", list(range(18))).root)
+    assert source.num_facts == 18 and [f.raw for f in grown_facts[:12]] == [f.raw for f in facts[:12]]
+    with pytest.raises(ValueError, match=r"grown_stores: .*small: 12 facts, not more than the run's store's 12"):
+        grown_kb(cfg, base, store("small", list(range(12))).root)
+    with pytest.raises(ValueError, match=r"other: encoded by another K/V encoder"):
+        grown_kb(cfg, base, store("other", list(range(18)), KVEncoder(D_CTX, 16, 16, 8, 32, seed=1)).root)
+    with pytest.raises(ValueError, match=r"shuffled: facts.jsonl line 1 differs from .*base"):
+        grown_kb(cfg, base, store("shuffled", [1, 0] + list(range(2, 18))).root)

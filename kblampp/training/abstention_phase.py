@@ -46,19 +46,24 @@ class AbstentionData:
     answer_ok: torch.Tensor
     families: list[str]
     states: torch.Tensor | None = None
+    questions: torch.Tensor | None = None  # (n,) which question each row is (one question, several KBs)
+
+    def question_ids(self) -> torch.Tensor:
+        return torch.arange(len(self.labels)) if self.questions is None else self.questions
 
     def subset(self, rows: Sequence[int]) -> "AbstentionData":
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         return AbstentionData(self.features[idx], self.labels[idx], self.answer_ok[idx],
                               [self.families[i] for i in idx.tolist()],
-                              None if self.states is None else self.states[idx])
+                              None if self.states is None else self.states[idx], self.question_ids()[idx])
 
     @staticmethod
     def join(parts: Sequence["AbstentionData"]) -> "AbstentionData":
         states = [p.states for p in parts]
         return AbstentionData(torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts]),
                               torch.cat([p.answer_ok for p in parts]), [f for p in parts for f in p.families],
-                              None if any(x is None for x in states) else torch.cat(states))
+                              None if any(x is None for x in states) else torch.cat(states),
+                              torch.cat([p.question_ids() for p in parts]))
 
 
 @torch.no_grad()
@@ -200,6 +205,13 @@ def dev_folds(n: int, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(f) for f in np.array_split(np.random.default_rng(seed).permutation(n), k)]
 
 
+def question_folds(questions: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """`dev_folds` over the distinct questions, as row indices: a question's rows (one per KB) share a
+    fold, so no head is calibrated on a question it was trained on."""
+    ids = np.unique(questions)
+    return [np.flatnonzero(np.isin(questions, ids[f])) for f in dev_folds(len(ids), k, seed)]
+
+
 def fit_and_calibrate(model: Any, cfg: KBConfig, tr: AbstentionData, dv: AbstentionData, progress: bool = True
                       ) -> tuple[KBAbstainHead, np.ndarray, dict[str, Any]]:
     """The head and the dev probabilities its threshold is calibrated on. `abstention.dev_folds` = 0:
@@ -212,7 +224,7 @@ def fit_and_calibrate(model: Any, cfg: KBConfig, tr: AbstentionData, dv: Abstent
         report = fit_head(head, tr, ac.steps, ac.lr, ac.batch, cfg.seed, progress)
         return head, head_probability(head, dv), report
     p = np.zeros(len(dv.labels), dtype=np.float32)
-    for i, fold in enumerate(dev_folds(len(dv.labels), ac.dev_folds, cfg.seed + 2)):
+    for i, fold in enumerate(question_folds(dv.question_ids().numpy(), ac.dev_folds, cfg.seed + 2)):
         rest = np.setdiff1d(np.arange(len(dv.labels)), fold)
         head = new_head(model, cfg, cfg.seed + i)
         fit_head(head, AbstentionData.join([tr, dv.subset(rest)]), ac.steps, ac.lr, ac.batch, cfg.seed + i, False)
@@ -223,9 +235,15 @@ def fit_and_calibrate(model: Any, cfg: KBConfig, tr: AbstentionData, dv: Abstent
                      "dev_folds": ac.dev_folds, "dev_in_training": True}
 def train_abstention(model: Any, tokenizer: Any, cfg: KBConfig, source: Any, train: Sequence[QARecord],
                      dev: Sequence[QARecord], embed: Callable[[list[str]], np.ndarray], cache_dir: str | Path,
-                     progress: bool = True, facts: Sequence[Any] | None = None) -> dict[str, Any]:
+                     progress: bool = True, facts: Sequence[Any] | None = None,
+                     grown: Sequence[tuple[Any, Sequence[Any]]] = ()) -> dict[str, Any]:
     """Register a fresh `model.kb_abstain`, train it (`fit_and_calibrate`), calibrate its threshold on
-    `dev`. Returns the phase's report (dev precision/recall/F1, threshold, per-family abstention rates)."""
+    `dev`. Returns the phase's report (dev precision/recall/F1, threshold, per-family abstention rates).
+
+    `grown`: (source, facts) of KBs holding `source`'s facts first and many more after them: every
+    question's signals are collected over each too, so the decision and its threshold also see the near
+    neighbours a big KB puts among the candidates (calibrated on the small KB alone, it abstains on
+    answerable questions there)."""
     from kblampp.training.stage_a import _subset  # Stage A's seeded subset (stage_a imports this module)
 
     ac = cfg.abstention
@@ -239,12 +257,13 @@ def train_abstention(model: Any, tokenizer: Any, cfg: KBConfig, source: Any, tra
     data = []
     for records in (train, dev):
         h, e = question_hidden(model, tokenizer, cfg, records, embed, Path(cache_dir), progress)
-        data.append(collect(model, source, records, h, e, embed, facts, cfg.reference_date, ac.name_check))
+        data.append(AbstentionData.join([collect(model, kb, records, h, e, embed, kb_facts, cfg.reference_date,
+                                                 ac.name_check) for kb, kb_facts in [(source, facts), *grown]]))
     head, p, report = fit_and_calibrate(model, cfg, data[0], data[1], progress)
     threshold, metrics = calibrate(p, data[1], ac.max_answerable_loss)
     with torch.no_grad():
         head.threshold.fill_(threshold)
-    report.update({"threshold": threshold, "dev": metrics, "dev_n": len(dev),
+    report.update({"threshold": threshold, "dev": metrics, "dev_n": len(dev), "kbs": 1 + len(grown),
                    "dev_unanswerable": int(data[1].labels.sum()),
                    "dev_abstain_rate_by_family": per_family_abstention(p, data[1], threshold)})
     return report
@@ -270,10 +289,11 @@ def train_on_checkpoint(cfg: KBConfig, checkpoint: str | Path, output_dir: str |
     facts = load_facts(store.root / "facts.jsonl")
     train = load_qa(cfg.train_dataset, num_facts=store.n)
     dev = load_qa(cfg.eval_dataset, num_facts=store.n) if cfg.eval_dataset else []
+    grown = [grown_kb(cfg, store, path) for path in cfg.abstention.grown_stores]
     with torch.enable_grad():
         report = train_abstention(model, tokenizer, cfg, source, train, dev,
                                   lambda texts: embedder.encode(texts, progress=progress), out / "cache", progress,
-                                  facts)
+                                  facts, grown)
     cfg.abstention.threshold = report["threshold"]
     save_kb_checkpoint(model, cfg, out / FINAL_CHECKPOINT)
     for name in ("stage_b_adapter.json", "kv_encoder.safetensors"):  # a Stage B run keeps its adapters
@@ -283,6 +303,28 @@ def train_on_checkpoint(cfg: KBConfig, checkpoint: str | Path, output_dir: str |
     report["init_from"] = str(ckpt)
     (out / "abstention_summary.json").write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
     return report
+
+
+def grown_kb(cfg: KBConfig, store: Any, path: str | Path) -> tuple[Any, list[Any]]:
+    """(exact source, facts) of a grown store: `store`'s facts first, unchanged, and its keys from the
+    same K/V encoder (`bench/bench_kb_size.py --build_only` makes one); anything else is refused."""
+    from kblampp.kb_store import KBValueStore
+    from kblampp.retrieval import TensorKB
+    from kblampp.schema import load_facts
+
+    grown = KBValueStore.load(path)
+    where = f"abstention.grown_stores: {path}"
+    if grown.n <= store.n:
+        raise ValueError(f"{where}: {grown.n} facts, not more than the run's store's {store.n}")
+    if grown.manifest["kv_encoder"]["sha256"] != store.manifest["kv_encoder"]["sha256"]:
+        raise ValueError(f"{where}: encoded by another K/V encoder than {store.root} (kv_encoder.sha256 differs)")
+    facts = load_facts(grown.root / "facts.jsonl")
+    base = load_facts(store.root / "facts.jsonl")
+    first = next((i for i, (a, b) in enumerate(zip(base, facts)) if a.raw != b.raw), None)
+    if first is not None:
+        raise ValueError(f"{where}: facts.jsonl line {first + 1} differs from {store.root / 'facts.jsonl'}: "
+                         "a grown store keeps the run's facts first and unchanged")
+    return TensorKB.from_store(grown, device=cfg.device, similarity=cfg.index.similarity), facts
 
 
 def _load_run(cfg: KBConfig, checkpoint: Path) -> tuple[Any, Any, Any, Any, Any]:

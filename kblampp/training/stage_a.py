@@ -313,6 +313,9 @@ class StageA:
 
     def _abstention(self) -> dict[str, Any]:
         """The abstention decision on cached signals (the KB modules as trained); threshold from dev."""
+        if self.cfg.abstention.grown_stores:
+            raise ValueError("abstention.grown_stores: train/train_abstention.py reads them on a finished run (a "
+                             "grown store is encoded by the trained K/V encoder, which Stage A is still training)")
         report = train_abstention(self.model, self.inp.tokenizer, self.cfg, self.mods.tensor_kb(grad=False),
                                   self.inp.abstain_train, self.inp.abstain_dev, self.inp.embed, self.run_dir / "cache",
                                   self.progress, facts=self.inp.facts)
