@@ -110,7 +110,7 @@ def stale_reason(recorded: dict[str, Any] | None, current: dict[str, Any]) -> st
 def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: Path) -> dict[str, Any]:
     """Facts file, store (trained encoder) and HNSW index of one size; returns the build record."""
     from kblampp.embedding import load_embedder
-    from kblampp.kb_store import KBValueStore, RAW, build_store_index, embed_facts, write_store
+    from kblampp.kb_store import KBValueStore, RAW, build_store_index, embed_facts_in_parts, write_store
     from kblampp.schema import load_facts
     from kblampp.synth.distractors import collisions
     from kblampp.synth.jsonl import write_jsonl
@@ -128,7 +128,8 @@ def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: 
     generate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     embedder = load_embedder(base.manifest["embedding_model"])
-    new_raw = embed_facts(embedder, facts[base.n:], batch_size=128) if extra else {}
+    parts = size_dir / f"embed_parts_{identity['distractors_sha256'][:16]}"  # a stopped build resumes there
+    new_raw = embed_facts_in_parts(embedder, facts[base.n:], parts, batch_size=128) if extra else {}
     embed_s = time.perf_counter() - t0
     raw = {}
     for k in RAW:  # each distractor array is freed as soon as it is joined (peak memory: one copy, not two)

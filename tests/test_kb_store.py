@@ -209,3 +209,28 @@ def test_extra_arrays_round_trip_and_follow_edits(store_dir, embedder):
     assert KBValueStore.load(store_dir).read_extra("tail_tokens")[i].tolist() == [7, 7, 7]
     store.replace_fact(0, NEW, extra_rows={"tail_tokens": np.array([[1, 2, 3]])})
     assert store.read_extra("tail_tokens")[0].tolist() == [1, 2, 3]
+
+
+def test_embedding_in_parts_resumes_at_the_first_missing_part(tmp_path, world):
+    from kblampp.training.toy import HashEmbedder
+
+    class Counting(HashEmbedder):
+        calls = 0
+
+        def encode(self, texts, **kw):
+            Counting.calls += 1
+            return super().encode(texts, **kw)
+
+    emb = Counting(16)
+    whole = embed_facts(emb, world, progress=False)
+    parts = tmp_path / "parts"
+    got = kbs.embed_facts_in_parts(emb, world, parts, part_size=7, progress=False)
+    n_parts = math.ceil(len(world) / 7)
+    assert all(np.array_equal(got[k], whole[k]) for k in kbs.RAW)
+    assert len(list(parts.glob("part_*.safetensors"))) == n_parts
+    (parts / "part_00001.safetensors").unlink()  # stopped before that part was saved
+    Counting.calls = 0
+    again = kbs.embed_facts_in_parts(emb, world, parts, part_size=7, progress=False)
+    assert Counting.calls == 1 and all(np.array_equal(again[k], whole[k]) for k in kbs.RAW)  # only that part
+    with pytest.raises(StoreError, match=r"parts.json: embedding parts of .*'part_size': 7.*use another folder"):
+        kbs.embed_facts_in_parts(emb, world, parts, part_size=5, progress=False)
