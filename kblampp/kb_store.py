@@ -593,4 +593,5 @@ def open_kb(store_dir: str | Path, method: str | None = None, embedder: Embedder
     return store, index
 
 
-__all__ = ["KBValueStore", "open_kb", "write_store", "encode_file", "build_store_index", "embed_facts", "compute_kv", "assign_ids"]
+__all__ = ["KBValueStore", "open_kb", "write_store", "encode_file", "build_store_index", "embed_facts",
+           "embed_facts_in_parts", "compute_kv", "assign_ids"]

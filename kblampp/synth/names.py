@@ -8,6 +8,7 @@ and Faker's weighted first names, so a world has people sharing surnames or firs
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 from faker import Faker
 
@@ -66,7 +67,7 @@ class NamePool:
                 return out
         raise RuntimeError(f"could not draw {count} distinct values")
 
-    def _unique(self, make, what: str, short_form=None) -> str:
+    def _unique(self, make: Callable[[], str], what: str, short_form: Callable[[str], str | None] | None = None) -> str:
         """A name from `make()` not used before in any world of this run (nor, with `short_form`, one whose
         short form is taken: a reserved "J. Hubbard" keeps out every J... Hubbard); recorded as taken."""
         for _ in range(1000):
