@@ -453,11 +453,11 @@ def test_grown_store_must_hold_the_runs_facts_first_under_the_same_encoder(world
 
     base = store("base", list(range(12)))
     cfg = make_cfg()
-    source, grown_facts = grown_kb(cfg, base, store("grown", list(range(18))).root)
+    source, grown_facts = grown_kb(cfg, base, facts[:12], store("grown", list(range(18))).root)
     assert source.num_facts == 18 and [f.raw for f in grown_facts[:12]] == [f.raw for f in facts[:12]]
     with pytest.raises(ValueError, match=r"grown_stores: .*small: 12 facts, not more than the run's store's 12"):
-        grown_kb(cfg, base, store("small", list(range(12))).root)
+        grown_kb(cfg, base, facts[:12], store("small", list(range(12))).root)
     with pytest.raises(ValueError, match=r"other: encoded by another K/V encoder"):
-        grown_kb(cfg, base, store("other", list(range(18)), KVEncoder(D_CTX, 16, 16, 8, 32, seed=1)).root)
+        grown_kb(cfg, base, facts[:12], store("other", list(range(18)), KVEncoder(D_CTX, 16, 16, 8, 32, seed=1)).root)
     with pytest.raises(ValueError, match=r"shuffled: facts.jsonl line 1 differs from .*base"):
-        grown_kb(cfg, base, store("shuffled", [1, 0] + list(range(2, 18))).root)
+        grown_kb(cfg, base, facts[:12], store("shuffled", [1, 0] + list(range(2, 18))).root)

@@ -289,7 +289,7 @@ def train_on_checkpoint(cfg: KBConfig, checkpoint: str | Path, output_dir: str |
     facts = load_facts(store.root / "facts.jsonl")
     train = load_qa(cfg.train_dataset, num_facts=store.n)
     dev = load_qa(cfg.eval_dataset, num_facts=store.n) if cfg.eval_dataset else []
-    grown = [grown_kb(cfg, store, path) for path in cfg.abstention.grown_stores]
+    grown = [grown_kb(cfg, store, facts, path) for path in cfg.abstention.grown_stores]
     with torch.enable_grad():
         report = train_abstention(model, tokenizer, cfg, source, train, dev,
                                   lambda texts: embedder.encode(texts, progress=progress), out / "cache", progress,
@@ -305,9 +305,10 @@ def train_on_checkpoint(cfg: KBConfig, checkpoint: str | Path, output_dir: str |
     return report
 
 
-def grown_kb(cfg: KBConfig, store: Any, path: str | Path) -> tuple[Any, list[Any]]:
+def grown_kb(cfg: KBConfig, store: Any, base: Sequence[Any], path: str | Path) -> tuple[Any, list[Any]]:
     """(exact source, facts) of a grown store: `store`'s facts first, unchanged, and its keys from the
-    same K/V encoder (`bench/bench_kb_size.py --build_only` makes one); anything else is refused."""
+    same K/V encoder (`bench/bench_kb_size.py --build_only` makes one); anything else is refused.
+    `base`: the run's facts, as already loaded."""
     from kblampp.kb_store import KBValueStore
     from kblampp.retrieval import TensorKB
     from kblampp.schema import load_facts
@@ -319,7 +320,6 @@ def grown_kb(cfg: KBConfig, store: Any, path: str | Path) -> tuple[Any, list[Any
     if grown.manifest["kv_encoder"]["sha256"] != store.manifest["kv_encoder"]["sha256"]:
         raise ValueError(f"{where}: encoded by another K/V encoder than {store.root} (kv_encoder.sha256 differs)")
     facts = load_facts(grown.root / "facts.jsonl")
-    base = load_facts(store.root / "facts.jsonl")
     first = next((i for i, (a, b) in enumerate(zip(base, facts)) if a.raw != b.raw), None)
     if first is not None:
         raise ValueError(f"{where}: facts.jsonl line {first + 1} differs from {store.root / 'facts.jsonl'}: "
