@@ -155,6 +155,7 @@ class KBConfig:
 
     inject_layers: list[int] = field(default_factory=lambda: [8])
     K_top: int = 8
+    K_pool: int | None = None  # search this many by sem and keep the K_top best by the whole score (None = K_top)
     gamma: float = 1.0
     eta: float = 1.0
     temperature: float = 1.0

@@ -58,6 +58,12 @@ def drop_excluded(ids: torch.Tensor, excluded: torch.Tensor, k: int) -> torch.Te
     return ids.gather(-1, pick).masked_fill(bad.gather(-1, pick), -1)
 
 
+def take(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x (B, T, P, ...) at the candidate slots keep (B, T, k): (B, T, k, ...)."""
+    index = keep.reshape(*keep.shape, *([1] * (x.dim() - 3))).expand(*keep.shape, *x.shape[3:])
+    return x.gather(2, index.to(x.device))
+
+
 def same_group(rows: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
     """(B, T, K, K) bool: candidates i, j share a (head, relation) and both exist. From the source's
     head_id / rel_id; a source without them falls back to identical keys (K is a function of the
@@ -75,9 +81,12 @@ class KBInjection(nn.Module):
     """Every KB parameter of one inject layer (all attribute names start with `kb_`)."""
 
     def __init__(self, layer_idx: int, d_model: int, d_k: int, d_v: int, d_ctx: int, k_top: int,
-                 gamma: float, eta: float, temperature: float, gate_bias: float = -3.0):
+                 gamma: float, eta: float, temperature: float, gate_bias: float = -3.0, k_pool: int | None = None):
         super().__init__()
+        if k_pool is not None and k_pool < k_top:
+            raise ValueError(f"KBInjection: k_pool ({k_pool}) must be >= k_top ({k_top})")
         self.layer_idx, self.d_k, self.k_top = layer_idx, d_k, k_top
+        self.k_pool = k_top if k_pool is None else k_pool  # searched by sem; the k_top best by s are kept
         self.kb_linear_q = nn.Linear(d_model, d_k)
         self.kb_query_ctx = nn.Linear(d_ctx, d_k, bias=False)
         self.kb_context_scorer = ContextScorer(d_ctx)
@@ -110,23 +119,36 @@ class KBInjection(nn.Module):
         kind, excluded = ctx.rows(ctx.time_kind, B), ctx.rows(ctx.excluded_ids, B)
         e_q = e_q.to(device=h.device, dtype=self.dtype) if e_q is not None else None  # (B, d_ctx)
         q = self.query(h, e_q)  # (B, T, d_k)
-        k = min(self.k_top, ctx.source.num_facts)
-        extra = 0 if excluded is None else min(excluded.shape[1], ctx.source.num_facts - k)
-        ids = ctx.source.search(q.reshape(B * T, -1), k + extra).view(B, T, k + extra).to(q.device)  # (B, T, k+E)
+        n_facts = ctx.source.num_facts
+        k = min(self.k_top, n_facts)
+        pool = min(max(self.k_pool, k), n_facts)
+        extra = 0 if excluded is None else min(excluded.shape[1], n_facts - pool)
+        ids = ctx.source.search(q.reshape(B * T, -1), pool + extra).view(B, T, pool + extra).to(q.device)
         if excluded is not None:
-            ids = drop_excluded(ids, excluded, k)  # (B, T, k)
+            ids = drop_excluded(ids, excluded, pool)  # (B, T, pool)
+        pinned = None  # rows with forced ids keep their first k slots, exactly as without a pool
         if forced is not None:
-            ids = only_candidates(ids, forced) if ctx.forced_only else force_candidates(ids, forced)
-        valid = ids >= 0  # faiss pads with -1 when it finds fewer than k
+            first = only_candidates(ids[..., :k], forced) if ctx.forced_only else force_candidates(ids[..., :k], forced)
+            ids = torch.cat([first, ids[..., k:]], dim=-1)  # (B, T, pool)
+            pinned = (forced.to(ids.device) >= 0).any(-1)[:, None, None]  # (B, 1, 1)
+        valid = ids >= 0  # faiss pads with -1 when it finds fewer than asked
         valid[..., 0] = True  # keep the best slot so a position never has no candidate at all
+        if pinned is not None and pool > k:
+            valid[..., k:] &= ~pinned
         rows = ctx.source.fetch(ids.clamp_min(0))
-        keys = rows["K"].to(device=q.device, dtype=self.dtype)  # (B, T, k, d_k)
-        sem = torch.einsum("btd,btkd->btk", q, keys) / math.sqrt(self.d_k)  # (B, T, k)
-        phi = self.kb_context_scorer(e_q, rows["ctx_vec"].to(q.device))  # (B, T, k)
+        keys = rows["K"].to(device=q.device, dtype=self.dtype)  # (B, T, pool, d_k)
+        sem = torch.einsum("btd,btkd->btk", q, keys) / math.sqrt(self.d_k)  # (B, T, pool)
+        phi = self.kb_context_scorer(e_q, rows["ctx_vec"].to(q.device))  # (B, T, pool)
         tau_q = tau.to(q.device) if tau is not None else None  # (B, 2) days, NaN rows = no time
         timed = tau is not None or kind is not None  # siblings only matter to a time constraint
         g_time = self.kb_time_scorer(tau_q, rows["tau_min"].to(q.device), rows["tau_max"].to(q.device),
                                      time_kind=kind, same_group=same_group(rows, valid) if timed else None)
+        if pool > k:  # keep the k best by the whole score s, not by sem alone
+            keep = self.kb_selector.score(sem, phi, g_time, valid).topk(k, dim=-1).indices  # (B, T, k)
+            if pinned is not None:
+                keep = torch.where(pinned, torch.arange(k, device=keep.device).expand_as(keep), keep)
+            ids, valid, sem, phi, g_time = (take(x, keep) for x in (ids, valid, sem, phi, g_time))
+            rows = {name: take(x.to(q.device), keep) for name, x in rows.items()}
         values = rows["V"].to(device=q.device, dtype=self.dtype)  # (B, T, k, d_v)
         sel = self.kb_selector(sem, phi, g_time, values, ids, valid)
         if not ctx.record:  # the score parts and windows are read from records only (evidence, abstention)

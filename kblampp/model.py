@@ -40,12 +40,15 @@ class KBLaMPP(nn.Module):
         layers = list(cfg.inject_layers)
         if cfg.K_top < 1:
             raise ConfigError(f"K_top: must be >= 1, got {cfg.K_top}")
+        if cfg.K_pool is not None and cfg.K_pool < cfg.K_top:
+            raise ConfigError(f"K_pool: must be >= K_top ({cfg.K_top}) or null, got {cfg.K_pool}")
         check_retrieval_positions(cfg.retrieval_positions)
         self.backbone = backbone
         self.retrieval_positions = cfg.retrieval_positions  # what serving and evaluation put in each KBContext
         self.d_model, self.d_ctx, self.inject_layers = d_model, d_ctx, layers
         self.kb_layers = nn.ModuleDict({str(idx): KBInjection(
-            idx, d_model, cfg.d_k, cfg.d_v, d_ctx, cfg.K_top, cfg.gamma, cfg.eta, cfg.temperature)
+            idx, d_model, cfg.d_k, cfg.d_v, d_ctx, cfg.K_top, cfg.gamma, cfg.eta, cfg.temperature,
+            k_pool=cfg.K_pool)
             for idx in layers})
         if len(layers) > 1:  # which layer's candidates the answer head copies from (kblampp.hops)
             from kblampp.hops import KBHopChoice

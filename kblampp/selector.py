@@ -27,12 +27,16 @@ class KBSelector(nn.Module):
     def forward(self, sem: torch.Tensor, phi: torch.Tensor, g_time: torch.Tensor, V: torch.Tensor,
                 cand_ids: torch.Tensor, valid: torch.Tensor | None = None) -> Selection:
         """sem, phi, g_time (B, T, K); V (B, T, K, d_v); valid (B, T, K) bool masks missing candidates."""
-        s = sem + self.gamma * phi + self.eta * g_time  # (B, T, K)
-        if valid is not None:
-            s = s.masked_fill(~valid, float("-inf"))  # a missing candidate gets no weight
+        s = self.score(sem, phi, g_time, valid)  # (B, T, K)
         alpha = torch.softmax(s / self.temperature, dim=-1)  # (B, T, K)
         v_tilde = torch.einsum("btk,btkd->btd", alpha, V)  # (B, T, d_v)
         return Selection(alpha, v_tilde, cand_ids)
+
+    def score(self, sem: torch.Tensor, phi: torch.Tensor, g_time: torch.Tensor,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+        """s (B, T, K) = sem + gamma*phi + eta*g_time, -inf where a candidate is missing."""
+        s = sem + self.gamma * phi + self.eta * g_time  # (B, T, K)
+        return s if valid is None else s.masked_fill(~valid, float("-inf"))  # a missing candidate gets no weight
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, eta={self.eta}, temperature={self.temperature}"

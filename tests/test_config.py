@@ -44,7 +44,7 @@ def test_embedded_default(repo_root):
 def test_unknown_keys_are_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("backbone: x\nbogus_key: 1\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'bogus_key' \(known: K_top, abstain_answer, abstention, backbone, "):
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'bogus_key' \(known: K_pool, K_top, abstain_answer, abstention, backbone, "):
         load_config(path)
     path.write_text("optimizer:\n  lr: 1.0e-3\n  momentum: 0.9\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"^{path}: optimizer: unknown key 'momentum' \(known: lr, schedule, "):

@@ -267,3 +267,68 @@ def test_left_padded_generate(arch):
         with model.kb_request(ctx):
             out = model.generate(x, **kw)
     assert out.shape == (2, 10) and len(ctx.records[1]) == 3
+
+
+def whole_kb_scores(layer, kb, ctx, h):
+    """s over every fact of kb for h (B, T, d_model), as the selector computes it on candidates."""
+    q = layer.query(h, ctx.e_q)  # (B, T, d_k)
+    N = kb.num_facts
+    everything = torch.arange(N).expand(*q.shape[:2], N)
+    rows = kb.fetch(everything)
+    sem = torch.einsum("btd,btkd->btk", q, rows["K"]) / math.sqrt(layer.d_k)
+    phi = layer.kb_context_scorer(ctx.e_q, rows["ctx_vec"])
+    g_time = layer.kb_time_scorer(ctx.tau, rows["tau_min"], rows["tau_max"])
+    return layer.kb_selector.score(sem, phi, g_time)  # (B, T, N)
+
+
+def test_k_pool_keeps_the_best_candidates_by_the_whole_score():
+    """K_pool = N: the kept K_top are the whole KB's best by s = sem + gamma*phi + eta*g_time, which
+    sem alone ranks differently; K_pool = K_top is today's search exactly."""
+    torch.manual_seed(0)
+    plain = make("llama", k_top=4)
+    pooled = make("llama", k_top=4)
+    pooled.kb_layers["1"].k_pool = 64
+    h = torch.randn(2, 5, plain.d_model)
+    layer = pooled.kb_layers["1"]
+    with torch.no_grad():
+        for p in layer.kb_context_scorer.parameters():
+            p.normal_(0, 1.0)  # phi large enough to reorder sem's ranking
+        plain.kb_layers["1"].load_state_dict(layer.state_dict())
+        ctx = request()
+        sel_pool, _ = layer.select(h, ctx)
+        sel_plain, _ = plain.kb_layers["1"].select(h, request())
+        want = whole_kb_scores(layer, ctx.source, ctx, h).topk(4, dim=-1).indices
+    assert torch.equal(sel_pool.cand_ids.sort(-1).values, want.sort(-1).values)
+    assert not torch.equal(sel_plain.cand_ids.sort(-1).values, want.sort(-1).values)
+    assert torch.allclose(sel_pool.alpha.sum(-1), torch.ones(2, 5))
+    pooled.kb_layers["1"].k_pool = 4
+    with torch.no_grad():
+        again, _ = pooled.kb_layers["1"].select(h, request())
+    assert torch.equal(again.cand_ids, sel_plain.cand_ids) and torch.equal(again.alpha, sel_plain.alpha)
+
+
+def test_k_pool_leaves_rows_with_forced_candidates_as_they_were():
+    """A row with forced ids keeps today's candidates exactly; a row without any (all -1) uses the pool."""
+    model = make("llama")
+    layer = model.kb_layers["1"]
+    with torch.no_grad():
+        for p in layer.kb_context_scorer.parameters():
+            p.normal_(0, 1.0)
+    h = torch.randn(2, 3, model.d_model)
+    for only in (False, True):
+        forced = torch.tensor([[10, 20], [-1, -1]])
+        with torch.no_grad():
+            layer.k_pool = layer.k_top
+            before, _ = layer.select(h, request(forced_ids=forced, forced_only=only))
+            layer.k_pool = 64
+            after, _ = layer.select(h, request(forced_ids=forced, forced_only=only))
+            pooled, _ = layer.select(h, request())
+        assert torch.equal(before.cand_ids[0], after.cand_ids[0])
+        assert torch.allclose(before.alpha[0], after.alpha[0], rtol=0, atol=1e-6)  # matmul shapes differ: ulps
+        assert torch.equal(after.cand_ids[1], pooled.cand_ids[1])
+        assert not torch.equal(before.cand_ids[1].sort(-1).values, after.cand_ids[1].sort(-1).values)
+
+
+def test_k_pool_smaller_than_k_top_is_refused():
+    with pytest.raises(ConfigError, match=r"K_pool: must be >= K_top \(8\) or null, got 4"):
+        KBLaMPP(TINY_MODELS["llama"](), KBConfig(inject_layers=[1], K_pool=4), d_ctx=D_CTX)
