@@ -199,7 +199,7 @@ def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: d
     from kblampp.evaluation.report import seen_answers, summarize_row, write_report
     from kblampp.evaluation.runner import load_eval_context, run_rows
     from kblampp.inference.loading import resolve_checkpoint
-    from kblampp.knowledge_index import KnowledgeIndex
+    from kblampp.knowledge_index import KnowledgeIndex, apply_search_params
     from kblampp.retrieval import IndexedKB
     from kblampp.schema import load_qa
 
@@ -213,6 +213,7 @@ def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: d
     keys = ec.store.keys_tensor().numpy()
     ks = (1, cfg.K_top)
     hnsw = KnowledgeIndex.load(ec.store.index_dir("hnsw"), expect_n=ec.store.n, expect_store_id=ec.store.store_id)
+    apply_search_params(hnsw, cfg.index)  # --set index.ef_search=N measures another search list, no rebuild
     variants = {"hnsw": (hnsw, describe_index(hnsw.params, hnsw.similarity))}
     before = parse_params(args.before)
     if before:

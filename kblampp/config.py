@@ -46,7 +46,7 @@ class IndexConfig:
     similarity: str = "ip"  # ip | cosine
     hnsw_m: int = 64  # 64 / 400 / 1024: recall@8 of exact 0.976 at 10^5 facts on the trained model's queries (issue 16)
     ef_construction: int = 400
-    ef_search: int = 1024
+    ef_search: int = 1024  # search time: applied when an index is loaded, no rebuild (10^6 facts want more: docs/BENCHMARKS.md)
     mips: str = "l2"  # hnsw / milvus + ip: l2 = inner product searched as L2 over norm-equalised keys (exact order); ip = faiss's own
     ivf_nlist: int = 0  # 0 = about 4*sqrt(N)
     pq_m: int = 16

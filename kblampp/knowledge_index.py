@@ -50,6 +50,13 @@ def config_params(index_cfg: Any, method: str | None = None) -> dict:
     return {k: getattr(index_cfg, k) for k in DEFAULTS[method or index_cfg.method]}
 
 
+def apply_search_params(index: Any, index_cfg: Any) -> None:
+    """Search-time settings come from the config, not from the folder the index was saved in: an
+    HNSW's efSearch (faiss or Milvus) needs no rebuild, and a larger KB wants a longer search list."""
+    if "ef_search" in index.params:
+        index.params["ef_search"] = int(index_cfg.ef_search)
+
+
 def searches_ip_as_l2(method: str, similarity: str, params: dict) -> bool:
     """Whether an index searches inner product in the L2 form (`mips: l2` on an HNSW backend; params
     without `mips`, as saved before the option, mean native inner product)."""

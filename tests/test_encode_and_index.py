@@ -119,3 +119,21 @@ def test_sanity_checker_reports_store_and_index_problems(setup, tmp_path):
     (store / "K.npy").write_bytes((store / "K.npy").read_bytes()[:-100])
     (bad,) = run_check(store).problems
     assert bad.field == "K.npy" and "truncated" in bad.reason
+
+
+def test_the_configs_ef_search_applies_when_an_index_is_loaded(setup):
+    """efSearch is a search-time setting: the config's value, not the saved folder's, and no rebuild."""
+    from kblampp.config import IndexConfig, KBConfig
+    from kblampp.inference.loading import build_source
+
+    tmp, _, _ = setup
+    store_dir = tmp / "store"
+    assert _script("build_index")(["--store_dir", str(store_dir), "--method", "hnsw", "--similarity", "cosine"]) == 0
+    saved = json.loads((store_dir / "index_hnsw/params.json").read_text())["params"]["ef_search"]
+    cfg = KBConfig(retrieval="faiss", store_dir=str(store_dir), index=IndexConfig(similarity="cosine", ef_search=77))
+    store = KBValueStore.load(store_dir)
+    source, index = build_source(cfg, store)
+    assert saved == 1024 and index.params["ef_search"] == 77
+    index.search(np.asarray(store.arrays["K.npy"][:3], np.float32), 5)
+    assert index.index.hnsw.efSearch == 77
+    assert json.loads((store_dir / "index_hnsw/params.json").read_text())["params"]["ef_search"] == saved

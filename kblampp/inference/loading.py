@@ -77,10 +77,11 @@ def build_source(cfg: KBConfig, store: Any) -> tuple[Any, Any]:
     from kblampp.retrieval import IndexedKB, TensorKB
 
     if cfg.retrieval == "faiss":
-        from kblampp.knowledge_index import KnowledgeIndex
+        from kblampp.knowledge_index import KnowledgeIndex, apply_search_params
 
         index = KnowledgeIndex.load(store.index_dir(cfg.index.method), expect_n=store.n, expect_dim=store.d_k,
                                     expect_store_id=store.store_id)
+        apply_search_params(index, cfg.index)
         return IndexedKB(index, store), index
     if cfg.retrieval != "exact":
         raise ConfigError(f"retrieval: {cfg.retrieval!r} is not one of exact, faiss")

@@ -48,7 +48,7 @@ def _build(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings, stor
     # the store may carry tail tables (written by training/evaluation): give edits their rows
     manifest = json.loads((store_dir / "manifest.json").read_text(encoding="utf-8"))
     kb = StoreLiveKB(store_dir, embedder, method=method, extra_builders=tail_builders(manifest, tokenizer),
-                     read_only=settings.read_only, rebuild_fraction=settings.rebuild_fraction)
+                     read_only=settings.read_only, rebuild_fraction=settings.rebuild_fraction, index_cfg=cfg.index)
     try:
         answerer = KBModelAnswerer(model, tokenizer, kb, abstainer=model_abstainer(model, cfg.abstention.threshold),
                                    name_check=cfg.abstention.name_check,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kblampp.kb_store import KBValueStore, compute_kv, embed_facts, fact_times, open_kb
-from kblampp.knowledge_index import KnowledgeIndex
+from kblampp.knowledge_index import KnowledgeIndex, apply_search_params
 from kblampp.retrieval import FIELDS, IndexedKB
 from kblampp.schema import fact_from_dict, fact_key
 from kblampp.serving.kb_log import LogEntry
@@ -69,8 +69,9 @@ class StoreLiveKB:
 
     def __init__(self, store_dir: str | Path, embedder: Any, method: str | None = None,
                  extra_builders: dict[str, Callable[[list[dict]], np.ndarray]] | None = None,
-                 read_only: bool = False, rebuild_fraction: float = 0.1):
+                 read_only: bool = False, rebuild_fraction: float = 0.1, index_cfg: Any | None = None):
         self.store_dir, self.embedder, self.method = Path(store_dir), embedder, method
+        self.index_cfg = index_cfg  # search-time settings (efSearch) applied to every index loaded
         self.extra_builders = dict(extra_builders or {})
         self.read_only, self.rebuild_fraction = read_only, rebuild_fraction
         self.pending: list[LogEntry] = []
@@ -94,6 +95,8 @@ class StoreLiveKB:
     # ---- loading ------------------------------------------------------------------------------
     def _open_disk(self) -> tuple[KBValueStore, KnowledgeIndex | None]:
         store, index = open_kb(self.store_dir, self.method, embedder=self.embedder, mmap=True, read_only=self.read_only)
+        if index is not None and self.index_cfg is not None:
+            apply_search_params(index, self.index_cfg)
         store.extra_builders.update(self.extra_builders)
         # in a 1-fact store an old (1,) seq array looks per-fact: give edits rows (the commit rewrites it)
         store.extra_builders.setdefault(SEQ_EXTRA, lambda facts: np.zeros(len(facts), np.int64))
