@@ -77,7 +77,7 @@ def test_unknown_config_key_to_training(tmp_path):
     proc = run_script(str(ROOT / "train/train_stageA.py"), "--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 2
     line = one_line(proc.stderr)
-    assert line.startswith(f"error: {cfg}: unknown key 'bogus_key' (known: K_top, ") and ", backbone, " in line
+    assert line.startswith(f"error: {cfg}: unknown key 'bogus_key' (known: K_pool, K_top, ") and ", backbone, " in line
 
 
 def test_missing_checkpoint_to_evaluation(tmp_path):
