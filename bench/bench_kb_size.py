@@ -148,8 +148,7 @@ def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: 
             "build": {"generate_s": generate_s, "embed_s": embed_s, "kv_write_s": kv_write_s,
                       "hnsw_build_s": report["build_s"], "strings_embedded": None if not extra else
                       len({s for f in facts[base.n:] for s in (f.head_name, f.relation_name, f.tail_name, f.sentence)})},
-            "index": {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"],
-                      "n_twins": report["n_twins"]},
+            "index": {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"]},
             "base_key_max_diff": key_drift, "peak_rss_build_bytes": peak_rss_bytes()}
 
 
@@ -251,20 +250,17 @@ def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: d
 
 
 def refresh_index(cfg: KBConfig, size_dir: Path, record: dict[str, Any], build_path: Path) -> dict[str, Any]:
-    """Rebuild the size's HNSW index when the config's build parameters changed since it was built, or
-    when it was built before identical keys were indexed once (its record has no `n_twins`)."""
+    """Rebuild the size's HNSW index when the config's index parameters changed since it was built."""
     from kblampp.kb_store import build_store_index
     from kblampp.store_io import write_json_atomic
 
-    built = {k: v for k, v in record["index"]["params"].items() if k not in ("mips_norm", "ef_search")}
-    wanted = {k: v for k, v in config_params(cfg.index).items() if k != "ef_search"}  # search time, no rebuild
-    if built == wanted and record["index"]["similarity"] == cfg.index.similarity and "n_twins" in record["index"]:
+    built = {k: v for k, v in record["index"]["params"].items() if k != "mips_norm"}
+    if built == config_params(cfg.index) and record["index"]["similarity"] == cfg.index.similarity:
         return record
-    status(f"{size_dir}: index built with {built}, {record['index'].get('n_twins', 'no')} twins; rebuilding the HNSW index")
+    status(f"{size_dir}: index parameters changed ({built} -> {config_params(cfg.index)}): rebuilding the HNSW index")
     report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **config_params(cfg.index))
     record["build"]["hnsw_build_s"] = report["build_s"]
-    record["index"] = {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"],
-                       "n_twins": report["n_twins"]}
+    record["index"] = {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"]}
     write_json_atomic(build_path, record)
     return record
 

@@ -572,7 +572,7 @@ def build_store_index(store_dir: str | Path, method: str = "hnsw", similarity: s
     KnowledgeIndex.load(store.index_dir(method), expect_n=store.n, expect_dim=store.d_k,
                         expect_store_id=store.store_id)
     return {"path": str(store.index_dir(method)), "ntotal": index.ntotal, "n": store.n,
-            "build_s": build_s, "params": index.params, "n_twins": len(getattr(index, "twin_ids", ()))}
+            "build_s": build_s, "params": index.params}
 
 
 def open_kb(store_dir: str | Path, method: str | None = None, embedder: Embedder | None = None,

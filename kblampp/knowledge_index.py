@@ -21,12 +21,6 @@ query with a 0 appended by L2: |q - k'|^2 = 1 + M^2 - 2 q.k, the same order as t
 (Bachrach et al., 2014). Scores are converted back to inner products. A key added later with a norm
 above M goes to the exact segment. `mips: "ip"` keeps faiss's native inner product (folders saved
 before this option load as that).
-
-Identical keys (a key is its fact's head and relation only, so every CEO fact of one company has the
-same key) are indexed once (`build`): the other facts with that key are the entry's twins
-(`twin_entry.npy` / `twin_ids.npy`), returned right after it with its score. An HNSW graph prunes
-identical neighbours while it links, so a key stored many times leaves most copies unreachable: at
-10^6 facts (55% with a twin) 96% of the facts the HNSW missed from the exact top-8 had one.
 """
 from __future__ import annotations
 
@@ -54,17 +48,6 @@ DEFAULTS = {
 def config_params(index_cfg: Any, method: str | None = None) -> dict:
     """The build parameters of `method` (default: the section's own) from a config's `index` section."""
     return {k: getattr(index_cfg, k) for k in DEFAULTS[method or index_cfg.method]}
-
-
-def distinct_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first (U,) the rows whose key no earlier row has, ascending; twin_of (N,) for each other row
-    the first row with the same key, -1 for the first rows). Bitwise equality: the same fact head and
-    relation through the same encoder give the same bytes."""
-    rows = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1]))).ravel()
-    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
-    twin_of = first[inverse.ravel()].astype(np.int64)
-    twin_of[first] = -1
-    return np.sort(first).astype(np.int64), twin_of
 
 
 def apply_search_params(index: Any, index_cfg: Any) -> None:
@@ -111,12 +94,8 @@ class KnowledgeIndex:
 
     def __init__(self, index: faiss.Index, method: str, similarity: str, params: dict,
                  labels: np.ndarray, dead: np.ndarray, store_id: str | None = None, n: int | None = None,
-                 exact_ids: np.ndarray | None = None, exact_keys: np.ndarray | None = None,
-                 twin_entry: np.ndarray | None = None, twin_ids: np.ndarray | None = None):
+                 exact_ids: np.ndarray | None = None, exact_keys: np.ndarray | None = None):
         self.index, self.method, self.similarity, self.params = index, method, similarity, params
-        self.twin_entry = np.zeros(0, np.int64) if twin_entry is None else np.asarray(twin_entry, np.int64)
-        self.twin_ids = np.zeros(0, np.int64) if twin_ids is None else np.asarray(twin_ids, np.int64)
-        self._groups: dict[int, np.ndarray] | None = None  # entry -> its twins' fact ids, built on first search
         self.labels, self.dead = labels.astype(np.int64), dead.astype(bool)
         self.store_id, self.n = store_id, n
         self.mips_l2 = searches_ip_as_l2(method, similarity, params)
@@ -157,12 +136,7 @@ class KnowledgeIndex:
                    count if n is None else n)
         if method == "ivfpq":
             self.index.train(self._prep(keys))
-        first, twin_of = distinct_rows(keys)  # rows to index, and for every other row the row it repeats
-        self.add(keys[first], ids[first])
-        entry = np.full(count, -1, np.int64)
-        entry[first] = np.arange(len(first))  # build: the faiss entries are 0..len(first)-1 in this order
-        twins = np.flatnonzero(twin_of >= 0)
-        self.twin_entry, self.twin_ids = entry[twin_of[twins]], ids[twins]
+        self.add(keys, ids)
         return self
 
     @staticmethod
@@ -201,7 +175,7 @@ class KnowledgeIndex:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.shape[0] != keys.shape[0]:
             raise ValueError(f"ids: {ids.shape[0]} ids for {keys.shape[0]} keys")
-        live = set(self.labels[~self.dead].tolist()) | set(self.exact_ids.tolist()) | set(self.twin_ids.tolist())
+        live = set(self.labels[~self.dead].tolist()) | set(self.exact_ids.tolist())
         clash = [i for i in ids.tolist() if i in live]
         if clash or len(set(ids.tolist())) != len(ids):
             raise ValueError(f"ids: fact id {(clash or ids.tolist())[0]} is already in the index (remove it first)")
@@ -231,26 +205,15 @@ class KnowledgeIndex:
     def remove(self, ids) -> int:
         """Remove facts by id; returns how many index entries were removed or hidden."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        in_twins = np.isin(self.twin_ids, ids)
-        self.twin_entry, self.twin_ids = self.twin_entry[~in_twins], self.twin_ids[~in_twins]
         wanted = np.isin(self.labels, ids) & ~self.dead
-        gone = []
-        for e in np.flatnonzero(wanted).tolist():
-            heir = np.flatnonzero(self.twin_entry == e)
-            if len(heir):  # a twin takes the removed fact's place: the entry's key is still a live fact's
-                self.labels[e] = self.twin_ids[heir[0]]
-                self.twin_entry, self.twin_ids = np.delete(self.twin_entry, heir[0]), np.delete(self.twin_ids, heir[0])
-            else:
-                gone.append(e)
-        gone = np.asarray(gone, np.int64)
+        gone = np.flatnonzero(wanted).astype(np.int64)
         if len(gone) and self.method != "hnsw":
             self.index.remove_ids(faiss.IDSelectorBatch(gone))
         self.dead[gone] = True
-        self._groups = None
         in_exact = np.isin(self.exact_ids, ids)
         if in_exact.any():
             self.exact_ids, self.exact_keys = self.exact_ids[~in_exact], self.exact_keys[~in_exact]
-        return int(wanted.sum()) + int(in_twins.sum()) + int(in_exact.sum())
+        return len(gone) + int(in_exact.sum())
 
     def needs_rebuild(self, fraction: float = 0.1) -> bool:
         """True when the exact segment plus the dead ANN entries exceed `fraction` of the live facts."""
@@ -265,21 +228,12 @@ class KnowledgeIndex:
     # ---- search ------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        """Entries a search can return: the faiss index's (dead HNSW entries included), their twins and
-        the exact segment."""
-        return int(self.index.ntotal) + len(self.twin_ids) + len(self.exact_ids)
+        """Entries a search can return: the faiss index's (dead HNSW entries included) + the exact segment."""
+        return int(self.index.ntotal) + len(self.exact_ids)
 
     @property
     def n_live(self) -> int:
-        return int((~self.dead).sum()) + len(self.twin_ids) + len(self.exact_ids)
-
-    def twin_groups(self) -> dict[int, np.ndarray]:
-        """faiss entry -> the fact ids of its twins (facts with the entry's key), cached until an edit."""
-        if self._groups is None:
-            order = np.argsort(self.twin_entry, kind="stable")
-            entries, starts = np.unique(self.twin_entry[order], return_index=True)
-            self._groups = dict(zip(entries.tolist(), np.split(self.twin_ids[order], starts[1:])))
-        return self._groups
+        return int((~self.dead).sum()) + len(self.exact_ids)
 
     def search(self, queries: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores (Q,k) float32, fact ids (Q,k) int64); missing slots have id -1, score -inf."""
@@ -318,9 +272,6 @@ class KnowledgeIndex:
                 d = norms[:, None] * (1.0 + float(self.params["mips_norm"]) ** 2 - d) / 2.0
             else:
                 d, lab = self.index.search(chunk, fetch)
-            if len(self.twin_ids):  # each entry stands for its fact and its twins, all with its score
-                self._expand_twins(d, lab, k, start, scores, ids)
-                continue
             if not hidden:  # nothing dead in the index: map labels to fact ids in one vectorised step
                 found = lab >= 0
                 rows = slice(start, start + len(lab))
@@ -333,29 +284,12 @@ class KnowledgeIndex:
                 got_ids, got_d = self.labels[lrow[keep]][:k], drow[keep][:k]
                 ids[row, :len(got_ids)], scores[row, :len(got_d)] = got_ids, got_d
 
-    def _expand_twins(self, d: np.ndarray, lab: np.ndarray, k: int, start: int, scores: np.ndarray,
-                      ids: np.ndarray) -> None:
-        """Rows start.. of (scores, ids): each live entry found, then its twins, until k facts."""
-        groups = self.twin_groups()
-        for row, (drow, lrow) in enumerate(zip(d, lab), start=start):
-            got_ids: list[int] = []
-            got_d: list[float] = []
-            for entry, dist in zip(lrow.tolist(), drow.tolist()):
-                if entry < 0 or self.dead[entry]:
-                    continue
-                members = [int(self.labels[entry])] + groups.get(entry, np.zeros(0, np.int64)).tolist()
-                got_ids += members
-                got_d += [dist] * len(members)
-                if len(got_ids) >= k:
-                    break
-            ids[row, :min(k, len(got_ids))], scores[row, :min(k, len(got_d))] = got_ids[:k], got_d[:k]
-
     # ---- persistence -------------------------------------------------------------------------
     def params_json(self) -> dict:
         return {"format": "kblampp-index", "method": self.method, "similarity": self.similarity,
                 "dim": self.dim, "params": self.params, "store_id": self.store_id, "n": self.n,
                 "ntotal": int(self.index.ntotal), "n_labels": len(self.labels), "n_live": self.n_live,
-                "n_exact": len(self.exact_ids), "n_twins": len(self.twin_ids),
+                "n_exact": len(self.exact_ids),
                 "faiss_version": faiss.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def writers(self) -> dict[str, Callable[[Path], None]]:
@@ -365,8 +299,6 @@ class KnowledgeIndex:
                 "dead.npy": lambda p: save_npy(p, self.dead),
                 "exact_ids.npy": lambda p: save_npy(p, self.exact_ids),
                 "exact_keys.npy": lambda p: save_npy(p, self.exact_keys),
-                "twin_entry.npy": lambda p: save_npy(p, self.twin_entry),
-                "twin_ids.npy": lambda p: save_npy(p, self.twin_ids),
                 "params.json": lambda p: write_json_atomic(p, self.params_json())}
 
     def save(self, folder: str | Path) -> Path:
@@ -414,15 +346,8 @@ class KnowledgeIndex:
             if exact_ids.shape != (meta.get("n_exact", 0),) or exact_keys.shape != (len(exact_ids), key_dim):
                 raise IndexMismatchError(f"{folder}/exact_ids.npy: {exact_ids.shape[0]} ids / keys {exact_keys.shape}, "
                                          f"params say {meta.get('n_exact', 0)} of dimension {key_dim}")
-        twin_entry, twin_ids = None, None
-        if (folder / "twin_ids.npy").is_file():  # older folders index every key
-            twin_entry = np.load(folder / "twin_entry.npy", allow_pickle=False)
-            twin_ids = np.load(folder / "twin_ids.npy", allow_pickle=False)
-            if twin_ids.shape != (meta.get("n_twins", 0),) or twin_entry.shape != twin_ids.shape:
-                raise IndexMismatchError(f"{folder}/twin_ids.npy: {twin_ids.shape[0]} twins / {twin_entry.shape[0]} "
-                                         f"entries, params say {meta.get('n_twins', 0)}")
         return cls(index, meta["method"], meta["similarity"], meta["params"], labels, dead,
-                   meta.get("store_id"), meta.get("n"), exact_ids, exact_keys, twin_entry, twin_ids)
+                   meta.get("store_id"), meta.get("n"), exact_ids, exact_keys)
 
 
 def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, similarity: str = "cosine",

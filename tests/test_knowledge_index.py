@@ -208,37 +208,3 @@ def test_a_folder_saved_before_the_mips_option_loads_as_native_inner_product(tmp
     back = KnowledgeIndex.load(tmp_path / "old", expect_dim=32)
     assert not back.mips_l2 and back.dim == 32
     assert back.search(keys[:5], 3)[1].tolist() == index.search(keys[:5], 3)[1].tolist()
-
-
-@pytest.mark.parametrize("method", ["flat", "hnsw"])
-def test_identical_keys_are_indexed_once_and_all_returned(method, tmp_path):
-    """Facts sharing a key (one company's CEO facts) come back together with that key's score; removing
-    the indexed one hands its entry to a twin; the twins survive save/load."""
-    rng = np.random.default_rng(0)
-    distinct = rng.normal(size=(40, 8)).astype(np.float32)
-    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)  # unit keys: a key's own query ranks it first
-    group = np.repeat(np.arange(40), np.r_[3, rng.integers(1, 5, size=39)])  # fact i: key distinct[group[i]]
-    rng.shuffle(group)
-    keys = distinct[group]
-    index = KnowledgeIndex.build(keys, method, "ip")
-    assert index.index.ntotal == 40 and len(index.twin_ids) == len(keys) - 40 and index.n_live == len(keys)
-    assert index.ntotal == len(keys)
-    queries = distinct[:10] * 3.0
-    scores, ids = index.search(queries, 12)
-    for q, (row_s, row_ids) in enumerate(zip(scores, ids)):
-        exact = keys @ queries[q]
-        want = np.sort(exact)[::-1][:12]
-        assert np.allclose(row_s, want, atol=1e-4)  # the exact top-12 scores, ties included
-        assert np.allclose(exact[row_ids], row_s, atol=1e-4)  # each id has the score it is returned with
-        assert len(set(row_ids.tolist())) == 12
-    members = np.flatnonzero(group == 0)  # query 0 asks for key 0, which three facts share
-    assert set(members.tolist()) <= set(ids[0].tolist())  # the whole group of the best key
-    again = KnowledgeIndex.load(index.save(tmp_path / "ix"))
-    assert np.array_equal(again.search(queries, 12)[1], ids)
-    removed = index.remove(members[:1])
-    assert removed == 1 and index.n_live == len(keys) - 1
-    left = index.search(queries[:1], len(members) - 1)[1][0]
-    assert set(left.tolist()) == set(members[1:].tolist())
-    index.remove(members[1:])
-    assert not set(index.search(queries[:1], 12)[1][0].tolist()) & set(members.tolist())
-    assert index.n_live == len(keys) - len(members)
