@@ -254,8 +254,9 @@ def refresh_index(cfg: KBConfig, size_dir: Path, record: dict[str, Any], build_p
     from kblampp.kb_store import build_store_index
     from kblampp.store_io import write_json_atomic
 
-    built = {k: v for k, v in record["index"]["params"].items() if k != "mips_norm"}
-    if built == config_params(cfg.index) and record["index"]["similarity"] == cfg.index.similarity:
+    built = {k: v for k, v in record["index"]["params"].items() if k not in ("mips_norm", "ef_search")}
+    wanted = {k: v for k, v in config_params(cfg.index).items() if k != "ef_search"}  # search time, no rebuild
+    if built == wanted and record["index"]["similarity"] == cfg.index.similarity:
         return record
     status(f"{size_dir}: index parameters changed ({built} -> {config_params(cfg.index)}): rebuilding the HNSW index")
     report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **config_params(cfg.index))
