@@ -254,11 +254,12 @@ def refresh_index(cfg: KBConfig, size_dir: Path, record: dict[str, Any], build_p
     from kblampp.kb_store import build_store_index
     from kblampp.store_io import write_json_atomic
 
-    built = {k: v for k, v in record["index"]["params"].items() if k not in ("mips_norm", "ef_search")}
-    wanted = {k: v for k, v in config_params(cfg.index).items() if k != "ef_search"}  # search time, no rebuild
+    not_built = ("mips_norm", "ef_search")  # derived from the keys / applied at search time
+    built = {k: v for k, v in record["index"]["params"].items() if k not in not_built}
+    wanted = {k: v for k, v in config_params(cfg.index).items() if k not in not_built}
     if built == wanted and record["index"]["similarity"] == cfg.index.similarity:
         return record
-    status(f"{size_dir}: index parameters changed ({built} -> {config_params(cfg.index)}): rebuilding the HNSW index")
+    status(f"{size_dir}: index parameters changed ({built} -> {wanted}): rebuilding the HNSW index")
     report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **config_params(cfg.index))
     record["build"]["hnsw_build_s"] = report["build_s"]
     record["index"] = {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"]}

@@ -126,14 +126,14 @@ class KBInjection(nn.Module):
         ids = ctx.source.search(q.reshape(B * T, -1), pool + extra).view(B, T, pool + extra).to(q.device)
         if excluded is not None:
             ids = drop_excluded(ids, excluded, pool)  # (B, T, pool)
-        pinned = None  # rows with forced ids keep their first k slots, exactly as without a pool
+        pinned = None  # with a pool: rows with forced ids keep their first k slots, exactly as without one
         if forced is not None:
             first = only_candidates(ids[..., :k], forced) if ctx.forced_only else force_candidates(ids[..., :k], forced)
-            ids = torch.cat([first, ids[..., k:]], dim=-1)  # (B, T, pool)
-            pinned = (forced.to(ids.device) >= 0).any(-1)[:, None, None]  # (B, 1, 1)
+            ids = first if pool == k else torch.cat([first, ids[..., k:]], dim=-1)  # (B, T, pool)
+            pinned = None if pool == k else (forced.to(ids.device) >= 0).any(-1)[:, None, None]  # (B, 1, 1)
         valid = ids >= 0  # faiss pads with -1 when it finds fewer than asked
         valid[..., 0] = True  # keep the best slot so a position never has no candidate at all
-        if pinned is not None and pool > k:
+        if pinned is not None:
             valid[..., k:] &= ~pinned
         rows = ctx.source.fetch(ids.clamp_min(0))
         keys = rows["K"].to(device=q.device, dtype=self.dtype)  # (B, T, pool, d_k)
