@@ -64,9 +64,28 @@ def parse_params(text: str | None) -> dict[str, Any]:
     return out
 
 
-def describe_index(params: dict[str, Any], similarity: str) -> str:
+ANN_METHODS = {"hnsw": "HNSW", "ivfflat": "IVF-flat", "ivfpq": "IVF-PQ"}  # --retrievals beside "exact"
+
+
+def describe_index(params: dict[str, Any], similarity: str, method: str = "hnsw") -> str:
     shown = {k: v for k, v in params.items() if k not in ("mips_norm",)}
-    return f"HNSW {similarity} " + " ".join(f"{k}={v}" for k, v in shown.items())
+    return f"{ANN_METHODS[method]} {similarity} " + " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def wanted_retrievals(args: argparse.Namespace) -> list[str]:
+    """--retrievals as a list, checked: exact and the ANN methods (each searched through its own index);
+    by default exact, the HNSW and the config's own method."""
+    text = args.retrievals or f"exact,hnsw,{args.config_method}"
+    runs = list(dict.fromkeys(r.strip() for r in text.split(",") if r.strip()))
+    bad = [r for r in runs if r != "exact" and r not in ANN_METHODS]
+    if bad:
+        raise SystemExit(f"--retrievals: {bad[0]!r} is not one of exact, {', '.join(ANN_METHODS)}")
+    return runs
+
+
+def ann_runs(args: argparse.Namespace) -> list[str]:
+    """The ANN indexes a size needs: the HNSW (its index recall is always reported) and any other asked."""
+    return list(dict.fromkeys(["hnsw"] + [r for r in wanted_retrievals(args) if r in ANN_METHODS]))
 
 
 # ---- one size -------------------------------------------------------------------------------------
@@ -142,13 +161,13 @@ def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: 
     key_drift = float(np.abs(np.asarray(store.arrays["K.npy"][:base.n]) - np.asarray(base.arrays["K.npy"])).max())
     if key_drift > 1e-4:  # the same encoder on the same raw embeddings must give the base keys
         raise SystemExit(f"{size_dir / 'store'}: base keys differ from {args.base_store} by {key_drift}")
-    report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **config_params(cfg.index))
+    report = build_store_index(size_dir / "store", "hnsw", cfg.index.similarity, **config_params(cfg.index, "hnsw"))
     return {"n_facts": store.n, "n_distractors": len(extra), "distractor_seed": args.distractor_seed, "identity": identity,
             "collisions": dataclasses.asdict(clash) | {"rate": clash.rate},
             "build": {"generate_s": generate_s, "embed_s": embed_s, "kv_write_s": kv_write_s,
                       "hnsw_build_s": report["build_s"], "strings_embedded": None if not extra else
                       len({s for f in facts[base.n:] for s in (f.head_name, f.relation_name, f.tail_name, f.sentence)})},
-            "index": {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"]},
+            "index": {"method": "hnsw", "similarity": cfg.index.similarity, "params": report["params"]},
             "base_key_max_diff": key_drift, "peak_rss_build_bytes": peak_rss_bytes()}
 
 
@@ -212,13 +231,16 @@ def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: d
     queries = question_queries(ec, records, Path(args.out_dir), checkpoint)
     keys = ec.store.keys_tensor().numpy()
     ks = (1, cfg.K_top)
-    hnsw = KnowledgeIndex.load(ec.store.index_dir("hnsw"), expect_n=ec.store.n, expect_store_id=ec.store.store_id)
-    apply_search_params(hnsw, cfg.index)  # --set index.ef_search=N measures another search list, no rebuild
-    variants = {"hnsw": (hnsw, describe_index(hnsw.params, hnsw.similarity))}
+    variants = {}
+    for method in ann_runs(args):
+        ix = KnowledgeIndex.load(ec.store.index_dir(method), expect_n=ec.store.n, expect_store_id=ec.store.store_id)
+        apply_search_params(ix, cfg.index)  # --set index.ef_search=N / index.nprobe=N: another search, no rebuild
+        variants[method] = (ix, describe_index(ix.params, ix.similarity, method))
+    hnsw = variants["hnsw"][0]
     before = parse_params(args.before)
     if before:
         t0 = time.perf_counter()
-        params = {**{k: v for k, v in hnsw.params.items() if k != "mips_norm"}, **before}
+        params = {**{k: v for k, v in hnsw.params.items() if k != "mips_norm"}, **before}  # an HNSW's own keys
         old = KnowledgeIndex.build(keys, "hnsw", cfg.index.similarity, **params)
         record["build"]["hnsw_before_build_s"] = time.perf_counter() - t0
         variants["hnsw_before"] = (old, describe_index(old.params, old.similarity) + " (before)")
@@ -227,7 +249,7 @@ def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: d
     status(f"index recall on the questions' queries: {json.dumps(record['index_recall'])}")
     kw = dict(batch_size=args.batch_size, batch_tokens=args.batch_tokens or None)
     rows: dict[str, dict[str, Any]] = dict(record.get("rows", {}))  # rows of earlier runs of this size stay
-    wanted_runs = [r.strip() for r in args.retrievals.split(",") if r.strip()] + (["hnsw_before"] if args.before_em else [])
+    wanted_runs = wanted_retrievals(args) + (["hnsw_before"] if args.before_em else [])
     runs = [("exact", ec.source, ["lookup", "kblampp"])] if "exact" in wanted_runs else []
     runs += [(name, IndexedKB(ix, ec.store), ["kblampp"]) for name, (ix, _) in variants.items() if name in wanted_runs]
     for name, source, wanted in runs:
@@ -249,20 +271,29 @@ def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: d
     return record
 
 
-def refresh_index(cfg: KBConfig, size_dir: Path, record: dict[str, Any], build_path: Path) -> dict[str, Any]:
-    """Rebuild the size's HNSW index when the config's index parameters changed since it was built."""
+def refresh_index(cfg: KBConfig, size_dir: Path, record: dict[str, Any], build_path: Path,
+                  method: str = "hnsw") -> dict[str, Any]:
+    """Build the size's `method` index when it is missing or the config's build parameters changed since
+    it was built (the HNSW's record is `index`, the others' `ann_indexes[method]`)."""
     from kblampp.kb_store import build_store_index
+    from kblampp.knowledge_index import SEARCH_PARAMS
     from kblampp.store_io import write_json_atomic
 
-    not_built = ("mips_norm", "ef_search")  # derived from the keys / applied at search time
-    built = {k: v for k, v in record["index"]["params"].items() if k not in not_built}
-    wanted = {k: v for k, v in config_params(cfg.index).items() if k not in not_built}
-    if built == wanted and record["index"]["similarity"] == cfg.index.similarity:
-        return record
-    status(f"{size_dir}: index parameters changed ({built} -> {wanted}): rebuilding the HNSW index")
-    report = build_store_index(size_dir / "store", cfg.index.method, cfg.index.similarity, **config_params(cfg.index))
-    record["build"]["hnsw_build_s"] = report["build_s"]
-    record["index"] = {"method": cfg.index.method, "similarity": cfg.index.similarity, "params": report["params"]}
+    not_built = ("mips_norm", "ivf_nlist_used") + SEARCH_PARAMS  # derived from the keys / applied at search time
+    had = record["index"] if method == "hnsw" else record.get("ann_indexes", {}).get(method)
+    wanted = {k: v for k, v in config_params(cfg.index, method).items() if k not in not_built}
+    if had is not None and (size_dir / "store" / f"index_{method}").is_dir():
+        built = {k: v for k, v in had["params"].items() if k not in not_built}
+        if built == wanted and had["similarity"] == cfg.index.similarity:
+            return record
+        status(f"{size_dir}: {method} parameters changed ({built} -> {wanted}): rebuilding the index")
+    report = build_store_index(size_dir / "store", method, cfg.index.similarity, **config_params(cfg.index, method))
+    entry = {"method": method, "similarity": cfg.index.similarity, "params": report["params"]}
+    if method == "hnsw":
+        record["build"]["hnsw_build_s"] = report["build_s"]
+        record["index"] = entry
+    else:
+        record.setdefault("ann_indexes", {})[method] = entry | {"build_s": report["build_s"]}
     write_json_atomic(build_path, record)
     return record
 
@@ -318,15 +349,15 @@ def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, record
     exact = exact_top(keys, queries, k, sim)
     record["retrieval"] = {"exact": gold_recall(exact, supports, answers, k) | {"index": "exact"}}
     record["index_recall"] = {}
-    indexes = {"hnsw": config_params(cfg.index)}
+    indexes = {m: (m, config_params(cfg.index, m)) for m in ann_runs(args)}
     if args.before:
-        indexes["hnsw_before"] = {**config_params(cfg.index), **parse_params(args.before)}
-    for name, params in indexes.items():
+        indexes["hnsw_before"] = ("hnsw", {**config_params(cfg.index, "hnsw"), **parse_params(args.before)})
+    for name, (method, params) in indexes.items():
         t0 = time.perf_counter()
-        index = KnowledgeIndex.build(keys, "hnsw", sim, **params)
+        index = KnowledgeIndex.build(keys, method, sim, **params)
         build_s = time.perf_counter() - t0
         _, found = index.search(queries, k)
-        label = describe_index(index.params, sim) + (" (before)" if name == "hnsw_before" else "")
+        label = describe_index(index.params, sim, method) + (" (before)" if name == "hnsw_before" else "")
         record["index_recall"][name] = index_recall(index, keys, queries, (1, k), sim, found=found) | {
             "index": label, "build_s": build_s}
         record["retrieval"][name] = gold_recall(found, supports, answers, k) | {"index": label}
@@ -356,7 +387,8 @@ def run_worker(cfg: KBConfig, args: argparse.Namespace) -> int:
         status(f"n={n}: built {size_dir / 'store'}")
         return 0
     record = json.loads(build_path.read_text(encoding="utf-8"))
-    record = refresh_index(cfg, size_dir, record, build_path)
+    for method in ann_runs(args):
+        record = refresh_index(cfg, size_dir, record, build_path, method)
     if (size_dir / "result.json").is_file():  # keep the rows of earlier retrievals
         record["rows"] = json.loads((size_dir / "result.json").read_text(encoding="utf-8")).get("rows", {})
     record = eval_size(cfg, args, size_dir, record)
@@ -401,8 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", help="a second HNSW measured beside the config's, as KEY=VALUE overrides "
                                     "(e.g. mips=ip,ef_search=128: the index before issue 16's fix)")
     p.add_argument("--before_em", action="store_true", help="also run kblampp through the --before index")
-    p.add_argument("--retrievals", default="exact,hnsw",
-                   help="kblampp runs: exact (with the lookup row), hnsw; rows of earlier runs of a size are kept")
+    p.add_argument("--retrievals",
+                   help="kblampp runs: exact (with the lookup row), hnsw, ivfflat, ivfpq (each ANN index is built "
+                        "into the size's store with the config's parameters; default: exact, hnsw and the config's "
+                        "index.method); rows of earlier runs of a size are kept")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--batch_tokens", type=int, default=5120)
     p.add_argument("--out_dir", default="runs/kb_size", help="stores, reports and per-size results")
@@ -419,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     args.base_store = args.base_store or cfg.store_dir
+    args.config_method = cfg.index.method if cfg.index.method in ANN_METHODS else "hnsw"
     if args.worker:
         return run_worker(cfg, args)
     if args.keys_only:

@@ -1,8 +1,11 @@
-"""Recall@k of the Milvus backend (Milvus Lite, HNSW) against faiss HNSW, both against exact search.
+"""Recall@k of the Milvus backend (Milvus Lite) against faiss, both against exact search: HNSW against
+HNSW (default), or IVF_FLAT against faiss `ivfflat` (`--index ivfflat`, the same nlist and nprobe).
 
     python bench/bench_milvus.py --store_dir /work/main/store/synth_world --copies 8 --queries 1000
     python bench/bench_milvus.py --store_dir runs/kb_size/n100000/store --copies 1 \
         --queries_npy runs/kb_size/queries.npy --hnsw_m 64 --ef_construction 400 --ef_search 1024
+    python bench/bench_milvus.py --store_dir runs/kb_size/n100000/store --copies 1 \
+        --queries_npy runs/kb_size/queries.npy --index ivfflat --nprobe 128
 
 Keys: the store's trained keys K.npy, plus `copies - 1` noisy replicas of each (replica = key + noise
 of relative norm --replica_noise), so the index holds N * copies keys with the store's real geometry
@@ -48,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hnsw_m", type=int, default=32)
     p.add_argument("--ef_construction", type=int, default=200)
     p.add_argument("--ef_search", type=int, default=128)
+    p.add_argument("--index", choices=("hnsw", "ivfflat"), default="hnsw",
+                   help="hnsw: faiss HNSW vs Milvus HNSW; ivfflat: faiss IVF-flat vs Milvus IVF_FLAT")
+    p.add_argument("--ivf_nlist", type=int, default=0, help="IVF lists (0 = about 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=128)
     p.add_argument("--similarity", default=None, help="default: the store index's (else ip)")
     p.add_argument("--milvus_mips", choices=("l2", "ip"), default="l2",
                    help="Milvus's inner-product search: the L2 form (default, as faiss's) or its native IP")
@@ -71,27 +78,32 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = rng.choice(len(base), size=min(args.queries, len(base)), replace=False)
         queries = noisy(base[rows], args.noise, rng)
-    hnsw = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search}
+    if args.index == "hnsw":
+        params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search}
+        milvus_params = dict(params, milvus_index_type="HNSW")
+    else:
+        params = {"ivf_nlist": args.ivf_nlist, "nprobe": args.nprobe}
+        milvus_params = dict(params, milvus_index_type="IVF_FLAT")
 
     res = {"keys": f"{store}/K.npy ({len(base)} live trained keys) x {args.copies} "
                    f"(replicas at relative noise {args.replica_noise})",
            "n": len(keys), "d": keys.shape[1], "queries": len(queries),
            "query_source": args.queries_npy or f"stored keys + noise of relative norm {args.noise}",
-           "k": args.k, "similarity": similarity, "hnsw": hnsw, "load_avg_start": os.getloadavg(),
-           "cpu_count": os.cpu_count()}
-    faiss_index = KnowledgeIndex.build(keys, "hnsw", similarity, **hnsw)
-    res["faiss_hnsw"] = recall_at_k(faiss_index, keys, queries, args.k)
+           "k": args.k, "similarity": similarity, "index": args.index, "params": params,
+           "load_avg_start": os.getloadavg(), "cpu_count": os.cpu_count()}
+    faiss_index = KnowledgeIndex.build(keys, args.index, similarity, **params)
+    res[f"faiss_{args.index}"] = recall_at_k(faiss_index, keys, queries, args.k)
     del faiss_index
     with tempfile.TemporaryDirectory(prefix="kblampp_milvus_") as tmp:
         uri = str(Path(tmp) / "milvus.db")
         milvus = KnowledgeIndex.build(keys, "milvus", similarity, uri=uri, collection="bench", mips=args.milvus_mips,
-                                      **hnsw)
+                                      **milvus_params)
         res["milvus_index"] = milvus.client.describe_index("bench", "key")
         files = [f.suffix or f.name for f in Path(uri).rglob("*") if f.is_file()]
-        res["milvus_lite_files"] = {s: files.count(s) for s in sorted(set(files))}  # .idx: one HNSW per segment
-        res["milvus_hnsw"] = recall_at_k(milvus, keys, queries, args.k)
+        res["milvus_lite_files"] = {s: files.count(s) for s in sorted(set(files))}  # .idx: one index per segment
+        res[f"milvus_{args.index}"] = recall_at_k(milvus, keys, queries, args.k)
         milvus.close()
-    res["recall_gap"] = round(res["milvus_hnsw"]["recall"] - res["faiss_hnsw"]["recall"], 4)
+    res["recall_gap"] = round(res[f"milvus_{args.index}"]["recall"] - res[f"faiss_{args.index}"]["recall"], 4)
     res["load_avg_end"] = os.getloadavg()
     import milvus_lite
     import pymilvus

@@ -42,18 +42,19 @@ class OptimizerConfig:
 
 @dataclass
 class IndexConfig:
-    method: str = "hnsw"  # hnsw | ivfpq | flat | milvus (kblampp/milvus_index.py)
+    method: str = "ivfflat"  # ivfflat | hnsw | ivfpq | flat | milvus (kblampp/milvus_index.py); docs/BENCHMARKS.md
     similarity: str = "ip"  # ip | cosine
     hnsw_m: int = 64  # 64 / 400 / 1024: recall@8 of exact 0.976 at 10^5 facts on the trained model's queries (issue 16)
     ef_construction: int = 400
     ef_search: int = 1024  # search time: applied when an index is loaded, no rebuild (10^6 facts want more: docs/BENCHMARKS.md)
-    mips: str = "l2"  # hnsw / milvus + ip: l2 = inner product searched as L2 over norm-equalised keys (exact order); ip = faiss's own
+    mips: str = "l2"  # hnsw / ivfflat / milvus + ip: l2 = inner product searched as L2 over norm-equalised keys (exact order); ip = faiss's own
     ivf_nlist: int = 0  # 0 = about 4*sqrt(N)
     pq_m: int = 16
     pq_bits: int = 8
-    nprobe: int = 16
+    nprobe: int = 128  # IVF lists searched (ivfflat, ivfpq); search time, applied when an index is loaded
     uri: str = ""  # milvus: a Milvus Lite path ending in .db ("" = milvus.db in the store's index_milvus/) or http://host:19530
     collection: str = "kblampp_keys"  # milvus: the collection holding the keys
+    milvus_index_type: str = "HNSW"  # milvus: HNSW (hnsw_m, ef_*) | IVF_FLAT (ivf_nlist, nprobe)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The ANN index over the store's keys (faiss only; no torch here, SPEC sections 5-6).
 
 faiss labels are positions in `labels` (label -> fact id), so one code path serves every method:
-flat and IVF-PQ physically remove deleted labels, HNSW (which cannot remove) marks them dead and
-search over-fetches and filters them.
+flat, IVF-flat and IVF-PQ physically remove deleted labels, HNSW (which cannot remove) marks them dead
+and search over-fetches and filters them.
 
 Edits after the build (`add(..., exact=True)`: live adds and replacements) go into a small exact
 segment searched by brute force and merged with the ANN results, never into the ANN graph: a key
@@ -21,6 +21,11 @@ query with a 0 appended by L2: |q - k'|^2 = 1 + M^2 - 2 q.k, the same order as t
 (Bachrach et al., 2014). Scores are converted back to inner products. A key added later with a norm
 above M goes to the exact segment. `mips: "ip"` keeps faiss's native inner product (folders saved
 before this option load as that).
+
+IVF-flat (`ivfflat`) clusters the same L2-form keys into about 4 sqrt(N) lists and scans `nprobe` of
+them with full keys, so every score it returns is exact. On the trained keys it holds far more of
+the exact top-8 than the HNSW at 10^6 facts, where half the keys share their (head, relation) with
+another fact and the HNSW graph walk loses whole groups of equal keys (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -34,14 +39,18 @@ import numpy as np
 
 from kblampp.store_io import StoreError, atomic_dir, read_json, save_npy, write_json_atomic
 
-METHODS = ("hnsw", "ivfpq", "flat", "milvus")  # milvus: kblampp/milvus_index.py, same API
+METHODS = ("hnsw", "ivfflat", "ivfpq", "flat", "milvus")  # milvus: kblampp/milvus_index.py, same API
 SIMILARITIES = ("cosine", "ip")
+IVF_METHODS = ("ivfflat", "ivfpq")
+TRAIN_PER_LIST = 64
 DEFAULTS = {
     "hnsw": {"hnsw_m": 64, "ef_construction": 400, "ef_search": 1024, "mips": "l2"},  # see docs/BENCHMARKS.md
-    "ivfpq": {"ivf_nlist": 0, "pq_m": 16, "pq_bits": 8, "nprobe": 16},
+    "ivfflat": {"ivf_nlist": 0, "nprobe": 128, "mips": "l2"},  # full keys in lists: exact scores, see docs/BENCHMARKS.md
+    "ivfpq": {"ivf_nlist": 0, "pq_m": 16, "pq_bits": 8, "nprobe": 128},
     "flat": {},
-    "milvus": {"uri": "", "collection": "kblampp_keys", "hnsw_m": 64, "ef_construction": 400, "ef_search": 1024,
-               "mips": "l2"},  # the faiss HNSW's defaults: the same graph, the same search list
+    "milvus": {"uri": "", "collection": "kblampp_keys", "milvus_index_type": "HNSW", "hnsw_m": 64,
+               "ef_construction": 400, "ef_search": 1024, "ivf_nlist": 0, "nprobe": 128,
+               "mips": "l2"},  # the faiss HNSW's / IVF-flat's defaults: the same graph or lists, the same search
 }
 
 
@@ -50,17 +59,30 @@ def config_params(index_cfg: Any, method: str | None = None) -> dict:
     return {k: getattr(index_cfg, k) for k in DEFAULTS[method or index_cfg.method]}
 
 
+SEARCH_PARAMS = ("ef_search", "nprobe")  # read at every search; changing them needs no rebuild
+
+
 def apply_search_params(index: Any, index_cfg: Any) -> None:
     """Search-time settings come from the config, not from the folder the index was saved in: an
-    HNSW's efSearch (faiss or Milvus) needs no rebuild, and a larger KB wants a longer search list."""
-    if "ef_search" in index.params:
-        index.params["ef_search"] = int(index_cfg.ef_search)
+    HNSW's efSearch (faiss or Milvus) and an IVF's nprobe need no rebuild, and a larger KB wants a
+    longer search."""
+    for name in SEARCH_PARAMS:
+        if name in index.params:
+            index.params[name] = int(getattr(index_cfg, name))
+
+
+def ivf_nlist(params: dict, count: int) -> int:
+    """IVF lists for `count` keys: `ivf_nlist`, or about 4 sqrt(N), at most N/39 (faiss wants ~39 training
+    points per centroid); recorded in `params` as `ivf_nlist_used`."""
+    nlist = int(params["ivf_nlist"]) or int(4 * math.sqrt(count))
+    params["ivf_nlist_used"] = nlist = max(1, min(nlist, count // 39))
+    return nlist
 
 
 def searches_ip_as_l2(method: str, similarity: str, params: dict) -> bool:
-    """Whether an index searches inner product in the L2 form (`mips: l2` on an HNSW backend; params
-    without `mips`, as saved before the option, mean native inner product)."""
-    return method in ("hnsw", "milvus") and similarity == "ip" and params.get("mips", "ip") == "l2"
+    """Whether an index searches inner product in the L2 form (`mips: l2` on an HNSW or IVF-flat
+    backend; params without `mips`, as saved before the option, mean native inner product)."""
+    return method in ("hnsw", "ivfflat", "milvus") and similarity == "ip" and params.get("mips", "ip") == "l2"
 
 
 def l2_form_keys(keys: np.ndarray, mips_norm: float) -> np.ndarray:
@@ -123,7 +145,7 @@ class KnowledgeIndex:
         if ids.shape != (count,):
             raise ValueError(f"ids: expected shape ({count},), got {ids.shape}")
         full = {**DEFAULTS[method], **params}
-        if "mips" in full and full["mips"] not in ("l2", "ip"):  # the HNSW backends
+        if "mips" in full and full["mips"] not in ("l2", "ip"):  # the HNSW and IVF-flat backends
             raise ValueError(f"mips: {full['mips']!r} is not one of l2, ip")
         if searches_ip_as_l2(method, similarity, full):
             full["mips_norm"] = float(np.linalg.norm(keys, axis=1).max()) if count else 0.0
@@ -134,8 +156,8 @@ class KnowledgeIndex:
         index = cls._new_faiss(method, dim, full, count, l2="mips_norm" in full)
         self = cls(index, method, similarity, full, np.zeros(0, np.int64), np.zeros(0, bool), store_id,
                    count if n is None else n)
-        if method == "ivfpq":
-            self.index.train(self._prep(keys))
+        if method in IVF_METHODS:
+            self._train_ivf(keys)
         self.add(keys, ids)
         return self
 
@@ -149,17 +171,23 @@ class KnowledgeIndex:
             index.hnsw.efConstruction = int(p["ef_construction"])
             index.hnsw.efSearch = int(p["ef_search"])
             return index
+        nlist = ivf_nlist(p, count)
+        if method == "ivfflat":
+            return faiss.IndexIVFFlat(faiss.IndexFlatL2(dim) if l2 else faiss.IndexFlatIP(dim), dim, nlist, ip)
         if dim % int(p["pq_m"]):
             raise ValueError(f"pq_m: {p['pq_m']} does not divide the key dimension {dim}")
         if count < 2 ** int(p["pq_bits"]):
             raise ValueError(f"ivfpq needs at least {2 ** int(p['pq_bits'])} keys to train "
                              f"(pq_bits={p['pq_bits']}), got {count}; use flat or hnsw")
-        nlist = int(p["ivf_nlist"]) or int(4 * math.sqrt(count))
-        nlist = max(1, min(nlist, count // 39))  # faiss wants ~39 training points per centroid
-        p["ivf_nlist_used"] = nlist
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, int(p["pq_m"]), int(p["pq_bits"]), ip)
-        index.nprobe = int(p["nprobe"])
-        return index
+        return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, int(p["pq_m"]), int(p["pq_bits"]), ip)
+
+    def _train_ivf(self, keys: np.ndarray) -> None:
+        """k-means for the IVF lists on at most TRAIN_PER_LIST keys per list (a fixed sample: the
+        centroids barely move beyond that, and 10^6 keys would take minutes more)."""
+        take = self.index.nlist * TRAIN_PER_LIST
+        if len(keys) > take:
+            keys = keys[np.sort(np.random.default_rng(0).choice(len(keys), take, replace=False))]
+        self.index.train(l2_form_keys(keys, self.params["mips_norm"]) if self.mips_l2 else self._prep(keys))
 
     def _prep(self, x: np.ndarray) -> np.ndarray:
         if self.similarity == "cosine":
@@ -264,6 +292,8 @@ class KnowledgeIndex:
                     scores: np.ndarray, ids: np.ndarray) -> None:
         if self.method == "hnsw":
             self.index.hnsw.efSearch = max(int(self.params["ef_search"]), fetch)
+        if self.method in IVF_METHODS:
+            self.index.nprobe = int(self.params["nprobe"])
         for start in range(0, len(queries), batch_size):
             chunk = queries[start:start + batch_size]
             if self.mips_l2:  # distances back to inner products: q.k = |q| (1 + M^2 - d) / 2

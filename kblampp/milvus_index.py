@@ -10,7 +10,10 @@ A Lite path inside the index folder is recorded by its name, so the store folder
 Edits reach Milvus at once; the manifest is committed with the store's edit (`writers`), and load
 compares its row count with the collection's, so an edit interrupted between the two is detected.
 Cosine is inner product on normalised keys (as in faiss), so scores mean the same on both backends.
-Inner product (`mips: l2`, the default, as for faiss HNSW): the HNSW collection holds each key with
+`milvus_index_type` picks the collection's index: HNSW (default) or IVF_FLAT (the faiss `ivfflat`'s
+lists and nprobe; it keeps the exact top-8 at 10^6 trained keys where an HNSW graph loses groups of
+equal keys, docs/BENCHMARKS.md).
+Inner product (`mips: l2`, the default, as for faiss HNSW): the collection holds each key with
 the extra coordinate sqrt(M^2 - |k|^2) and is searched by L2 with unit queries (0 appended), whose
 order is the inner product's; scores are the inner products with the stored keys' first coordinates.
 A key added later that is longer than M goes to a second, exact (FLAT, IP) collection
@@ -26,10 +29,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kblampp.knowledge_index import (IndexMismatchError, _as_f32, l2_form_keys, l2_form_queries,
+from kblampp.knowledge_index import (IndexMismatchError, _as_f32, ivf_nlist, l2_form_keys, l2_form_queries,
                                      searches_ip_as_l2)
 from kblampp.store_io import read_json, write_json_atomic
 
+INDEX_TYPES = ("HNSW", "IVF_FLAT")  # the main collection's index (the exact one is FLAT)
 INSERT_CHUNK = 2000  # rows per insert request (keeps one gRPC message small)
 QUERY_CHUNK = 1000  # ids per `id in [...]` filter
 # M of the L2 form is the longest key times this: every key keeps a positive extra coordinate (Milvus
@@ -55,7 +59,8 @@ def _connect(uri: str, where: str) -> Any:
 
 
 class MilvusIndex:
-    """Fact keys in a Milvus collection (HNSW; plus an exact one under `mips: l2`), by fact id (see module doc)."""
+    """Fact keys in a Milvus collection (HNSW or IVF_FLAT; plus an exact one under `mips: l2`), by fact id
+    (see module doc)."""
 
     method = "milvus"
 
@@ -65,6 +70,9 @@ class MilvusIndex:
         self.collection = params["collection"]
         self.mips_l2 = searches_ip_as_l2(self.method, similarity, params)
         self.exact_collection = f"{self.collection}_exact"  # keys longer than mips_norm (mips_l2 only)
+        self.index_type = str(params.get("milvus_index_type", "HNSW"))  # folders saved before the option: HNSW
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"milvus_index_type: {self.index_type!r} is not one of {', '.join(INDEX_TYPES)}")
         self.store_id, self.n = store_id, n
         self.folder: Path | None = None  # the index folder last saved to or loaded from
 
@@ -79,9 +87,12 @@ class MilvusIndex:
         if "mips_norm" in params:
             params = dict(params, mips_norm=float(params["mips_norm"]) * MIPS_HEADROOM)
         self = cls(client, similarity, params, keys.shape[1], store_id, n)
-        graph = {"M": int(params["hnsw_m"]), "efConstruction": int(params["ef_construction"])}
-        self._create_collection(self.collection, keys.shape[1] + int(self.mips_l2), "HNSW",
-                                "L2" if self.mips_l2 else "IP", graph)
+        if self.index_type == "IVF_FLAT":
+            build = {"nlist": ivf_nlist(self.params, len(keys))}
+        else:
+            build = {"M": int(params["hnsw_m"]), "efConstruction": int(params["ef_construction"])}
+        self._create_collection(self.collection, keys.shape[1] + int(self.mips_l2), self.index_type,
+                                "L2" if self.mips_l2 else "IP", build)
         if self.mips_l2:
             self._create_collection(self.exact_collection, keys.shape[1], "FLAT", "IP", {})
         self.add(keys, ids, check_live=False)
@@ -180,7 +191,10 @@ class MilvusIndex:
         queries = self._prep(_as_f32(queries, self.dim, "queries"))
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
-        ef = {"ef": max(int(self.params["ef_search"]), k)}
+        if self.index_type == "IVF_FLAT":
+            ef = {"nprobe": int(self.params["nprobe"])}
+        else:
+            ef = {"ef": max(int(self.params["ef_search"]), k)}
         if not self.mips_l2:
             for row, found in self._hits(self.collection, queries, k, batch_size, {"metric_type": "IP", "params": ef}):
                 ids[row, :len(found)] = [h["id"] for h in found]

@@ -1,6 +1,7 @@
 """Build the faiss index over a store's keys into `STORE/index_<method>/` and check ntotal == N.
 
     python offline/build_index.py --store_dir store/synth_world --method hnsw --similarity cosine
+    python offline/build_index.py --store_dir store/synth_world --method ivfflat --nprobe 128   # large KBs
     python offline/build_index.py --store_dir store/synth_world --method ivfpq --pq_m 16 --nprobe 16
     python offline/build_index.py --store_dir store/synth_world --method milvus   # Milvus Lite: store/index_milvus/milvus.db
     python offline/build_index.py --store_dir store/synth_world --method milvus --uri http://host:19530 --collection kb
@@ -22,7 +23,7 @@ from kblampp.kb_store import build_store_index  # noqa: E402
 from kblampp.knowledge_index import DEFAULTS, config_params  # noqa: E402
 
 INT_PARAMS = ("hnsw_m", "ef_construction", "ef_search", "ivf_nlist", "pq_m", "pq_bits", "nprobe")
-STR_PARAMS = ("uri", "collection", "mips")
+STR_PARAMS = ("uri", "collection", "milvus_index_type", "mips")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in INT_PARAMS:
         p.add_argument(f"--{name}", type=int, help="default from the config's index section")
     for name in STR_PARAMS:
-        p.add_argument(f"--{name}", help="uri, collection: milvus only; mips (l2 | ip): hnsw and milvus with ip only; "
+        p.add_argument(f"--{name}", help="uri, collection, milvus_index_type (HNSW | IVF_FLAT): milvus only; mips (l2 | ip): hnsw, ivfflat and milvus with ip only; "
                                          "default from the config's index section")
     args = p.parse_args(argv)
     cfg = config_from_args(args)

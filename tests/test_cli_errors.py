@@ -114,7 +114,7 @@ def check(capsys, rel: str, argv: list[str], expected: str, prefix: bool = False
 
 def test_offline_family(capsys, tmp_path):
     check(capsys, "offline/build_index.py", ["--method", "nope"],
-          "error: build_index.py: argument --method: invalid choice: 'nope' (choose from 'hnsw', 'ivfpq', 'flat', 'milvus') "
+          "error: build_index.py: argument --method: invalid choice: 'nope' (choose from 'hnsw', 'ivfflat', 'ivfpq', 'flat', 'milvus') "
           "(see build_index.py --help)")
     check(capsys, "offline/gen_synth_qa.py", ["--world", str(tmp_path / "none.jsonl"), "--out_dir", str(tmp_path)],
           f"error: {tmp_path / 'none.jsonl'}: No such file or directory")

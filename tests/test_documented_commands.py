@@ -75,7 +75,7 @@ def test_documented_data_commands_run_as_written(workspace, monkeypatch, capsys)
     commands = sorted((c for c in documented_commands() if c.script in ORDER and " docstring:" in c.source
                        and not any(word in " ".join(c.args) for word in NEEDS_A_SERVICE)), key=lambda c: (ORDER.index(c.script), c.source))
     assert [c.script for c in commands].count("offline/encode_kv.py") == 3
-    assert [c.script for c in commands].count("offline/build_index.py") == 4
+    assert [c.script for c in commands].count("offline/build_index.py") == 5
     world = root / "data/5tuple/synth_world.jsonl"
     for command in commands:
         if command.script == "offline/encode_kv.py" and not (root / "data/5tuple/new.jsonl").exists():
@@ -91,7 +91,8 @@ def test_documented_data_commands_run_as_written(workspace, monkeypatch, capsys)
         assert code == 0, f"{command.source}: {command.script} {' '.join(argv)}\n{out.err[-3000:]}"
     fresh, x, new = (KBValueStore.load(root / "store" / name) for name in ("synth_world", "x", "new"))
     assert fresh.n == x.n == 300 and new.n == 50 and x.manifest["dtype"] == "float16"
-    assert {p.name for p in (root / "store/synth_world").glob("index_*")} == {"index_hnsw", "index_ivfpq", "index_milvus"}
+    assert {p.name for p in (root / "store/synth_world").glob("index_*")} == {"index_hnsw", "index_ivfflat", "index_ivfpq",
+                                                                        "index_milvus"}
     # the store built with the trained encoder carries exactly those weights, and the training settings
     assert new.manifest["kv_encoder"]["sha256"] == weights_hash(trained) != fresh.manifest["kv_encoder"]["sha256"]
     assert new.manifest["embedding_model"] == fresh.manifest["embedding_model"]

@@ -49,7 +49,7 @@ def test_encode_then_build_index_gives_loadable_store(setup, capsys):
     assert build(["--config", str(cfg), "--method", "ivfpq", "--pq_m", "8", "--pq_bits", "4", "--similarity", "cosine"]) == 0
     assert build(["--config", str(cfg), "--method", "flat", "--similarity", "cosine"]) == 0
     params = json.loads((store / "index_ivfpq/params.json").read_text())
-    assert params["params"]["pq_m"] == 8 and params["params"]["nprobe"] == 16 and params["ntotal"] == n
+    assert params["params"]["pq_m"] == 8 and params["params"]["nprobe"] == 128 and params["ntotal"] == n
     for method in ("hnsw", "ivfpq", "flat"):
         kb, index = open_kb(store, method)
         assert kb.n == n == index.ntotal and index.store_id == kb.store_id
@@ -130,10 +130,27 @@ def test_the_configs_ef_search_applies_when_an_index_is_loaded(setup):
     store_dir = tmp / "store"
     assert _script("build_index")(["--store_dir", str(store_dir), "--method", "hnsw", "--similarity", "cosine"]) == 0
     saved = json.loads((store_dir / "index_hnsw/params.json").read_text())["params"]["ef_search"]
-    cfg = KBConfig(retrieval="faiss", store_dir=str(store_dir), index=IndexConfig(similarity="cosine", ef_search=77))
+    cfg = KBConfig(retrieval="faiss", store_dir=str(store_dir), index=IndexConfig(method="hnsw", similarity="cosine",
+                                                                                  ef_search=77))
     store = KBValueStore.load(store_dir)
     source, index = build_source(cfg, store)
     assert saved == 1024 and index.params["ef_search"] == 77
     index.search(np.asarray(store.arrays["K.npy"][:3], np.float32), 5)
     assert index.index.hnsw.efSearch == 77
     assert json.loads((store_dir / "index_hnsw/params.json").read_text())["params"]["ef_search"] == saved
+
+
+def test_the_configs_nprobe_applies_when_an_ivf_index_is_loaded(setup):
+    """nprobe, like efSearch, is read at search time: the config's value reaches the faiss index."""
+    from kblampp.config import IndexConfig, KBConfig
+    from kblampp.inference.loading import build_source
+
+    tmp, _, _ = setup
+    store_dir = tmp / "store"
+    assert _script("build_index")(["--store_dir", str(store_dir), "--method", "ivfflat", "--nprobe", "2"]) == 0
+    assert json.loads((store_dir / "index_ivfflat/params.json").read_text())["params"]["nprobe"] == 2
+    cfg = KBConfig(retrieval="faiss", store_dir=str(store_dir), index=IndexConfig(method="ivfflat", nprobe=3))
+    store = KBValueStore.load(store_dir)
+    _, index = build_source(cfg, store)
+    index.search(np.asarray(store.arrays["K.npy"][:3], np.float32), 5)
+    assert index.method == "ivfflat" and index.params["nprobe"] == 3 and index.index.nprobe == 3

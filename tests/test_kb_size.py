@@ -180,3 +180,21 @@ def test_a_size_build_is_reused_only_for_the_same_encoder_and_distractors(base):
     redrawn[7]["head"]["name"] = "Someone Else"  # what a change of the world generator does under one seed
     assert bench.stale_reason(built, bench.build_identity(store, redrawn, 4)) == "distractors_sha256 changed"
     assert bench.stale_reason(None, built) == "no identity recorded (built by an older version)"
+
+
+def test_the_size_benchmark_runs_exact_the_hnsw_and_the_configs_index_and_rejects_others():
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_kb_size.py"
+    spec = importlib.util.spec_from_file_location("bench_kb_size", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = SimpleNamespace(retrievals=None, config_method="ivfflat")
+    assert bench.wanted_retrievals(args) == ["exact", "hnsw", "ivfflat"]
+    assert bench.ann_runs(SimpleNamespace(retrievals="exact", config_method="hnsw")) == ["hnsw"]
+    assert bench.ann_runs(SimpleNamespace(retrievals="ivfpq,exact", config_method="hnsw")) == ["hnsw", "ivfpq"]
+    with pytest.raises(SystemExit, match="--retrievals: 'annoy' is not one of exact, hnsw, ivfflat, ivfpq"):
+        bench.wanted_retrievals(SimpleNamespace(retrievals="exact,annoy", config_method="hnsw"))
+    assert bench.describe_index({"nprobe": 128, "mips_norm": 7.5}, "ip", "ivfflat") == "IVF-flat ip nprobe=128"

@@ -32,7 +32,8 @@ def test_flat_equals_numpy_brute_force(similarity):
     np.testing.assert_allclose(scores, np.take_along_axis(ref, ids, 1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method,params", [("hnsw", {}), ("ivfpq", {"pq_m": 8, "ivf_nlist": 8, "nprobe": 8})])
+@pytest.mark.parametrize("method,params", [("hnsw", {}), ("ivfflat", {"nprobe": 4}),
+                                           ("ivfpq", {"pq_m": 8, "ivf_nlist": 8, "nprobe": 8})])
 def test_ann_finds_each_key_itself(method, params):
     keys = _keys(2000)
     index = KnowledgeIndex.build(keys, method, "cosine", **params)
@@ -41,7 +42,8 @@ def test_ann_finds_each_key_itself(method, params):
     assert (ids[:, :4] == np.arange(200)[:, None]).any(axis=1).mean() >= 0.95
 
 
-@pytest.mark.parametrize("method,params", [("flat", {}), ("hnsw", {}), ("ivfpq", {"pq_m": 8, "ivf_nlist": 4, "pq_bits": 6})])
+@pytest.mark.parametrize("method,params", [("flat", {}), ("hnsw", {}), ("ivfflat", {}),
+                                           ("ivfpq", {"pq_m": 8, "ivf_nlist": 4, "pq_bits": 6})])
 def test_remove_add_and_replace_by_fact_id(method, params):
     keys = _keys(400)
     index = KnowledgeIndex.build(keys, method, "cosine", **params)
@@ -75,7 +77,7 @@ def test_save_load_round_trip_and_mismatch_messages(tmp_path):
 
 def test_bad_arguments_are_clear_errors():
     keys = _keys(50)
-    with pytest.raises(ValueError, match="method: 'annoy' is not one of hnsw, ivfpq, flat"):
+    with pytest.raises(ValueError, match="method: 'annoy' is not one of hnsw, ivfflat, ivfpq, flat, milvus"):
         KnowledgeIndex.build(keys, "annoy")
     with pytest.raises(ValueError, match=r"unknown hnsw parameter\(s\) \['nprobe'\]"):
         KnowledgeIndex.build(keys, "hnsw", nprobe=3)
@@ -179,6 +181,28 @@ def test_inner_product_hnsw_searches_as_l2_and_returns_inner_products():
     np.testing.assert_allclose(scores, np.take_along_axis(ref, ids, 1), rtol=1e-4, atol=1e-2)
     native = KnowledgeIndex.build(keys, "hnsw", "ip", mips="ip", ef_search=1500)
     assert not native.mips_l2 and native.index.d == 32
+
+
+def test_inner_product_ivfflat_is_exact_when_every_list_is_searched_and_nprobe_is_read_at_search(tmp_path):
+    keys = _keys(4000) * np.random.default_rng(5).uniform(0.3, 2.0, (4000, 1)).astype(np.float32)
+    q = _far_queries(keys, 50, seed=6)
+    index = KnowledgeIndex.build(keys, "ivfflat", "ip", ivf_nlist=16, nprobe=16)  # mips "l2" is the default
+    assert index.mips_l2 and index.index.d == 33 and index.params["ivf_nlist_used"] == 16
+    ref = q @ keys.T
+    scores, ids = index.search(q, 8)
+    assert ids.tolist() == np.argsort(-ref, axis=1)[:, :8].tolist()  # all 16 lists scanned: the exact order
+    np.testing.assert_allclose(scores, np.take_along_axis(ref, ids, 1), rtol=1e-4, atol=1e-2)
+    index.params["nprobe"] = 1  # one list: fewer of the exact top-8, each score still exact
+    one_scores, one_ids = index.search(q, 8)
+    found = one_ids >= 0
+    assert found.all() and one_ids.tolist() != ids.tolist()
+    np.testing.assert_allclose(one_scores, np.take_along_axis(ref, one_ids, 1), rtol=1e-4, atol=1e-2)
+    index.save(tmp_path / "idx")
+    back = KnowledgeIndex.load(tmp_path / "idx", expect_dim=32)
+    assert back.method == "ivfflat" and back.params["nprobe"] == 1
+    assert back.search(q, 8)[1].tolist() == one_ids.tolist()
+    with pytest.raises(ValueError, match=r"unknown ivfflat parameter\(s\) \['pq_m'\]"):
+        KnowledgeIndex.build(keys, "ivfflat", "ip", pq_m=8)
 
 
 def test_a_longer_key_added_after_the_build_goes_to_the_exact_segment(tmp_path):

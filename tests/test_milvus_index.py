@@ -98,10 +98,12 @@ def test_manifest_commits_with_a_store_edit(tmp_path):
 
 def test_bad_arguments_are_clear_errors(tmp_path):
     keys = _keys(50)
-    with pytest.raises(ValueError, match="method: 'annoy' is not one of hnsw, ivfpq, flat, milvus"):
+    with pytest.raises(ValueError, match="method: 'annoy' is not one of hnsw, ivfflat, ivfpq, flat, milvus"):
         KnowledgeIndex.build(keys, "annoy")
-    with pytest.raises(ValueError, match=r"unknown milvus parameter\(s\) \['nprobe'\]"):
-        _build(tmp_path, keys, nprobe=3)
+    with pytest.raises(ValueError, match=r"unknown milvus parameter\(s\) \['pq_m'\]"):
+        _build(tmp_path, keys, pq_m=3)
+    with pytest.raises(ValueError, match="milvus_index_type: 'DISKANN' is not one of HNSW, IVF_FLAT"):
+        _build(tmp_path, keys, milvus_index_type="DISKANN")
     with pytest.raises(ValueError, match="similarity: 'l2' is not one of cosine, ip"):
         _build(tmp_path, keys, "l2")
     with pytest.raises(ValueError, match="index: uri: 'kb.sqlite' is neither a Milvus Lite path ending in .db"):
@@ -179,3 +181,23 @@ def test_graph_parameters_reach_the_collection(tmp_path):
     index = _build(tmp_path, _keys(50), "ip", hnsw_m=24, ef_construction=123)
     described = index.client.describe_index(index.collection, "key")
     assert described["params"] == {"M": 24, "efConstruction": 123}
+
+
+def test_ivf_flat_collection_takes_the_lists_and_searches_exactly_with_every_list(tmp_path):
+    """IVF_FLAT (the faiss `ivfflat`'s lists): nlist reaches the collection, nprobe is read at search,
+    and with every list probed the result is exact search's; the folder reloads as IVF_FLAT."""
+    keys, q = _keys(2000), 40 * _keys(30, seed=1)
+    index = _build(tmp_path, keys, "ip", milvus_index_type="IVF_FLAT", ivf_nlist=16, nprobe=16)
+    assert index.client.describe_index(index.collection, "key")["index_type"] == "IVF_FLAT"
+    assert index.client.describe_index(index.collection, "key")["params"] == {"nlist": 16}
+    assert index.params["ivf_nlist_used"] == 16
+    scores, ids = index.search(q, 8)
+    ref_scores, ref_ids = exact_search(keys, q, 8, "ip")
+    assert ids.tolist() == ref_ids.tolist()
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-3)
+    index.params["nprobe"] = 1
+    assert recall_at_k(index, keys, q, 8)["recall"] < 1.0
+    index.save(tmp_path / "index_milvus")
+    index.close()
+    back = KnowledgeIndex.load(tmp_path / "index_milvus", expect_dim=32)
+    assert back.index_type == "IVF_FLAT" and back.params["nprobe"] == 1

@@ -204,6 +204,9 @@ def plot_size(sizes: Sequence[dict[str, Any]], path: str | Path, keys_only: Sequ
         axes[0].errorbar([n for n, _ in pts], [100 * r["em"] for _, r in pts], yerr=err, marker="o", capsize=3,
                          label=label)
         _series(axes[1], [(n, r.get("recall@K")) for n, r in pts], marker="o", label=f"{label}, generated")
+    for name in dict.fromkeys(name for s in ordered for name in s.get("index_recall", {})):
+        _series(axes[2], [(s["n_facts"], s["index_recall"][name].get(f"recall@{s.get('K_top', 8)}"))
+                          for s in ordered if name in s.get("index_recall", {})], marker="o", label=name)
     for name in dict.fromkeys(name for s in searched for name in s["retrieval"]):
         pts = [(s["n_facts"], s["retrieval"][name]) for s in searched if name in s["retrieval"]]
         label = {"exact": "exact", "hnsw": "HNSW (config)", "hnsw_before": "HNSW (before)"}.get(name, name)
@@ -211,7 +214,8 @@ def plot_size(sizes: Sequence[dict[str, Any]], path: str | Path, keys_only: Sequ
                 label=f"{label}, search only")
         if name != "exact":
             _series(axes[2], [(s["n_facts"], s["index_recall"][name].get(f"recall@{s.get('K_top', 8)}"))
-                              for s in searched if name in s.get("index_recall", {})], marker="x", label=label)
+                              for s in searched if name in s.get("index_recall", {})], marker="x", linestyle="--",
+                    label=f"{label}, search only")
     titles = ("EM (official, 95% CI)", "gold facts among the K_top candidates (R@K)",
               "index recall of exact top-K (real queries)")
     for ax, title in zip(axes, titles):
