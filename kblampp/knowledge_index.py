@@ -187,6 +187,9 @@ class KnowledgeIndex:
         take = self.index.nlist * TRAIN_PER_LIST
         if len(keys) > take:
             keys = keys[np.sort(np.random.default_rng(0).choice(len(keys), take, replace=False))]
+        if not len(keys):  # an empty KB: one list around the origin, so later adds have somewhere to go
+            keys = np.zeros((1, self.dim), np.float32)
+        self.index.cp.min_points_per_centroid = 1  # a small KB gets one list (ivf_nlist): nothing to warn about
         self.index.train(l2_form_keys(keys, self.params["mips_norm"]) if self.mips_l2 else self._prep(keys))
 
     def _prep(self, x: np.ndarray) -> np.ndarray:

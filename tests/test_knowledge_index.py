@@ -205,6 +205,14 @@ def test_inner_product_ivfflat_is_exact_when_every_list_is_searched_and_nprobe_i
         KnowledgeIndex.build(keys, "ivfflat", "ip", pq_m=8)
 
 
+@pytest.mark.parametrize("method", ["hnsw", "ivfflat"])
+def test_an_empty_kb_builds_searches_and_takes_adds(method):
+    index = KnowledgeIndex.build(np.zeros((0, 32), np.float32), method, "ip")
+    assert index.ntotal == 0 and index.search(_keys(2), 3)[1].tolist() == [[-1, -1, -1]] * 2
+    index.add(_keys(3), [0, 1, 2])
+    assert sorted(index.search(_keys(1), 3)[1][0].tolist()) == [0, 1, 2]
+
+
 def test_a_longer_key_added_after_the_build_goes_to_the_exact_segment(tmp_path):
     keys = _keys(400)
     index = KnowledgeIndex.build(keys, "hnsw", "ip")
