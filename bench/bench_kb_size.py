@@ -11,9 +11,10 @@ test split with its KB grown by distractor facts from freshly generated worlds.
 Per size N ("base" = the main job's store alone): the base store's facts first and unchanged (QA
 records name facts by position), then N - base distractor facts from new worlds (`--distractor_seed`,
 world indices after the base's, every base entity name reserved: `kblampp.synth.distractors`), embedded
-with the store's embedding model and encoded with the store's trained K/V encoder; the HNSW index of the
-config's `index` section; rows `lookup` and `kblampp` (exact search and HNSW) with official EM, 95%
-bootstrap intervals, recall@1 and recall@K_top; the HNSW's recall of exact top-K on the real questions'
+with the store's embedding model and encoded with the store's trained K/V encoder; an HNSW index and the
+config's own method's (IVF-flat by default), with the parameters of the config's `index` section; rows
+`lookup` and `kblampp` (exact search and each ANN index of `--retrievals`) with official EM, 95%
+bootstrap intervals, recall@1 and recall@K_top; each index's recall of exact top-K on the real questions'
 queries (the first inject layer's query at each prompt's last token). Each size runs in its own process
 (peak RSS is per size) and writes `<out_dir>/n<N>/result.json`; a size with a result is skipped unless
 --force (or stale: built for another encoder or other distractors). The table (`kb_size.md/.json`) and

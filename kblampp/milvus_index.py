@@ -192,18 +192,18 @@ class MilvusIndex:
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         if self.index_type == "IVF_FLAT":
-            ef = {"nprobe": int(self.params["nprobe"])}
+            knob = {"nprobe": int(self.params["nprobe"])}
         else:
-            ef = {"ef": max(int(self.params["ef_search"]), k)}
+            knob = {"ef": max(int(self.params["ef_search"]), k)}
         if not self.mips_l2:
-            for row, found in self._hits(self.collection, queries, k, batch_size, {"metric_type": "IP", "params": ef}):
+            for row, found in self._hits(self.collection, queries, k, batch_size, {"metric_type": "IP", "params": knob}):
                 ids[row, :len(found)] = [h["id"] for h in found]
                 scores[row, :len(found)] = [h["distance"] for h in found]
             return scores, ids
         unit, _ = l2_form_queries(queries)
         found_ids: list[list[int]] = [[] for _ in queries]
         found_scores: list[list[float]] = [[] for _ in queries]
-        for row, found in self._hits(self.collection, unit, k, batch_size, {"metric_type": "L2", "params": ef}, True):
+        for row, found in self._hits(self.collection, unit, k, batch_size, {"metric_type": "L2", "params": knob}, True):
             if found:  # scores: the inner products with the stored keys' own coordinates
                 stored = np.asarray([h["entity"]["key"][:self.dim] for h in found], np.float32)
                 found_ids[row] += [h["id"] for h in found]

@@ -107,7 +107,7 @@ def _mb(x: float | None) -> str:
 
 def _keys_only_lines(keys_only: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["| Facts | Search | Gold R@K (search top-K) | Answer fact first | Index recall@1 of exact | "
-             "Index recall@K of exact | HNSW build |", "|---:|---|---:|---:|---:|---:|---:|"]
+             "Index recall@K of exact | Index build |", "|---:|---|---:|---:|---:|---:|---:|"]
     for s in keys_only:
         for name, ret in s["retrieval"].items():
             rec = s.get("index_recall", {}).get(name, {})
