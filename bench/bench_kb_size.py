@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kblampp.config import KBConfig, add_config_args, config_from_args  # noqa: E402
-from kblampp.knowledge_index import config_params  # noqa: E402
+from kblampp.knowledge_index import config_params, recalls_of  # noqa: E402
 from kblampp.progress import status  # noqa: E402
 
 MILLION = 1_000_000
@@ -190,6 +190,7 @@ def question_queries(ec: Any, records: list, out_dir: Path, checkpoint: Path) ->
     q = last_token_queries(ec.model, ec.tokenizer, prompts, e_q, ec.source, batch_size=64)
     from kblampp.store_io import save_npy, write_json_atomic
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # a fresh --out_dir: the queries are its first file
     tmp = out_dir / ".queries.npy.tmp"
     save_npy(tmp, q)
     tmp.replace(path)
@@ -215,7 +216,7 @@ def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: d
     """Rows lookup + kblampp (exact, HNSW[, HNSW before]) on the whole test split, index recall."""
     import torch
 
-    from kblampp.evaluation.kb_size import index_recall, row_metrics
+    from kblampp.evaluation.kb_size import row_metrics
     from kblampp.evaluation.report import seen_answers, summarize_row, write_report
     from kblampp.evaluation.runner import load_eval_context, run_rows
     from kblampp.inference.loading import resolve_checkpoint
@@ -245,8 +246,9 @@ def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: d
         old = KnowledgeIndex.build(keys, "hnsw", cfg.index.similarity, **params)
         record["build"]["hnsw_before_build_s"] = time.perf_counter() - t0
         variants["hnsw_before"] = (old, describe_index(old.params, old.similarity) + " (before)")
-    record["index_recall"] = {name: index_recall(ix, keys, queries, ks, similarity=cfg.index.similarity) | {"index": label}
-                              for name, (ix, label) in variants.items()}
+    founds = {name: ix.search(queries, max(ks))[1] for name, (ix, _) in variants.items()}
+    record["index_recall"] = {name: rec | {"index": variants[name][1]}  # one pass of exact scores for all
+                              for name, rec in recalls_of(founds, keys, queries, ks, cfg.index.similarity).items()}
     status(f"index recall on the questions' queries: {json.dumps(record['index_recall'])}")
     kw = dict(batch_size=args.batch_size, batch_tokens=args.batch_tokens or None)
     rows: dict[str, dict[str, Any]] = dict(record.get("rows", {}))  # rows of earlier runs of this size stay
@@ -308,7 +310,7 @@ def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, record
     import torch
 
     from kblampp.embedding import embed_unique, load_embedder
-    from kblampp.evaluation.kb_size import exact_top, gold_recall, index_recall
+    from kblampp.evaluation.kb_size import exact_top, gold_recall
     from kblampp.evaluation.retrieval_metrics import answer_fact_of
     from kblampp.kb_store import KBValueStore
     from kblampp.knowledge_index import KnowledgeIndex
@@ -349,20 +351,20 @@ def keys_only_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, record
     k, sim = cfg.K_top, cfg.index.similarity
     exact = exact_top(keys, queries, k, sim)
     record["retrieval"] = {"exact": gold_recall(exact, supports, answers, k) | {"index": "exact"}}
-    record["index_recall"] = {}
     indexes = {m: (m, config_params(cfg.index, m)) for m in ann_runs(args)}
     if args.before:
         indexes["hnsw_before"] = ("hnsw", {**config_params(cfg.index, "hnsw"), **parse_params(args.before)})
+    founds, about = {}, {}
     for name, (method, params) in indexes.items():
         t0 = time.perf_counter()
         index = KnowledgeIndex.build(keys, method, sim, **params)
         build_s = time.perf_counter() - t0
-        _, found = index.search(queries, k)
+        _, founds[name] = index.search(queries, k)
         label = describe_index(index.params, sim, method) + (" (before)" if name == "hnsw_before" else "")
-        record["index_recall"][name] = index_recall(index, keys, queries, (1, k), sim, found=found) | {
-            "index": label, "build_s": build_s}
-        record["retrieval"][name] = gold_recall(found, supports, answers, k) | {"index": label}
-        del index
+        about[name] = {"index": label, "build_s": build_s}
+        record["retrieval"][name] = gold_recall(founds[name], supports, answers, k) | {"index": label}
+        del index  # one index in memory at a time
+    record["index_recall"] = {name: rec | about[name] for name, rec in recalls_of(founds, keys, queries, (1, k), sim).items()}
     record["K_top"] = k
     status(f"n={n_facts} keys only: {json.dumps(record['retrieval'])} {json.dumps(record['index_recall'])}")
     return record

@@ -420,17 +420,25 @@ def recall_against(found: np.ndarray, scores: np.ndarray, ks: Sequence[int]) -> 
     return out
 
 
+def recalls_of(founds: dict[Any, np.ndarray], keys: np.ndarray, queries: np.ndarray, ks: Sequence[int],
+               similarity: str = "ip", chunk: int = 128) -> dict[Any, dict[str, float]]:
+    """`recall_against` of each of several searches' `founds` (name -> (Q, >= max k) key rows) over
+    `similarity` on `keys`, in query chunks (memory stays at chunk x N); the exact scores of a chunk
+    are computed once for all of them."""
+    queries = np.asarray(queries, np.float32)
+    totals: dict[str, dict[str, float]] = {name: {} for name in founds}
+    for s in range(0, len(queries), chunk):
+        scores = exact_scores(keys, queries[s:s + chunk], similarity)
+        for name, found in founds.items():
+            for metric, value in recall_against(found[s:s + chunk], scores, ks).items():
+                totals[name][metric] = totals[name].get(metric, 0.0) + value * len(scores)
+    return {name: {m: v / len(queries) for m, v in total.items()} for name, total in totals.items()}
+
+
 def recall_of(found: np.ndarray, keys: np.ndarray, queries: np.ndarray, ks: Sequence[int],
               similarity: str = "ip", chunk: int = 128) -> dict[str, float]:
-    """`recall_against` of `found` (Q, >= max k) key rows over `similarity` on `keys`, in query chunks
-    (memory stays at chunk x N)."""
-    queries = np.asarray(queries, np.float32)
-    total: dict[str, float] = {}
-    for s in range(0, len(queries), chunk):
-        part = recall_against(found[s:s + chunk], exact_scores(keys, queries[s:s + chunk], similarity), ks)
-        for name, value in part.items():
-            total[name] = total.get(name, 0.0) + value * len(queries[s:s + chunk])
-    return {name: value / len(queries) for name, value in total.items()}
+    """`recalls_of` for one search's `found`."""
+    return recalls_of({"found": found}, keys, queries, ks, similarity, chunk)["found"]
 
 
 def recall_at_k(index: KnowledgeIndex, keys: np.ndarray, queries: np.ndarray, k: int,

@@ -187,6 +187,12 @@ def _series(ax: Any, points: Sequence[tuple[int, float | None]], **style: Any) -
         ax.plot([n for n, _ in pts], [v for _, v in pts], **style)
 
 
+def _index_recall_points(sizes: Sequence[dict[str, Any]], name: str) -> list[tuple[int, float | None]]:
+    """(facts, index `name`'s recall@K_top of exact search) for the sizes that measured it."""
+    return [(s["n_facts"], s["index_recall"][name].get(f"recall@{s.get('K_top', 8)}"))
+            for s in sizes if name in s.get("index_recall", {})]
+
+
 def plot_size(sizes: Sequence[dict[str, Any]], path: str | Path, keys_only: Sequence[dict[str, Any]] = ()) -> Path:
     """EM (with its interval), gold recall@K and the index's recall of exact top-K against KB size (log x)."""
     import matplotlib
@@ -205,16 +211,14 @@ def plot_size(sizes: Sequence[dict[str, Any]], path: str | Path, keys_only: Sequ
                          label=label)
         _series(axes[1], [(n, r.get("recall@K")) for n, r in pts], marker="o", label=f"{label}, generated")
     for name in dict.fromkeys(name for s in ordered for name in s.get("index_recall", {})):
-        _series(axes[2], [(s["n_facts"], s["index_recall"][name].get(f"recall@{s.get('K_top', 8)}"))
-                          for s in ordered if name in s.get("index_recall", {})], marker="o", label=name)
+        _series(axes[2], _index_recall_points(ordered, name), marker="o", label=name)
     for name in dict.fromkeys(name for s in searched for name in s["retrieval"]):
         pts = [(s["n_facts"], s["retrieval"][name]) for s in searched if name in s["retrieval"]]
         label = {"exact": "exact", "hnsw": "HNSW (config)", "hnsw_before": "HNSW (before)"}.get(name, name)
         _series(axes[1], [(n, r.get("recall@K")) for n, r in pts], linestyle="--", marker="x",
                 label=f"{label}, search only")
         if name != "exact":
-            _series(axes[2], [(s["n_facts"], s["index_recall"][name].get(f"recall@{s.get('K_top', 8)}"))
-                              for s in searched if name in s.get("index_recall", {})], marker="x", linestyle="--",
+            _series(axes[2], _index_recall_points(searched, name), marker="x", linestyle="--",
                     label=f"{label}, search only")
     titles = ("EM (official, 95% CI)", "gold facts among the K_top candidates (R@K)",
               "index recall of exact top-K (real queries)")

@@ -71,7 +71,7 @@ class StoreLiveKB:
                  extra_builders: dict[str, Callable[[list[dict]], np.ndarray]] | None = None,
                  read_only: bool = False, rebuild_fraction: float = 0.1, index_cfg: Any | None = None):
         self.store_dir, self.embedder, self.method = Path(store_dir), embedder, method
-        self.index_cfg = index_cfg  # search-time settings (efSearch) applied to every index loaded
+        self.index_cfg = index_cfg  # search-time settings (efSearch, nprobe) applied to every index loaded
         self.extra_builders = dict(extra_builders or {})
         self.read_only, self.rebuild_fraction = read_only, rebuild_fraction
         self.pending: list[LogEntry] = []
