@@ -85,8 +85,10 @@ def wanted_retrievals(args: argparse.Namespace) -> list[str]:
 
 
 def ann_runs(args: argparse.Namespace) -> list[str]:
-    """The ANN indexes a size needs: the HNSW (its index recall is always reported) and any other asked."""
-    return list(dict.fromkeys(["hnsw"] + [r for r in wanted_retrievals(args) if r in ANN_METHODS]))
+    """The ANN indexes a size needs: those asked (by default the HNSW and the config's method), and the
+    HNSW whenever --before compares against it."""
+    asked = [r for r in wanted_retrievals(args) if r in ANN_METHODS]
+    return list(dict.fromkeys((["hnsw"] if args.before else []) + asked))
 
 
 # ---- one size -------------------------------------------------------------------------------------
@@ -172,6 +174,40 @@ def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: 
             "base_key_max_diff": key_drift, "peak_rss_build_bytes": peak_rss_bytes()}
 
 
+def only_encoder_changed(recorded: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """True when a size's facts are the same and only the K/V encoder differs (a retrained checkpoint):
+    its store keeps the raw embeddings, so re-encoding replaces a rebuild (hours at 10^6 facts)."""
+    if recorded is None:
+        return False
+    changed = {k for k in current if recorded.get(k) != current[k]}
+    return changed == {"kv_encoder_sha256"}
+
+
+def reencode_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: dict[str, Any],
+                  identity: dict[str, Any]) -> dict[str, Any]:
+    """Keys and values of a size's store recomputed by the base store's (new) encoder from the stored raw
+    embeddings; the store's indexes go with the old keys (refresh_index builds them again)."""
+    from kblampp.kb_store import KBValueStore, encode_file
+
+    base = KBValueStore.load(args.base_store)
+    old = KBValueStore.load(size_dir / "store")
+    t0 = time.perf_counter()
+    report = encode_file(size_dir / "facts.jsonl", size_dir / "store", base.manifest["embedding_model"], base.d_k,
+                         base.d_v, int(base.manifest.get("d_tau", cfg.d_tau)), base.d_ctx,
+                         base.root / "kv_encoder.safetensors", old.manifest["dtype"])
+    if not report["reused_raw"]:
+        raise SystemExit(f"{size_dir / 'store'}: the raw embeddings were not reused (the store changed under it)")
+    store = KBValueStore.load(size_dir / "store")
+    key_drift = float(np.abs(np.asarray(store.arrays["K.npy"][:base.n]) - np.asarray(base.arrays["K.npy"])).max())
+    if key_drift > 1e-4:
+        raise SystemExit(f"{size_dir / 'store'}: base keys differ from {args.base_store} by {key_drift}")
+    out = {k: v for k, v in record.items() if k not in ("ann_indexes", "rows")}
+    out["identity"], out["base_key_max_diff"] = identity, key_drift
+    out["build"] = {**record.get("build", {}), "reencode_s": time.perf_counter() - t0}
+    out.pop("index", None)  # every index is built again by refresh_index
+    return out
+
+
 def question_queries(ec: Any, records: list, out_dir: Path, checkpoint: Path) -> np.ndarray:
     """The last-token queries of the test questions (independent of the KB: computed once, cached)."""
     from kblampp.backbone import answer_instruction
@@ -238,9 +274,9 @@ def eval_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, record: d
         ix = KnowledgeIndex.load(ec.store.index_dir(method), expect_n=ec.store.n, expect_store_id=ec.store.store_id)
         apply_search_params(ix, cfg.index)  # --set index.ef_search=N / index.nprobe=N: another search, no rebuild
         variants[method] = (ix, describe_index(ix.params, ix.similarity, method))
-    hnsw = variants["hnsw"][0]
     before = parse_params(args.before)
     if before:
+        hnsw = variants["hnsw"][0]  # ann_runs adds it whenever --before is given
         t0 = time.perf_counter()
         params = {**{k: v for k, v in hnsw.params.items() if k != "mips_norm"}, **before}  # an HNSW's own keys
         old = KnowledgeIndex.build(keys, "hnsw", cfg.index.similarity, **params)
@@ -283,7 +319,7 @@ def refresh_index(cfg: KBConfig, size_dir: Path, record: dict[str, Any], build_p
     from kblampp.store_io import write_json_atomic
 
     not_built = ("mips_norm", "ivf_nlist_used") + SEARCH_PARAMS  # derived from the keys / applied at search time
-    had = record["index"] if method == "hnsw" else record.get("ann_indexes", {}).get(method)
+    had = record.get("index") if method == "hnsw" else record.get("ann_indexes", {}).get(method)
     wanted = {k: v for k, v in config_params(cfg.index, method).items() if k not in not_built}
     if had is not None and (size_dir / "store" / f"index_{method}").is_dir():
         built = {k: v for k, v in had["params"].items() if k not in not_built}
@@ -384,8 +420,14 @@ def run_worker(cfg: KBConfig, args: argparse.Namespace) -> int:
         if reason:
             (size_dir / "result.json").unlink(missing_ok=True)  # its rows were measured on the old build
     if reason:
-        status(f"n={n}: building ({reason})")
-        write_json_atomic(build_path, build_size(cfg, args, n, size_dir))
+        old = json.loads(build_path.read_text(encoding="utf-8")) if build_path.is_file() else None
+        current = current_identity(args, n)
+        if not args.force and (size_dir / "store").is_dir() and only_encoder_changed((old or {}).get("identity"), current):
+            status(f"n={n}: re-encoding ({reason}; the raw embeddings are reused)")
+            write_json_atomic(build_path, reencode_size(cfg, args, size_dir, old, current))
+        else:
+            status(f"n={n}: building ({reason})")
+            write_json_atomic(build_path, build_size(cfg, args, n, size_dir))
     if args.build_only:
         status(f"n={n}: built {size_dir / 'store'}")
         return 0

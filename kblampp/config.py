@@ -73,6 +73,9 @@ class StageAConfig:
     sem_weight: float = 1.0  # InfoNCE of sem alone (what the ANN search ranks by) onto the answer's (head, relation)
     negatives: str = "train_worlds"  # train_worlds (softmax over the training worlds' facts) | all
     query_init_scale: float = 200.0  # start Q = scale * key map of e_q (zero-shot match); 0 = random init
+    # training-only worlds (not in the KB) for the retrieval phase: more entities for the keys to tell apart
+    retrieval_extra_facts: str | None = None  # 5-tuple file (kblampp.training.extra_worlds)
+    retrieval_extra_qa: str | None = None  # questions over it (fact ids index retrieval_extra_facts)
     retrieval_eval_interval: int = 250
     time_steps: int = 150  # the time score's per-kind rows: softmax over the answer's same-(head, relation) facts
     time_lr: float = 0.05

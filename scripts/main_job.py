@@ -2,7 +2,8 @@
 
     python scripts/main_job.py [--config configs/embedded_default.yaml] [--num_worlds 5 --persons 80]
 
-Steps: synthetic worlds -> sanity check -> QA splits -> sanity check -> K/V encode (store) -> faiss
+Steps: synthetic worlds -> sanity check -> QA splits -> sanity check -> training-only worlds for the
+retrieval phase (not in the KB) -> K/V encode (store) -> faiss
 index -> Stage A (retrieval, copy gate, value warm-up, end to end) -> evaluation table (every row on the
 whole test split: lookup, lookup_chain, the LLM baselines, KBLaM++ and its ablations; KB-edit check) -> evidence JSON -> alpha plots and training curves.
 Each step calls the `kblampp` package (no subprocesses) and prints what it wrote, sizes and times.
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from kblampp.config import KBConfig, add_config_args, config_from_args  # noqa: E402
 from kblampp.sanity import run_check  # noqa: E402
-from kblampp.synth.pipeline import make_qa_files, make_world_file  # noqa: E402
+from kblampp.synth.pipeline import make_extra_world_files, make_qa_files, make_world_file  # noqa: E402
 from kblampp.synth.world import WorldSizes  # noqa: E402
 
 
@@ -75,6 +76,27 @@ def step_check_qa(job: Job) -> None:
         if result.problems:
             raise SystemExit("\n".join(result.lines()[:50]))
         print(result.summary)
+
+
+def step_extra_worlds(job: Job) -> None:
+    """Training-only worlds for the retrieval phase (`stage_a.retrieval_extra_facts`), kept out of the KB."""
+    sa, a = job.cfg.stage_a, job.args
+    if sa.retrieval_extra_facts is None or a.extra_facts <= 0:
+        sa.retrieval_extra_facts = sa.retrieval_extra_qa = None  # Stage A trains on the KB's worlds only
+        print("no training-only worlds (--extra_facts 0 or none named in the config)")
+        return
+    if sa.retrieval_extra_qa is None:
+        raise SystemExit("stage_a.retrieval_extra_facts is set but stage_a.retrieval_extra_qa is not: give both")
+    report = make_extra_world_files(job.files["facts"], ROOT / sa.retrieval_extra_facts, ROOT / sa.retrieval_extra_qa,
+                                    a.extra_facts, a.extra_seed, train_variants=a.train_variants)
+    print("\n".join(report.lines()))
+    for key, kind in (("extra_facts", "5tuple"), ("extra_qa", "qa")):
+        path = report.paths["facts" if key == "extra_facts" else "qa"]
+        result = run_check(path, kind, **({"facts": str(report.paths["facts"])} if kind == "qa" else {}))
+        if result.problems:
+            raise SystemExit("\n".join(result.lines()[:50]))
+        print(result.summary)
+        job.files[key] = path
 
 
 def step_encode(job: Job) -> None:
@@ -160,7 +182,7 @@ def step_plots(job: Job) -> None:
 
 
 STEPS = [("world", step_world), ("check_world", step_check_world), ("qa", step_qa), ("check_qa", step_check_qa),
-         ("encode", step_encode), ("index", step_index), ("stage_a", step_stage_a), ("eval", step_eval),
+         ("extra_worlds", step_extra_worlds), ("encode", step_encode), ("index", step_index), ("stage_a", step_stage_a), ("eval", step_eval),
          ("evidence", step_evidence), ("plots", step_plots)]
 
 
@@ -175,6 +197,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev_worlds", type=int, default=1)
     p.add_argument("--test_worlds", type=int, default=1)
     p.add_argument("--train_variants", type=int, default=1, help="training phrasings per question")
+    p.add_argument("--extra_facts", type=int, default=20000,
+                   help="facts of training-only worlds for the retrieval phase, not in the KB (0 = none)")
+    p.add_argument("--extra_seed", type=int, default=3,
+                   help="their world seed (the size benchmark draws its distractors with 1 and 2)")
     p.add_argument("--eval_questions", type=int, default=0, help="test questions in the table (0 = the whole test split)")
     p.add_argument("--kb_edit", type=int, default=50, help="facts edited in the KB-edit check (0 = off)")
     p.add_argument("--evidence_questions", type=int, default=12, help="questions in evidence.json")

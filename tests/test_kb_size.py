@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -161,15 +162,20 @@ def test_distractors_never_draw_a_person_an_initials_question_would_also_name(ba
 
 
 
-def test_a_size_build_is_reused_only_for_the_same_encoder_and_distractors(base):
+def _bench():
+    """bench/bench_kb_size.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
-    from types import SimpleNamespace
 
     path = Path(__file__).resolve().parents[1] / "bench" / "bench_kb_size.py"
     spec = importlib.util.spec_from_file_location("bench_kb_size", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_a_size_build_is_reused_only_for_the_same_encoder_and_distractors(base):
+    bench = _bench()
     store = SimpleNamespace(manifest={"source": {"sha256": "f" * 64}, "kv_encoder": {"sha256": "e" * 64}})
     extra = distractor_facts(base, 50, seed=4, sizes=SMALL, progress=False)
     built = bench.build_identity(store, extra, 4)
@@ -180,21 +186,58 @@ def test_a_size_build_is_reused_only_for_the_same_encoder_and_distractors(base):
     redrawn[7]["head"]["name"] = "Someone Else"  # what a change of the world generator does under one seed
     assert bench.stale_reason(built, bench.build_identity(store, redrawn, 4)) == "distractors_sha256 changed"
     assert bench.stale_reason(None, built) == "no identity recorded (built by an older version)"
+    # a retrained encoder alone re-encodes the kept raw embeddings; other changes rebuild the store
+    assert bench.only_encoder_changed(built, bench.build_identity(retrained, extra, 4))
+    assert not bench.only_encoder_changed(built, bench.build_identity(retrained, redrawn, 4))
+    assert not bench.only_encoder_changed(built, built) and not bench.only_encoder_changed(None, built)
 
 
-def test_the_size_benchmark_runs_exact_the_hnsw_and_the_configs_index_and_rejects_others():
-    import importlib.util
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_kb_size.py"
-    spec = importlib.util.spec_from_file_location("bench_kb_size", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    args = SimpleNamespace(retrievals=None, config_method="ivfflat")
+def test_the_size_benchmark_runs_the_retrievals_asked_and_rejects_others():
+    bench = _bench()
+    args = SimpleNamespace(retrievals=None, config_method="ivfflat", before=None)
     assert bench.wanted_retrievals(args) == ["exact", "hnsw", "ivfflat"]
-    assert bench.ann_runs(SimpleNamespace(retrievals="exact", config_method="hnsw")) == ["hnsw"]
-    assert bench.ann_runs(SimpleNamespace(retrievals="ivfpq,exact", config_method="hnsw")) == ["hnsw", "ivfpq"]
+    assert bench.ann_runs(args) == ["hnsw", "ivfflat"]
+    assert bench.ann_runs(SimpleNamespace(retrievals="exact", config_method="hnsw", before=None)) == []
+    assert bench.ann_runs(SimpleNamespace(retrievals="exact,ivfflat", config_method="hnsw", before=None)) == ["ivfflat"]
+    # --before compares an HNSW against the config's, so the HNSW is built whatever was asked
+    assert bench.ann_runs(SimpleNamespace(retrievals="ivfpq,exact", config_method="hnsw", before="ef_search=64")
+                          ) == ["hnsw", "ivfpq"]
     with pytest.raises(SystemExit, match="--retrievals: 'annoy' is not one of exact, hnsw, ivfflat, ivfpq"):
         bench.wanted_retrievals(SimpleNamespace(retrievals="exact,annoy", config_method="hnsw"))
     assert bench.describe_index({"nprobe": 128, "mips_norm": 7.5}, "ip", "ivfflat") == "IVF-flat ip nprobe=128"
+
+
+def test_a_retrained_encoder_re_encodes_a_size_store_from_its_raw_embeddings(tmp_path):
+    import torch
+
+    from kblampp.config import load_config
+    from kblampp.kb_store import KBValueStore, build_store_index, encode_file
+    from kblampp.kv_encoder import KVEncoder, save_kv_encoder
+    from kblampp.synth.jsonl import write_jsonl
+    from kblampp.training.toy import HashEmbedder, toy_facts
+
+    bench, emb = _bench(), HashEmbedder(32)
+    facts = toy_facts(8)
+    write_jsonl(tmp_path / "base.jsonl", facts[:18])
+    write_jsonl(tmp_path / "n24" / "facts.jsonl", facts)  # the base's 18 facts first, then 6 "distractors"
+    for src, store in ((tmp_path / "base.jsonl", tmp_path / "base"), (tmp_path / "n24" / "facts.jsonl",
+                                                                       tmp_path / "n24" / "store")):
+        encode_file(src, store, emb.name, 16, 16, d_tau=8, embedder=emb, hidden=32, progress=False)
+    build_store_index(tmp_path / "n24" / "store", "flat", "ip")
+    save_kv_encoder(KVEncoder(32, 16, 16, 8, 32, seed=5), tmp_path / "retrained.safetensors")
+    encode_file(tmp_path / "base.jsonl", tmp_path / "base", emb.name, 16, 16, d_tau=8,
+                kv_encoder=tmp_path / "retrained.safetensors", progress=False)  # what Stage A's re-encode does
+    record = {"identity": {"kv_encoder_sha256": "old"}, "index": {"method": "hnsw"}, "rows": {"lookup": {}},
+              "ann_indexes": {"ivfflat": {}}, "build": {"embed_s": 9.0}, "n_facts": 24}
+    args = SimpleNamespace(base_store=str(tmp_path / "base"))
+    out = bench.reencode_size(load_config(None, ["d_k=16", "d_v=16", "d_tau=8"]), args, tmp_path / "n24", record,
+                              {"kv_encoder_sha256": "new"})
+    store = KBValueStore.load(tmp_path / "n24" / "store")
+    with torch.no_grad():
+        want = KVEncoder(32, 16, 16, 8, 32, seed=5).encode_keys(torch.from_numpy(store.raw("e_h").copy()),
+                                                                 torch.from_numpy(store.raw("e_r").copy()))
+    assert torch.allclose(store.keys_tensor(), want, atol=1e-6)
+    assert out["base_key_max_diff"] <= 1e-6 and out["identity"] == {"kv_encoder_sha256": "new"}
+    assert "index" not in out and "rows" not in out and "ann_indexes" not in out  # measured on the old keys
+    assert out["build"]["embed_s"] == 9.0 and out["build"]["reencode_s"] > 0
+    assert not list((tmp_path / "n24" / "store").glob("index_*"))  # the old keys' index is gone

@@ -57,3 +57,27 @@ def make_qa_files(world_path: str | Path, out_dir: str | Path, prefix: str = "sy
                          reference_date=reference_date)
     paths = write_qa(splits, out_dir, prefix)
     return StepReport(paths, {s: len(r) for s, r in splits.items()}, time.perf_counter() - t0, qa_counts(splits))
+
+
+def make_extra_world_files(world_path: str | Path, facts_out: str | Path, qa_out: str | Path, n_facts: int,
+                           seed: int, train_variants: int = 1, reference_date: str = REFERENCE_DATE,
+                           progress: bool = True) -> StepReport:
+    """Training-only worlds (`kblampp.training.extra_worlds`): `n_facts` facts of new worlds drawn with
+    `seed`, no entity named like one of `world_path`'s, and training questions over them (fact ids
+    index `facts_out`). The KB never holds them; the retrieval phase trains on them."""
+    from kblampp.synth.distractors import collisions, distractor_facts
+
+    t0 = time.perf_counter()
+    base = [f.raw for f in load_facts(world_path)]
+    extra = distractor_facts(base, n_facts, seed=seed, progress=progress)
+    clash = collisions(base, extra)
+    if clash.names or clash.ids:
+        raise ValueError(f"extra worlds share {clash.names} names / {clash.ids} ids with {world_path}: {clash.examples}")
+    n = write_jsonl(facts_out, extra)
+    prefix = Path(qa_out).name.removesuffix(".jsonl")
+    splits = generate_qa(load_facts(facts_out), seed=seed, dev_worlds=0, test_worlds=0, dataset=prefix,
+                         train_variants=train_variants, reference_date=reference_date)
+    m = write_jsonl(qa_out, splits["train"])
+    details = qa_counts({"train": splits["train"]}) | {"worlds": len({fact_world(f) for f in extra})}
+    return StepReport({"facts": Path(facts_out), "qa": Path(qa_out)}, {"facts": n, "qa": m},
+                      time.perf_counter() - t0, details)

@@ -79,6 +79,16 @@ class FactTable:
                    head_names=[f.head_name for f in facts], tail_names=[f.tail_name for f in facts],
                    worlds=fact_worlds(facts))
 
+    def concat(self, other: "FactTable") -> "FactTable":
+        """This table's facts, then `other`'s (row i of `other` becomes row num_facts + i)."""
+        tensors = {f.name: torch.cat([getattr(self, f.name), getattr(other, f.name).to(getattr(self, f.name).device)])
+                   for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        lists = {name: getattr(self, name) + getattr(other, name)
+                 for name in ("head_keys", "relation_keys", "head_names", "tail_names")}
+        worlds = None if self.worlds is None and other.worlds is None else (
+            (self.worlds or [None] * self.num_facts) + (other.worlds or [None] * other.num_facts))
+        return replace(self, **tensors, **lists, worlds=worlds)
+
     def group_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(head_id, rel_id) (N,) long: facts sharing both share a (head, relation) (siblings)."""
         heads: dict[str, int] = {}

@@ -43,10 +43,31 @@ class RetrievalData:
     def __len__(self) -> int:
         return int(self.e_q.shape[0])
 
+    def concat(self, other: "RetrievalData") -> "RetrievalData":
+        """These questions, then `other`'s (same inject layers; -1 padded id lists widened to fit)."""
+        if set(self.hidden) != set(other.hidden):
+            raise ValueError(f"RetrievalData.concat: layers {sorted(self.hidden)} and {sorted(other.hidden)} differ")
+        if (self.time_kind is None) != (other.time_kind is None):
+            raise ValueError("RetrievalData.concat: one side has time kinds, the other not")
+        kinds = None if self.time_kind is None else torch.cat([self.time_kind, other.time_kind])
+        return RetrievalData({k: torch.cat([v, other.hidden[k]]) for k, v in self.hidden.items()},
+                             torch.cat([self.e_q, other.e_q]), torch.cat([self.tau, other.tau]),
+                             torch.cat([self.answer, other.answer]), _cat_padded(self.supporting, other.supporting),
+                             self.qtypes + other.qtypes, _cat_padded(self.hard, other.hard), kinds)
+
     def to(self, device: torch.device | str) -> "RetrievalData":
         return RetrievalData({k: v.to(device) for k, v in self.hidden.items()}, self.e_q.to(device),
                              self.tau.to(device), self.answer.to(device), self.supporting.to(device), self.qtypes,
                              self.hard.to(device), None if self.time_kind is None else self.time_kind.to(device))
+
+
+def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of a then b, (n_a + n_b, max width), padded with -1."""
+    width = max(a.shape[1], b.shape[1])
+    out = torch.full((a.shape[0] + b.shape[0], width), -1, dtype=a.dtype, device=a.device)
+    out[:a.shape[0], :a.shape[1]] = a
+    out[a.shape[0]:, :b.shape[1]] = b.to(a.device)
+    return out
 
 
 def full_scores(kb: KBInjection, h: torch.Tensor, e_q: torch.Tensor, tau: torch.Tensor, keys: torch.Tensor,

@@ -37,6 +37,7 @@ from kblampp.training.cache import cached_question_states
 from kblampp.training.common import StageModules
 from kblampp.training.copy_gate_phase import CopyGateTrainer, answer_position_cache
 from kblampp.training.e2e_phase import E2ETrainer
+from kblampp.training.extra_worlds import load_extra_worlds
 from kblampp.training.facts import FactTable, hard_negatives
 from kblampp.training.loop import Trainer, load_kb_state, make_accelerator
 from kblampp.training.retrieval_phase import RetrievalData, RetrievalTrainer, init_query_from_keys
@@ -67,6 +68,8 @@ class StageAInputs:
     store: Any = None  # KBValueStore, re-encoded at the end when the encoder was trained
     abstain_train: Sequence[QARecord] = ()  # every training question, unanswerable ones too (abstention phase)
     abstain_dev: Sequence[QARecord] = ()
+    extra_facts: Sequence[Fact] = ()  # training-only worlds for the retrieval phase (not in the KB)
+    extra_qa: Sequence[QARecord] = ()  # questions about them, fact ids shifted past the KB's facts
 
 
 def load_inputs(cfg: KBConfig, progress: bool = True) -> StageAInputs:
@@ -87,9 +90,12 @@ def load_inputs(cfg: KBConfig, progress: bool = True) -> StageAInputs:
     # the abstention phase reads them all
     all_train = load_qa(cfg.train_dataset, num_facts=store.n)
     all_dev = load_qa(cfg.eval_dataset, num_facts=store.n) if cfg.eval_dataset else []
+    extra_facts, extra_qa = load_extra_worlds(cfg.stage_a.retrieval_extra_facts, cfg.stage_a.retrieval_extra_qa,
+                                              offset=store.n)
     return StageAInputs(cfg, backbone, tokenizer, lambda texts: embedder.encode(texts, progress=progress),
                         embedder.dim, facts, table, copy.deepcopy(store.encoder), tail_table,
-                        answerable_records(all_train), answerable_records(all_dev), store, all_train, all_dev)
+                        answerable_records(all_train), answerable_records(all_dev), store, all_train, all_dev,
+                        extra_facts, answerable_records(extra_qa))
 
 
 def build_model(cfg: KBConfig, backbone: torch.nn.Module, d_ctx: int) -> KBLaMPP:
@@ -166,16 +172,21 @@ class StageA:
         dev = _subset(answerable_records(inp.dev_qa), sa.dev_max_questions, self.cfg.seed)
         self.dev_ds = QADataset(dev, inp.tokenizer, np.zeros((len(dev), 1), np.float32), self.cfg.max_seq_len,
                                 times=training_times(dev, inp.facts, self.cfg)) if dev else None
+        self.extra_ds = None  # questions of the training-only worlds (retrieval phase), ids past the KB's
+        if inp.extra_qa:
+            everything = list(inp.facts) + list(inp.extra_facts)
+            self.extra_ds = QADataset(list(inp.extra_qa), inp.tokenizer, np.zeros((len(inp.extra_qa), 1), np.float32),
+                                      self.cfg.max_seq_len, times=training_times(inp.extra_qa, everything, self.cfg))
         self.timings: dict[str, float] = {}
         self.hop_cache: dict[int, dict[str, torch.Tensor]] = {}
 
     # ---- caches ---------------------------------------------------------------------------------
-    def _states(self, ds: QADataset) -> dict[int, torch.Tensor]:
+    def _states(self, ds: QADataset, facts: Sequence[Fact] | None = None) -> dict[int, torch.Tensor]:
         """The first inject layer's state at the last prompt token (plain backbone) + e_q; with more
         inject layers the same forward keeps every layer's residual / attention output for the hop
-        phase (`self.hop_cache[id(ds)]`)."""
+        phase (`self.hop_cache[id(ds)]`). `facts`: what the records' ids index (default: the KB's)."""
         prompts = [ex.input_ids[:ex.prompt_len] for ex in ds.examples]
-        times = gold_times(ds.records, self.inp.facts, self.cfg)  # e_q's text as at run time (relative questions)
+        times = gold_times(ds.records, facts or self.inp.facts, self.cfg)  # e_q's text as at run time (relative questions)
         questions = [times.query_text(i, r.question) for i, r in enumerate(ds.records)]
         layers = self.model.inject_layers
         cached = cached_question_states(self.run_dir / "cache", self.model.backbone, self.cfg.backbone, prompts,
@@ -216,22 +227,21 @@ class StageA:
         train_data = _retrieval_data(self.train_ds, train_states, mods.table, sa.hard_negatives).to(mods.device)
         dev_data = (_retrieval_data(self.dev_ds, dev_states, mods.table, 0).to(mods.device)
                     if dev_states is not None else None)
-        fixed = None if sa.train_kv_encoder else mods.tensor_kb(grad=False).K.detach()
-        retr = RetrievalTrainer(cfg, self.first_layer_modules(), mods.table, train_data, dev_data,
-                                key_encoder=mods.kv if sa.train_kv_encoder else None, fixed_keys=fixed,
-                                rank=rank, world=world)
-        if sa.negatives == "train_worlds":
-            retr.restrict_negatives(mods.table.world_mask({r.raw.get("world") for r in self.train_ds.records} - {None}))
-        elif sa.negatives != "all":
+        if sa.negatives not in ("train_worlds", "all"):
             raise ValueError(f"stage_a.negatives: {sa.negatives!r} is not one of train_worlds, all")
+        retr = self._kb_retrieval(train_data, dev_data, rank, world)
         fresh = "retrieval" not in self.trainer.completed() and self.trainer.latest_checkpoint("retrieval") is None
+        t0 = time.perf_counter()
+        phase_retr = self._with_extra_worlds(retr, train_data, dev_data, rank, world) if not (
+            resume and "retrieval" in self.trainer.completed()) else retr
+        self.timings["extra_worlds_s"] = time.perf_counter() - t0
         if sa.query_init_scale > 0 and (fresh or not resume):
             for kb in mods.layer_modules().values():
                 init_query_from_keys(kb, mods.kv, sa.query_init_scale)
-            results["retrieval_init"] = retr.eval_fn(0)
+            results["retrieval_init"] = phase_retr.eval_fn(0)
             self.trainer.metrics.write(phase="retrieval", step=0, eval=results["retrieval_init"])
         t0 = time.perf_counter()
-        results["retrieval"] = self.trainer.run(retr.phase(mods.layer_names(), "kv"), resume)
+        results["retrieval"] = self.trainer.run(phase_retr.phase(mods.layer_names(), "kv"), resume)
         self.timings["retrieval_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -274,6 +284,38 @@ class StageA:
         self.timings["abstention_s"] = time.perf_counter() - t0
         self.finish(results)
         return results
+
+    def _kb_retrieval(self, train: RetrievalData, dev: RetrievalData | None, rank: int, world: int
+                      ) -> RetrievalTrainer:
+        """Retrieval over the KB's facts and training questions: what every phase after the first uses."""
+        sa, mods = self.cfg.stage_a, self.mods
+        fixed = None if sa.train_kv_encoder else mods.tensor_kb(grad=False).K.detach()
+        retr = RetrievalTrainer(self.cfg, self.first_layer_modules(), mods.table, train, dev,
+                                key_encoder=mods.kv if sa.train_kv_encoder else None, fixed_keys=fixed,
+                                rank=rank, world=world)
+        if sa.negatives == "train_worlds":
+            retr.restrict_negatives(mods.table.world_mask({r.raw.get("world") for r in self.train_ds.records} - {None}))
+        return retr
+
+    def _with_extra_worlds(self, retr: RetrievalTrainer, train: RetrievalData, dev: RetrievalData | None,
+                           rank: int, world: int) -> RetrievalTrainer:
+        """The retrieval phase's trainer: `retr` itself, or with training-only worlds (not in the KB) their
+        facts appended to the table (softmax columns too) and their questions to the training data."""
+        if self.extra_ds is None:
+            return retr
+        if not self.cfg.stage_a.train_kv_encoder:
+            raise ValueError("stage_a.retrieval_extra_facts needs stage_a.train_kv_encoder: true (the extra facts "
+                             "have no keys in the store)")
+        mods, extra = self.mods, self.inp.extra_facts
+        table = mods.table.concat(FactTable.from_facts(extra, self.inp.embed).to(mods.device))
+        states = self._states(self.extra_ds, list(self.inp.facts) + list(extra))
+        data = train.concat(_retrieval_data(self.extra_ds, states, table, self.cfg.stage_a.hard_negatives).to(mods.device))
+        out = RetrievalTrainer(self.cfg, self.first_layer_modules(), table, data, dev, key_encoder=mods.kv,
+                               rank=rank, world=world)
+        base = retr.columns if retr.columns is not None else torch.ones(mods.table.num_facts, dtype=torch.bool,
+                                                                         device=mods.device)
+        out.restrict_negatives(torch.cat([base, torch.ones(len(extra), dtype=torch.bool, device=mods.device)]))
+        return out
 
     def _encoder_filter(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
         if self.cfg.stage_a.train_kv_encoder:
