@@ -208,6 +208,23 @@ def reencode_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, recor
     return out
 
 
+KEYLESS_ROWS = ("lookup",)  # rows that never read the K/V encoder's keys or values
+
+
+def keep_keyless_rows(result_path: Path, same_facts: bool) -> None:
+    """A size whose store changes: with the same facts (a re-encode) the rows that never read keys stay
+    valid and are kept; anything else drops the whole result."""
+    if not result_path.is_file():
+        return
+    if not same_facts:
+        result_path.unlink()
+        return
+    from kblampp.store_io import write_json_atomic
+
+    old = json.loads(result_path.read_text(encoding="utf-8"))
+    write_json_atomic(result_path, {"rows": {k: v for k, v in old.get("rows", {}).items() if k in KEYLESS_ROWS}})
+
+
 def question_queries(ec: Any, records: list, out_dir: Path, checkpoint: Path) -> np.ndarray:
     """The last-token queries of the test questions (independent of the KB: computed once, cached)."""
     from kblampp.backbone import answer_instruction
@@ -413,21 +430,21 @@ def run_worker(cfg: KBConfig, args: argparse.Namespace) -> int:
     size_dir = Path(args.out_dir) / f"n{n}"
     size_dir.mkdir(parents=True, exist_ok=True)
     build_path = size_dir / "build.json"
-    reason = "--force" if args.force else None if build_path.is_file() else "not built yet"
+    old = json.loads(build_path.read_text(encoding="utf-8")) if build_path.is_file() else None
+    reason = "--force" if args.force else None if old is not None else "not built yet"
+    current = current_identity(args, n) if old is not None else None
+    reencode = False
     if reason is None:
-        reason = stale_reason(json.loads(build_path.read_text(encoding="utf-8")).get("identity"),
-                              current_identity(args, n))
+        reason = stale_reason(old.get("identity"), current)
+        reencode = bool(reason) and (size_dir / "store").is_dir() and only_encoder_changed(old.get("identity"), current)
         if reason:
-            (size_dir / "result.json").unlink(missing_ok=True)  # its rows were measured on the old build
-    if reason:
-        old = json.loads(build_path.read_text(encoding="utf-8")) if build_path.is_file() else None
-        current = current_identity(args, n)
-        if not args.force and (size_dir / "store").is_dir() and only_encoder_changed((old or {}).get("identity"), current):
-            status(f"n={n}: re-encoding ({reason}; the raw embeddings are reused)")
-            write_json_atomic(build_path, reencode_size(cfg, args, size_dir, old, current))
-        else:
-            status(f"n={n}: building ({reason})")
-            write_json_atomic(build_path, build_size(cfg, args, n, size_dir))
+            keep_keyless_rows(size_dir / "result.json", reencode)  # the other rows were measured on the old keys
+    if reason and reencode:
+        status(f"n={n}: re-encoding ({reason}; the raw embeddings are reused)")
+        write_json_atomic(build_path, reencode_size(cfg, args, size_dir, old, current))
+    elif reason:
+        status(f"n={n}: building ({reason})")
+        write_json_atomic(build_path, build_size(cfg, args, n, size_dir))
     if args.build_only:
         status(f"n={n}: built {size_dir / 'store'}")
         return 0

@@ -241,3 +241,15 @@ def test_a_retrained_encoder_re_encodes_a_size_store_from_its_raw_embeddings(tmp
     assert "index" not in out and "rows" not in out and "ann_indexes" not in out  # measured on the old keys
     assert out["build"]["embed_s"] == 9.0 and out["build"]["reencode_s"] > 0
     assert not list((tmp_path / "n24" / "store").glob("index_*"))  # the old keys' index is gone
+
+
+def test_a_re_encode_keeps_only_the_rows_that_never_read_keys(tmp_path):
+    bench = _bench()
+    rows = {"lookup": {"em": 0.6}, "kblampp_exact": {"em": 0.7}, "kblampp_ivfflat": {"em": 0.7}}
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"rows": rows, "n_facts": 9}))
+    bench.keep_keyless_rows(path, same_facts=True)
+    assert json.loads(path.read_text()) == {"rows": {"lookup": {"em": 0.6}}}
+    bench.keep_keyless_rows(path, same_facts=False)  # other facts: nothing measured before holds
+    assert not path.exists()
+    bench.keep_keyless_rows(path, same_facts=True)  # nothing to keep: no error
