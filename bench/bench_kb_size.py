@@ -209,20 +209,21 @@ def reencode_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, recor
 
 
 KEYLESS_ROWS = ("lookup",)  # rows that never read the K/V encoder's keys or values
+KEPT_ROWS = "kept_rows.json"  # a re-encoded size's keyless rows, until its next result.json
 
 
-def keep_keyless_rows(result_path: Path, same_facts: bool) -> None:
-    """A size whose store changes: with the same facts (a re-encode) the rows that never read keys stay
-    valid and are kept; anything else drops the whole result."""
+def keep_keyless_rows(size_dir: Path, same_facts: bool) -> None:
+    """A size whose store changes loses its result.json. With the same facts (a re-encode) the rows
+    that never read keys stay valid: they wait in kept_rows.json for the size's next result."""
+    result_path = size_dir / "result.json"
     if not result_path.is_file():
         return
-    if not same_facts:
-        result_path.unlink()
-        return
-    from kblampp.store_io import write_json_atomic
+    if same_facts:
+        from kblampp.store_io import write_json_atomic
 
-    old = json.loads(result_path.read_text(encoding="utf-8"))
-    write_json_atomic(result_path, {"rows": {k: v for k, v in old.get("rows", {}).items() if k in KEYLESS_ROWS}})
+        rows = json.loads(result_path.read_text(encoding="utf-8")).get("rows", {})
+        write_json_atomic(size_dir / KEPT_ROWS, {k: v for k, v in rows.items() if k in KEYLESS_ROWS})
+    result_path.unlink()
 
 
 def question_queries(ec: Any, records: list, out_dir: Path, checkpoint: Path) -> np.ndarray:
@@ -438,7 +439,7 @@ def run_worker(cfg: KBConfig, args: argparse.Namespace) -> int:
         reason = stale_reason(old.get("identity"), current)
         reencode = bool(reason) and (size_dir / "store").is_dir() and only_encoder_changed(old.get("identity"), current)
         if reason:
-            keep_keyless_rows(size_dir / "result.json", reencode)  # the other rows were measured on the old keys
+            keep_keyless_rows(size_dir, reencode)  # the other rows were measured on the old keys
     if reason and reencode:
         status(f"n={n}: re-encoding ({reason}; the raw embeddings are reused)")
         write_json_atomic(build_path, reencode_size(cfg, args, size_dir, old, current))
@@ -453,8 +454,11 @@ def run_worker(cfg: KBConfig, args: argparse.Namespace) -> int:
         record = refresh_index(cfg, size_dir, record, build_path, method)
     if (size_dir / "result.json").is_file():  # keep the rows of earlier retrievals
         record["rows"] = json.loads((size_dir / "result.json").read_text(encoding="utf-8")).get("rows", {})
+    elif (size_dir / KEPT_ROWS).is_file():  # re-encoded: the rows that never read keys
+        record["rows"] = json.loads((size_dir / KEPT_ROWS).read_text(encoding="utf-8"))
     record = eval_size(cfg, args, size_dir, record)
     write_json_atomic(size_dir / "result.json", record)
+    (size_dir / KEPT_ROWS).unlink(missing_ok=True)
     status(f"n={n}: wrote {size_dir / 'result.json'}")
     return 0
 

@@ -246,10 +246,13 @@ def test_a_retrained_encoder_re_encodes_a_size_store_from_its_raw_embeddings(tmp
 def test_a_re_encode_keeps_only_the_rows_that_never_read_keys(tmp_path):
     bench = _bench()
     rows = {"lookup": {"em": 0.6}, "kblampp_exact": {"em": 0.7}, "kblampp_ivfflat": {"em": 0.7}}
-    path = tmp_path / "result.json"
-    path.write_text(json.dumps({"rows": rows, "n_facts": 9}))
-    bench.keep_keyless_rows(path, same_facts=True)
-    assert json.loads(path.read_text()) == {"rows": {"lookup": {"em": 0.6}}}
-    bench.keep_keyless_rows(path, same_facts=False)  # other facts: nothing measured before holds
-    assert not path.exists()
-    bench.keep_keyless_rows(path, same_facts=True)  # nothing to keep: no error
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"rows": rows, "n_facts": 9}))
+    bench.keep_keyless_rows(tmp_path, same_facts=True)
+    assert not result.exists()  # result.json is always a whole result (the table reads every one)
+    assert json.loads((tmp_path / bench.KEPT_ROWS).read_text()) == {"lookup": {"em": 0.6}}
+    result.write_text(json.dumps({"rows": rows, "n_facts": 9}))
+    (tmp_path / bench.KEPT_ROWS).unlink()
+    bench.keep_keyless_rows(tmp_path, same_facts=False)  # other facts: nothing measured before holds
+    assert not result.exists() and not (tmp_path / bench.KEPT_ROWS).exists()
+    bench.keep_keyless_rows(tmp_path, same_facts=True)  # nothing to keep: no error
