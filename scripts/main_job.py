@@ -90,13 +90,13 @@ def step_extra_worlds(job: Job) -> None:
     report = make_extra_world_files(job.files["facts"], ROOT / sa.retrieval_extra_facts, ROOT / sa.retrieval_extra_qa,
                                     a.extra_facts, a.extra_seed, train_variants=a.train_variants)
     print("\n".join(report.lines()))
-    for key, kind in (("extra_facts", "5tuple"), ("extra_qa", "qa")):
-        path = report.paths["facts" if key == "extra_facts" else "qa"]
-        result = run_check(path, kind, **({"facts": str(report.paths["facts"])} if kind == "qa" else {}))
+    facts, qa = report.paths["facts"], report.paths["qa"]
+    for path, kind, options in ((facts, "5tuple", {}), (qa, "qa", {"facts": str(facts)})):
+        result = run_check(path, kind, **options)
         if result.problems:
             raise SystemExit("\n".join(result.lines()[:50]))
         print(result.summary)
-        job.files[key] = path
+    job.files.update(extra_facts=facts, extra_qa=qa)
 
 
 def step_encode(job: Job) -> None:
@@ -182,8 +182,8 @@ def step_plots(job: Job) -> None:
 
 
 STEPS = [("world", step_world), ("check_world", step_check_world), ("qa", step_qa), ("check_qa", step_check_qa),
-         ("extra_worlds", step_extra_worlds), ("encode", step_encode), ("index", step_index), ("stage_a", step_stage_a), ("eval", step_eval),
-         ("evidence", step_evidence), ("plots", step_plots)]
+         ("extra_worlds", step_extra_worlds), ("encode", step_encode), ("index", step_index),
+         ("stage_a", step_stage_a), ("eval", step_eval), ("evidence", step_evidence), ("plots", step_plots)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
