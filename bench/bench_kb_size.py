@@ -129,6 +129,15 @@ def stale_reason(recorded: dict[str, Any] | None, current: dict[str, Any]) -> st
     return f"{', '.join(changed)} changed" if changed else None
 
 
+def base_key_drift(store: Any, base: Any, size_dir: Path) -> float:
+    """Largest difference between a size store's first keys and the base store's; the same encoder on
+    the same raw embeddings must give the base keys, so a drift above 1e-4 stops the benchmark."""
+    drift = float(np.abs(np.asarray(store.arrays["K.npy"][:base.n]) - np.asarray(base.arrays["K.npy"])).max())
+    if drift > 1e-4:
+        raise SystemExit(f"{size_dir / 'store'}: base keys differ from {base.root} by {drift}")
+    return drift
+
+
 def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: Path) -> dict[str, Any]:
     """Facts file, store (trained encoder) and HNSW index of one size; returns the build record."""
     from kblampp.embedding import load_embedder
@@ -161,9 +170,7 @@ def build_size(cfg: KBConfig, args: argparse.Namespace, n_facts: int, size_dir: 
     kv_write_s = time.perf_counter() - t0
     del raw
     store = KBValueStore.load(size_dir / "store")
-    key_drift = float(np.abs(np.asarray(store.arrays["K.npy"][:base.n]) - np.asarray(base.arrays["K.npy"])).max())
-    if key_drift > 1e-4:  # the same encoder on the same raw embeddings must give the base keys
-        raise SystemExit(f"{size_dir / 'store'}: base keys differ from {args.base_store} by {key_drift}")
+    key_drift = base_key_drift(store, base, size_dir)
     report = build_store_index(size_dir / "store", "hnsw", cfg.index.similarity, **config_params(cfg.index, "hnsw"))
     return {"n_facts": store.n, "n_distractors": len(extra), "distractor_seed": args.distractor_seed, "identity": identity,
             "collisions": dataclasses.asdict(clash) | {"rate": clash.rate},
@@ -198,9 +205,7 @@ def reencode_size(cfg: KBConfig, args: argparse.Namespace, size_dir: Path, recor
     if not report["reused_raw"]:
         raise SystemExit(f"{size_dir / 'store'}: the raw embeddings were not reused (the store changed under it)")
     store = KBValueStore.load(size_dir / "store")
-    key_drift = float(np.abs(np.asarray(store.arrays["K.npy"][:base.n]) - np.asarray(base.arrays["K.npy"])).max())
-    if key_drift > 1e-4:
-        raise SystemExit(f"{size_dir / 'store'}: base keys differ from {args.base_store} by {key_drift}")
+    key_drift = base_key_drift(store, base, size_dir)
     out = {k: v for k, v in record.items() if k not in ("ann_indexes", "rows")}
     out["identity"], out["base_key_max_diff"] = identity, key_drift
     out["build"] = {**record.get("build", {}), "reencode_s": time.perf_counter() - t0}
