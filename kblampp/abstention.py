@@ -20,7 +20,6 @@ the question (entity not found, relation missing, window outside the question's 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import LogitsProcessor
+
+from kblampp.name_link import names_head, words
 
 ABSTAIN_FEATURES = ("max_alpha", "alpha_entropy", "second_alpha", "top_sem", "top_phi", "top_g_time", "top_score",
                     "score_margin", "max_sem", "sem_gap", "sem_spread", "sem_lost", "max_phi", "phi_lost",
@@ -349,28 +350,6 @@ def calibrate_threshold(score: np.ndarray, unanswerable: np.ndarray, answer_ok: 
 
 
 # ---------------------------------------------------------------------------------------- explanations
-def _words(text: str) -> str:
-    from kblampp.metrics import normalize_answer
-
-    return f" {normalize_answer(text)} "
-
-
-def _name_forms(head: str) -> list[str]:
-    """The head's name as a question may write it: whole, or with its first name as an initial."""
-    words = head.split()
-    forms = [_words(head)]
-    if len(words) >= 2 and words[0][:1].isalpha():
-        forms.append(_words(f"{words[0][0]}. {' '.join(words[1:])}"))
-    return [f for f in forms if f.strip()]
-
-
-def names_head(question: str, head: str) -> bool:
-    """Whether the question names this head ("Troy Sims's home" names Troy Sims; "A. Miller" names
-    Alice Miller), on SQuAD-normalised words."""
-    q = _words(re.sub(r"['’]s\b", "", question))
-    return any(form in q for form in _name_forms(re.sub(r"['’]s\b", "", head)))
-
-
 def head_named(questions: Sequence[str], cand_ids: torch.Tensor, head_name: Callable[[int], str]) -> torch.Tensor:
     """(B, K) bool: candidate k of row b is a fact whose head `questions[b]` names (-1 ids: False).
     A check on the retrieved evidence: asked about an entity the KB lacks, no candidate's head is named."""
@@ -382,7 +361,7 @@ def head_named(questions: Sequence[str], cand_ids: torch.Tensor, head_name: Call
 def miss_reason(question: str, tau: tuple[float, float] | None, head: str, window_days: tuple[float, float]) -> str:
     """Why a candidate fact does not answer the question: its head is not named in the question
     (entity_missing), else its window misses the question's time (time_outside), else relation_missing."""
-    if _words(head).strip() and not names_head(question, head):
+    if words(head).strip() and not names_head(question, head):
         return "entity_missing"
     if tau is not None and not (math.isnan(tau[0]) or math.isnan(tau[1])):
         lo, hi = window_days

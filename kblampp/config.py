@@ -160,6 +160,8 @@ class KBConfig:
     inject_layers: list[int] = field(default_factory=lambda: [8])
     K_top: int = 8
     K_pool: int | None = None  # search this many by sem and keep the K_top best by the whole score (None = K_top)
+    name_link: bool = False  # the facts whose head the question names lead the first inject layer's candidates
+    name_link_limit: int = 64  # at most this many linked facts per question (longest names first)
     gamma: float = 1.0
     eta: float = 1.0
     temperature: float = 1.0
@@ -291,6 +293,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValueError as err:
         raise ConfigError(f"{label} reference_date: {str(err).partition(': ')[2]}") from None
     check_retrieval_positions(cfg.retrieval_positions, f"{label} retrieval_positions")
+    if cfg.name_link_limit < 1:
+        raise ConfigError(f"{label} name_link_limit: must be >= 1, got {cfg.name_link_limit}")
     return cfg
 
 

@@ -22,6 +22,8 @@ from kblampp.kb_context import ContextHolder, KBContext, LayerRecord
 from kblampp.scorers import ContextScorer, TimeScorer
 from kblampp.selector import KBSelector, Selection
 
+LINKED_FIRST = 1e4  # added to a linked fact's rank: above any searched fact's sem or s
+
 
 def force_candidates(ids: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     """Teacher forcing: every forced id (B, F; -1 = padding) appears among the candidates (B, T, K),
@@ -56,6 +58,23 @@ def drop_excluded(ids: torch.Tensor, excluded: torch.Tensor, k: int) -> torch.Te
     order = torch.arange(n, device=ids.device).expand(B, T, n) + bad.long() * n  # kept ones first
     pick = order.argsort(-1)[..., :k]  # (B, T, k)
     return ids.gather(-1, pick).masked_fill(bad.gather(-1, pick), -1)
+
+
+def join_linked(ids: torch.Tensor, linked: torch.Tensor, excluded: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The searched ids (B, T, P) followed by the linked facts (B, L; -1 = padding) they lack, and
+    whether each slot is a linked fact: ((B, T, P + L) ids, (B, T, P + L) bool). A linked fact that is
+    excluded (B, E) is left out; a searched one that is linked is marked, not repeated."""
+    B, T, _ = ids.shape
+    lk = linked.to(ids.device)[:, None, :].expand(B, T, linked.shape[-1])  # (B, T, L)
+    ok = lk >= 0
+    if excluded is not None:
+        ex = excluded.to(ids.device)[:, None, None, :]  # (B, 1, 1, E)
+        ok = ok & ~((lk[..., None] == ex) & (ex >= 0)).any(-1)
+    same = (lk[..., :, None] == ids[..., None, :]) & ok[..., :, None]  # (B, T, L, P)
+    new = ok & ~same.any(-1)  # (B, T, L) linked facts the search did not return
+    named = torch.cat([same.any(-2), new], dim=-1)  # (B, T, P + L)
+    return torch.cat([ids, lk.masked_fill(~new, -1)], dim=-1), named
 
 
 def take(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -126,11 +145,16 @@ class KBInjection(nn.Module):
         ids = ctx.source.search(q.reshape(B * T, -1), pool + extra).view(B, T, pool + extra).to(q.device)
         if excluded is not None:
             ids = drop_excluded(ids, excluded, pool)  # (B, T, pool)
+        linked = ctx.rows(ctx.linked_ids, B) if self.layer_idx in ctx.linked_layers else None
+        widened = pool > k or linked is not None  # more slots than kept: choose the k kept below
         pinned = None  # with a pool: rows with forced ids keep their first k slots, exactly as without one
         if forced is not None:
             first = only_candidates(ids[..., :k], forced) if ctx.forced_only else force_candidates(ids[..., :k], forced)
             ids = first if pool == k else torch.cat([first, ids[..., k:]], dim=-1)  # (B, T, pool)
-            pinned = None if pool == k else (forced.to(ids.device) >= 0).any(-1)[:, None, None]  # (B, 1, 1)
+            pinned = (forced.to(ids.device) >= 0).any(-1)[:, None, None] if widened else None  # (B, 1, 1)
+        named = None
+        if linked is not None:  # the facts whose head the question names join the pool, ahead of the rest
+            ids, named = join_linked(ids, linked, excluded)  # (B, T, pool + L)
         valid = ids >= 0  # faiss pads with -1 when it finds fewer than asked
         valid[..., 0] = True  # keep the best slot so a position never has no candidate at all
         if pinned is not None:
@@ -143,8 +167,11 @@ class KBInjection(nn.Module):
         timed = tau is not None or kind is not None  # siblings only matter to a time constraint
         g_time = self.kb_time_scorer(tau_q, rows["tau_min"].to(q.device), rows["tau_max"].to(q.device),
                                      time_kind=kind, same_group=same_group(rows, valid) if timed else None)
-        if pool > k:  # keep the k best by the whole score s, not by sem alone
-            keep = self.kb_selector.score(sem, phi, g_time, valid).topk(k, dim=-1).indices  # (B, T, k)
+        if widened:  # keep the k best by the whole score s (a pool) or by sem, linked facts first
+            rank = self.kb_selector.score(sem, phi, g_time, valid) if pool > k else sem.masked_fill(~valid, -math.inf)
+            if named is not None:
+                rank = rank + named.to(rank.dtype) * LINKED_FIRST  # (B, T, pool + L)
+            keep = rank.topk(k, dim=-1).indices  # (B, T, k)
             if pinned is not None:
                 keep = torch.where(pinned, torch.arange(k, device=keep.device).expand_as(keep), keep)
             ids, valid, sem, phi, g_time = (take(x, keep) for x in (ids, valid, sem, phi, g_time))

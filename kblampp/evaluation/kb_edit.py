@@ -115,7 +115,8 @@ def run_kb_edit(ec: Any, records: Sequence[QARecord], n: int, batch_size: int = 
     variant = KB_VARIANTS["kblampp" if getattr(ec.model, "kb_copy_gate", None) is not None else "kblampp_injection"]
 
     def answer(source: Any, tail_table: torch.Tensor | None, desc: str) -> list[str]:
-        req = kb_request(ec.model, source, e_q, chosen, variant, tail_table, ec.cfg.reference_date)
+        req = kb_request(ec.model, source, e_q, chosen, variant, tail_table, ec.cfg.reference_date,
+                         linked=ec.linked(chosen))  # an edit keeps each fact's head: the same links
         return [g.pred for g in generate_rows(ec.model, ec.tokenizer, prompts, ec.cfg.max_new_tokens,
                                               batch_size=batch_size, request=req, desc=desc, progress=progress,
                                               questions=[r.question for r in chosen])]

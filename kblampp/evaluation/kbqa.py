@@ -167,6 +167,7 @@ class KBRequest:
     hop_excluded: torch.Tensor | None = None  # (n, E) relative: the anchor's group, -1 padded
     questions: list[str] | None = None  # the question texts, in question order (the decision's name check)
     head_name: Callable[[int], str] | None = None  # fact id -> its head's name (the decision's name check)
+    linked: torch.Tensor | None = None  # (n, L) facts whose head each question names, -1 padded (`name_link`)
     records: dict[int, LastTokenRecord] = field(default_factory=dict)
 
     @property
@@ -211,8 +212,10 @@ class KBRequest:
             forced, only = self.forced[idx].to(device), False
         kind = None if self.time_kind is None else self.time_kind[idx].to(device)
         later = frozenset(int(x) for x in self.model.inject_layers[1:])
+        linked = None if self.linked is None else self.linked[idx].to(device)
         ctx = KBContext(source=self.source, e_q=self.e_q[idx].to(device), tau=self.tau[idx].to(device),
                         time_kind=kind, forced_ids=forced, forced_only=only, excluded_ids=excluded, record=True,
+                        linked_ids=linked, linked_layers=frozenset() if linked is None else frozenset({self.layer}),
                         retrieval_positions=self.model.retrieval_positions,
                         off_layers=later if self.variant.one_layer else frozenset(),
                         zero_beta_layers=frozenset({self.layer}) if self.variant.hop1_zeroed else frozenset())
@@ -251,20 +254,24 @@ class KBRequest:
 def kb_request(model: Any, source: KBSource, e_q: torch.Tensor, records: Sequence[QARecord],
                variant: KBVariant, tail_table: torch.Tensor | None = None, reference_date: str | None = None,
                times: QuestionTimes | None = None, abstainer: Any = None, abstain_ids: Sequence[int] | None = None,
-               stop_id: int = -1, head_name: Callable[[int], str] | None = None) -> KBRequest:
+               stop_id: int = -1, head_name: Callable[[int], str] | None = None,
+               linked: torch.Tensor | None = None) -> KBRequest:
     """A ready `KBRequest` (a RequestHook) for `records` in order; `times` from `request_times`
     (default: parsed from the text with `reference_date` resolving "now", anchors left undated); with
     `abstainer`, rows it abstains on write `abstain_ids` then `stop_id`; `head_name(fact_id)` gives
-    the decision its name check."""
+    the decision its name check; `linked` (n, L): the facts each question names (`name_link`), ahead
+    of the searched ones at the first inject layer."""
     if e_q.shape[0] != len(records):
         raise ValueError(f"e_q has {e_q.shape[0]} rows for {len(records)} questions")
+    if linked is not None and linked.shape[0] != len(records):
+        raise ValueError(f"linked has {linked.shape[0]} rows for {len(records)} questions")
     times = times if times is not None else request_times(model, source, records, reference_date=reference_date)
     tau, kind = times.tensors()
     return KBRequest(model=model, source=source, e_q=e_q, tau=tau, variant=variant, time_kind=kind, times=times,
                      tail_table=tail_table, forced=forced_ids(records) if variant.oracle else None,
                      hop_forced=times.forced(), hop_excluded=times.excluded_ids(), abstainer=abstainer,
                      abstain_ids=None if abstain_ids is None else list(abstain_ids), stop_id=stop_id,
-                     questions=[r.question for r in records], head_name=head_name)
+                     questions=[r.question for r in records], head_name=head_name, linked=linked)
 
 
 __all__ = ["time_free_twin", "prefill_followers", "KBVariant", "KB_VARIANTS", "KBRequest", "LastTokenRecord",

@@ -158,8 +158,20 @@ class LookupAnswer:
     abstained: bool = False
 
 
-def best_fact(table: FactTable, q_vec: np.ndarray, qt: QuestionTime) -> tuple[int | None, float, bool]:
-    """(fact id or None, its similarity, whether the best text overall had facts but none in time)."""
+def best_fact(table: FactTable, q_vec: np.ndarray, qt: QuestionTime,
+              linked: Sequence[int] = ()) -> tuple[int | None, float, bool]:
+    """(fact id or None, its similarity, whether the best text overall had facts but none in time).
+    `linked`: the facts whose head the question names (`name_link`); the best of them in time wins
+    over every other fact, else the search goes on over all of them."""
+    live = [int(i) for i in linked if table.alive[i]]
+    if live:
+        texts = np.unique(table.text_id[live])
+        sims = table.text_vecs[texts] @ q_vec
+        named = set(live)
+        for t in texts[np.argsort(-sims, kind="stable")]:
+            ok = [i for i in table.facts_of_text.get(int(t), []) if i in named and in_time(table, [i], qt.tau)[0]]
+            if ok:
+                return prefer_in_time(table, ok, qt), float(table.text_vecs[t] @ q_vec), False
     sims = table.text_vecs @ q_vec  # (T,)
     outside = False
     for rank, t in enumerate(np.argsort(-sims, kind="stable")):
@@ -196,11 +208,13 @@ def question_times(table: FactTable, q: np.ndarray, questions: Sequence[str],
 
 
 def lookup_candidates(table: FactTable, q_vecs: np.ndarray, questions: Sequence[str],
-                      reference_date: str | None = None) -> LookupCandidates:
-    """The best in-time fact of every question (time parsed from the question text)."""
+                      reference_date: str | None = None,
+                      linked: Sequence[Sequence[int]] | None = None) -> LookupCandidates:
+    """The best in-time fact of every question (time parsed from the question text); `linked`: per
+    question, the facts whose head it names (tried first)."""
     q = normalise_rows(q_vecs)
     times = question_times(table, q, questions, reference_date)
-    found = [best_fact(table, q[i], times[i]) for i in range(len(questions))]
+    found = [best_fact(table, q[i], times[i], () if linked is None else linked[i]) for i in range(len(questions))]
     return LookupCandidates([f for f, _, _ in found], np.asarray([s for _, s, _ in found]),
                             np.asarray([o for _, _, o in found], bool))
 

@@ -13,6 +13,7 @@ import numpy as np
 from kblampp.evaluation.lookup import (DevGolds, FactTable, LookupAnswer, LookupCandidates, LookupSettings, TextVectors,
                                        build_fact_table, lookup_answers, lookup_candidates, tune_abstention)
 from kblampp.evaluation.lookup_chain import ChainSettings, chain_answers, chain_candidates, tune_chain
+from kblampp.name_link import NameIndex
 from kblampp.schema import QARecord
 
 LOOKUP_ROWS = ("lookup", "lookup_chain")
@@ -31,6 +32,11 @@ class LookupRows:
     tuned_on: str = "not tuned (no dev split)"
     setup_s: float = 0.0  # embedding the fact texts and tuning on dev
     reference_date: str | None = None  # what "now" means in a question
+    names: NameIndex | None = None  # `name_link`: `lookup` tries the facts a question names first
+    name_limit: int = 64
+
+    def _linked(self, questions: Sequence[str]) -> list[list[int]] | None:
+        return None if self.names is None else [self.names.link(q, self.name_limit) for q in questions]
 
     @classmethod
     def build(cls, facts: Sequence[Any], embed: Any, abstain_answer: str, alive: np.ndarray | None = None,
@@ -43,7 +49,7 @@ class LookupRows:
     def _candidates(self, records: Sequence[QARecord], q_vecs: np.ndarray | None = None) -> tuple[LookupCandidates, Any]:
         questions = [r.question for r in records]
         q = np.asarray(self.embed(questions) if q_vecs is None else q_vecs, dtype=np.float32)
-        cands = lookup_candidates(self.table, q, questions, self.reference_date)
+        cands = lookup_candidates(self.table, q, questions, self.reference_date, self._linked(questions))
         return cands, chain_candidates(self.table, self.chain_vecs, q, questions, cands.outside,
                                        reference_date=self.reference_date)
 
@@ -66,7 +72,7 @@ class LookupRows:
         questions = [r.question for r in records]
         q = np.asarray(self.embed(questions) if q_vecs is None else q_vecs, dtype=np.float32)
         t0 = time.perf_counter()
-        cands = lookup_candidates(self.table, q, questions, self.reference_date)
+        cands = lookup_candidates(self.table, q, questions, self.reference_date, self._linked(questions))
         found = lookup_answers(self.table, cands, self.lookup_settings, self.abstain_answer)
         t1 = time.perf_counter()
         chain = chain_candidates(self.table, self.chain_vecs, q, questions, cands.outside,
@@ -78,7 +84,8 @@ class LookupRows:
     def describe(self) -> str:
         """One line for the report's notes: how both rows were set."""
         ls, cs = self.lookup_settings, self.chain_settings
-        return (f"lookup rows {self.tuned_on}: lookup abstains below similarity {ls.min_score} "
+        linking = "" if self.names is None else "; lookup first tries the facts whose head the question names"
+        return (f"lookup rows {self.tuned_on}{linking}: lookup abstains below similarity {ls.min_score} "
                 f"(time-outside rule {'on' if ls.abstain_on_time else 'off'}); lookup_chain length biases "
                 f"{[round(float(b), 2) for b in cs.bias]} for 1/2/3 hops, abstains below {cs.abstain.min_score} "
                 f"(time-outside rule {'on' if cs.abstain.abstain_on_time else 'off'}); embedding the KB's fact "

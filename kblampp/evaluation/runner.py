@@ -28,6 +28,7 @@ from kblampp.evaluation.lookup_rows import LOOKUP_ROWS, LookupRows, load_dev
 from kblampp.evaluation.report import QuestionResult, is_seen, record_answerable, record_family
 from kblampp.evaluation.retrieval_metrics import score_question
 from kblampp.metrics import score_answer
+from kblampp.name_link import NameIndex
 from kblampp.progress import format_duration, format_rate, status
 from kblampp.schema import QA_TYPES, Fact, QARecord
 from kblampp.time_query import query_vectors
@@ -55,6 +56,7 @@ class EvalContext:
     info: dict[str, Any] = field(default_factory=dict)
     lookup: LookupRows | None = None  # built and dev-tuned on first use, shared by every later call
     abstainer: Any = None  # kblampp.abstention.Abstainer when the checkpoint has the decision
+    names: NameIndex | None = None  # the facts' head names, when `cfg.name_link` (kblampp.name_link)
 
     def lookup_rows(self, progress: bool = True) -> LookupRows:
         """The no-LLM rows over this KB (fact texts embedded once, tuned on the config's dev split)."""
@@ -62,6 +64,7 @@ class EvalContext:
             alive = np.asarray(self.store.alive, dtype=bool) if self.store is not None else None
             self.lookup = LookupRows.build(self.facts, self.embed, self.cfg.abstain_answer, alive,
                                            reference_date=self.cfg.reference_date)
+            self.lookup.names, self.lookup.name_limit = self.names, self.cfg.name_link_limit
             dev, label = load_dev(self.cfg.eval_dataset, len(self.facts))
             self.lookup.tune(dev, label)
             if self.cfg.abstention.lookup_threshold is not None:  # the config's floor beats the tuned one
@@ -80,7 +83,14 @@ class EvalContext:
         return kb_request(self.model, self.source, q_vecs, records, KB_VARIANTS[row], self.tail_table,
                           reference_date=self.cfg.reference_date, times=times, abstainer=self.abstainer,
                           abstain_ids=ids, stop_id=stop_token_id(self.tokenizer),
-                          head_name=self._head_name if self.cfg.abstention.name_check else None)
+                          head_name=self._head_name if self.cfg.abstention.name_check else None,
+                          linked=self.linked(records))
+
+    def linked(self, records: Sequence[QARecord]) -> torch.Tensor | None:
+        """(n, L) the facts whose head each question names, -1 padded; None without `name_link`."""
+        if self.names is None:
+            return None
+        return torch.from_numpy(self.names.linked_ids([r.question for r in records], self.cfg.name_link_limit))
 
     def _head_name(self, index: int) -> str:
         return self.facts[index].head_name
@@ -103,11 +113,12 @@ def load_eval_context(cfg: KBConfig, checkpoint: str | Path, progress: bool = Tr
     tail_table = load_or_build_tail_table(store, [f.tail_name for f in facts], tokenizer)
     source, _ = build_source(cfg, store)
     abstainer = model_abstainer(model, cfg.abstention.threshold)
+    names = NameIndex([f.head_name for f in facts], np.asarray(store.alive, bool)) if cfg.name_link else None
     info = {"checkpoint": str(ckpt), "store_dir": str(store.root), "n_facts": store.n,
             "answer_head": hasattr(model, "kb_copy_gate"), "load_s": round(time.perf_counter() - t0, 2),
             "abstain_threshold": None if abstainer is None else abstainer.threshold}
     return EvalContext(cfg, model, tokenizer, lambda texts: embedder.encode(texts, progress=progress),
-                       store, source, facts, tail_table, info, abstainer=abstainer)
+                       store, source, facts, tail_table, info, abstainer=abstainer, names=names)
 
 
 def select_questions(records: Sequence[QARecord], max_questions: int = 0, types: Sequence[str] | None = None,

@@ -52,6 +52,7 @@ def _build(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings, stor
     try:
         answerer = KBModelAnswerer(model, tokenizer, kb, abstainer=model_abstainer(model, cfg.abstention.threshold),
                                    name_check=cfg.abstention.name_check,
+                                   name_link_limit=cfg.name_link_limit if cfg.name_link else None,
                                    abstain_answer=cfg.abstain_answer)
         info = {"model": cfg.backbone, "checkpoint": str(checkpoint), "inject_layers": list(cfg.inject_layers),
                 "K_top": cfg.K_top, "answer_head": answerer.answer_head,

@@ -18,6 +18,7 @@ import torch
 from kblampp.backbone import answer_instruction, build_prompt
 from kblampp.inference.generate import generate_rows
 from kblampp.kb_context import KBContext
+from kblampp.name_link import NameIndex
 from kblampp.scorers import kinds_from_windows
 from kblampp.time_query import padded_ids
 from kblampp.synth.families import DEFAULT_ABSTAIN_ANSWER
@@ -55,8 +56,12 @@ class KBModelAnswerer:
     {"abstained", "p_unanswerable", "threshold"}; an abstaining model writes `abstain_answer`."""
 
     def __init__(self, model: Any, tokenizer: Any, kb: Any, tail_max_len: int = 16, abstainer: Any = None,
-                 abstain_answer: str = DEFAULT_ABSTAIN_ANSWER, name_check: bool = True):
+                 abstain_answer: str = DEFAULT_ABSTAIN_ANSWER, name_check: bool = True,
+                 name_link_limit: int | None = None):
         self.model, self.tokenizer, self.kb, self.tail_max_len = model, tokenizer, kb, tail_max_len
+        self.name_link_limit = name_link_limit  # None: no name linking (config `name_link` off)
+        self._names = NameIndex()
+        self._named: list[str | None] = []  # per slot: the head name indexed, None = deleted
         self.abstainer, self.abstain_answer, self.name_check = abstainer, abstain_answer, name_check
         self.instruction = answer_instruction(abstain_answer)
         self.gate = getattr(model, "kb_copy_gate", None)
@@ -84,6 +89,20 @@ class KBModelAnswerer:
         table[changed] = rows
         self._table, self._tails = table, names
         return table
+
+    def linked_ids(self, questions: Sequence[str]) -> torch.Tensor | None:
+        """(n, L) the live facts whose head each question names (-1 padded), None without name
+        linking; the name index follows live edits (only changed slots are re-indexed)."""
+        if self.name_link_limit is None:
+            return None
+        live = [None if (fact := self.kb.get(i)) is None else fact["head"]["name"] for i in range(self.kb.num_slots())]
+        for i, head in enumerate(live):
+            if i >= len(self._named) or self._named[i] != head:
+                self._names.remove(i)
+                if head is not None:
+                    self._names.add(i, head)
+        self._named = live
+        return torch.from_numpy(self._names.linked_ids(list(questions), self.name_link_limit))
 
     def anchor_fact(self, e_select: np.ndarray, e_search: np.ndarray) -> tuple[int, list[int]]:
         """The first retrieval of a succession / relative question (`kblampp.time_query.first_hop`):
@@ -151,6 +170,8 @@ class KBModelAnswerer:
             kinds = torch.where(given >= 0, given, kinds_from_windows(tau))  # (n,)
         forced = padded_ids([it.forced_ids or [] for it in items])  # rows without any: all -1, no forcing
         excluded = padded_ids([it.excluded_ids or [] for it in items])
+        linked = self.linked_ids([it.question for it in items])
+        linked_layers = frozenset() if linked is None else frozenset({self.layer})
         pick = (lambda t, sel: None if t is None else t[sel].to(device))
         calls: list[tuple[list[int], KBContext, Any]] = []
 
@@ -159,6 +180,7 @@ class KBModelAnswerer:
             sel = torch.tensor(indices, dtype=torch.long)
             ctx = KBContext(source=self.kb.source, e_q=pick(e_q, sel), tau=pick(tau, sel), time_kind=pick(kinds, sel),
                             forced_ids=pick(forced, sel), forced_only=True, excluded_ids=pick(excluded, sel),
+                            linked_ids=pick(linked, sel), linked_layers=linked_layers,
                             record=True, retrieval_positions=self.model.retrieval_positions)
             extra, decision = self._processors(ctx, abstain, [items[i].question for i in indices])
             calls.append((indices, ctx, decision))
