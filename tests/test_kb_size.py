@@ -256,3 +256,33 @@ def test_a_re_encode_keeps_only_the_rows_that_never_read_keys(tmp_path):
     bench.keep_keyless_rows(tmp_path, same_facts=False)  # other facts: nothing measured before holds
     assert not result.exists() and not (tmp_path / bench.KEPT_ROWS).exists()
     bench.keep_keyless_rows(tmp_path, same_facts=True)  # nothing to keep: no error
+
+
+def test_last_token_queries_equal_the_query_of_a_request_retrieving_everywhere():
+    """Only the last token retrieves: the query (which reads the layer's input, untouched by the KB)
+    is the one an every-position request captures at that token, for left-padded rows of any length."""
+    import torch
+
+    from kblampp.evaluation.kb_size import last_token_queries
+    from kblampp.inference.generate import tokenize_left
+    from kblampp.kb_context import KBContext
+    from kblampp.retrieval import random_tensor_kb
+    from test_injection import D_CTX, D_K, D_V, make
+
+    class Tok:  # one id per character, enough for tokenize_left
+        pad_token_id, eos_token_id = 0, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + ord(c) % 200 for c in text]}
+
+    model = make("llama")
+    source = random_tensor_kb(64, D_K, D_V, D_CTX)
+    prompts = ["short one", "a much longer prompt than that", "mid length"]
+    e_q = torch.randn(3, D_CTX, generator=torch.Generator().manual_seed(4))
+    got = last_token_queries(model, Tok(), prompts, e_q, source, batch_size=2, progress=False)
+    batch = tokenize_left(Tok(), prompts, "cpu")
+    ctx = KBContext(source=source, e_q=e_q, capture_query=True)
+    with torch.no_grad(), model.kb_request(ctx):
+        model(**batch, position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp_min(0), use_cache=False)
+    want = ctx.queries[1][0][:, -1].numpy()
+    assert got.shape == (3, D_K) and np.allclose(got, want, rtol=0, atol=1e-5)

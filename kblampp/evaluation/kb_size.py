@@ -28,7 +28,9 @@ def last_token_queries(model: Any, tokenizer: Any, prompts: Sequence[str], e_q: 
                        batch_size: int = 32, progress: bool = True) -> np.ndarray:
     """(n, d_k) float32: the first inject layer's query at each prompt's last token.
 
-    Positions are counted from each row's first real token, as generate() does for left padding."""
+    Positions are counted from each row's first real token, as generate() does for left padding. The
+    query reads the layer's input, which no KB term has touched yet, so only the last token retrieves
+    (`retrieval_positions` "last_prompt": the other positions would search for nothing)."""
     from kblampp.inference.generate import tokenize_left
     from kblampp.kb_context import KBContext
 
@@ -41,7 +43,8 @@ def last_token_queries(model: Any, tokenizer: Any, prompts: Sequence[str], e_q: 
                               disable=not progress):
         batch = tokenize_left(tokenizer, prompts[start:start + batch_size], device)
         positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-        ctx = KBContext(source=source, e_q=e_q[start:start + batch_size].to(device), capture_query=True)
+        ctx = KBContext(source=source, e_q=e_q[start:start + batch_size].to(device), capture_query=True,
+                        retrieval_positions="last_prompt")
         with model.kb_request(ctx):
             model(**batch, position_ids=positions, use_cache=False)
         out.append(ctx.queries[layer][0][:, -1].float().cpu().numpy())
