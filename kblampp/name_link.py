@@ -7,25 +7,27 @@ words name the entity exactly. With `name_link` on, the facts whose head the que
 first inject layer's candidates ahead of the searched ones (`KBInjection.select`); the score, the
 softmax and the value mix over the kept candidates are unchanged.
 
-A name is matched on SQuAD-normalised words, whole or with its first name as an initial ("A. Miller"
-names Alice Miller), as a run of whole words in the question (`names_head` is the one-pair form).
+A name is matched on lowercased words without punctuation, whole or with its first name as an initial
+("A. Miller" names Alice Miller), as a run of whole words in the question (`names_head` is the
+one-pair form, the abstention decision's name check).
 """
 from __future__ import annotations
 
 import re
+import string
 from functools import lru_cache
 from typing import Iterable, Sequence
 
 import numpy as np
 
 _POSSESSIVE = re.compile(r"['’]s\b")
+_PUNCT = frozenset(string.punctuation) | {"’", "‘", "“", "”", "–", "—"}
 
 
 def words(text: str) -> str:
-    """SQuAD-normalised words of `text`, padded with one space on each side (so `in` tests whole words)."""
-    from kblampp.metrics import normalize_answer
-
-    return f" {normalize_answer(text)} "
+    """Lowercased words of `text` without punctuation, padded with one space on each side (so `in`
+    tests whole words). Unlike SQuAD's answer normalisation, articles stay: an initial "A." is a word."""
+    return f" {' '.join(''.join(ch for ch in text.lower() if ch not in _PUNCT).split())} "
 
 
 @lru_cache(maxsize=1 << 16)

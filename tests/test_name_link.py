@@ -161,3 +161,11 @@ def test_the_served_links_follow_live_edits():
     kb.facts[1] = {"head": {"name": "Troy Sims"}}  # a replaced one
     assert answerer.linked_ids(["Where is Troy Sims?", "Acme Corp?"]).tolist() == [[1, 2], [-1, -1]]
     assert KBModelAnswerer(model, None, kb).linked_ids(["Where is Troy Sims?"]) is None  # off by default
+
+
+def test_an_initial_a_is_a_word_not_an_article():
+    """SQuAD's answer normalisation drops "a": "A. Sims" would become "sims" and name every Sims."""
+    assert not names_head("Which city is Troy Sims's home?", "Annette Sims")
+    assert names_head("Which city is A. Sims's home?", "Annette Sims")
+    assert NameIndex(["Annette Sims", "Troy Sims"]).link("Which city is Troy Sims's home?") == [1]
+    assert names_head("Who founded the Acme?", "Acme") and not names_head("Who founded Acme?", "The Acme")

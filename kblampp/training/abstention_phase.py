@@ -23,6 +23,7 @@ from kblampp.abstention import (AbstainSignals, KBAbstainHead, abstention_featur
                                 prf, signals_from_record)
 from kblampp.config import KBConfig
 from kblampp.kb_context import KBContext
+from kblampp.name_link import NameIndex
 from kblampp.schema import QARecord
 from kblampp.progress import progress_bar
 
@@ -66,12 +67,18 @@ class AbstentionData:
                               torch.cat([p.question_ids() for p in parts]))
 
 
+def name_link_limit(cfg: KBConfig) -> int | None:
+    """How many named facts lead a question's candidates (`name_link`), None when linking is off."""
+    return cfg.name_link_limit if cfg.name_link else None
+
+
 @torch.no_grad()
 def question_signals(model: Any, source: Any, hidden: torch.Tensor, e_q: torch.Tensor, times: Any,
-                     chunk: int = 256) -> AbstainSignals:
+                     chunk: int = 256, linked: torch.Tensor | None = None) -> AbstainSignals:
     """The first inject layer's own selection at each cached state (n, d_model), as generate() makes
     it: the questions' typed constraints, anchors and forced successor candidates (`times`, a
-    `QuestionTimes`), read back through the LayerRecord the layer writes and `signals_from_record`."""
+    `QuestionTimes`), the facts each question names (`linked` (n, L), with `name_link`), read back
+    through the LayerRecord the layer writes and `signals_from_record`."""
     from kblampp.kb_context import LayerRecord
 
     layer = int(model.inject_layers[0])
@@ -87,6 +94,8 @@ def question_signals(model: Any, source: Any, hidden: torch.Tensor, e_q: torch.T
         ctx = KBContext(source=source, e_q=e_q[rows].to(device), tau=tau[rows].to(device),
                         time_kind=kind[rows].to(device), forced_ids=None if forced is None else forced[rows].to(device),
                         forced_only=True, excluded_ids=None if excluded is None else excluded[rows].to(device),
+                        linked_ids=None if linked is None else linked[rows].to(device),
+                        linked_layers=frozenset() if linked is None else frozenset({layer}),
                         record=True)  # record: the selection carries its score parts and windows
         sel, _ = kb.select(h, ctx)
         _, beta = kb.kb_fusion(h, sel.v_tilde)
@@ -99,17 +108,23 @@ def question_signals(model: Any, source: Any, hidden: torch.Tensor, e_q: torch.T
 
 def collect(model: Any, source: Any, records: Sequence[QARecord], hidden: torch.Tensor, e_q: torch.Tensor,
             embed: Callable[[list[str]], np.ndarray] | None = None, facts: Sequence[Any] | None = None,
-            reference_date: str | None = None, name_check: bool = True) -> AbstentionData:
+            reference_date: str | None = None, name_check: bool = True,
+            name_link_limit: int | None = None) -> AbstentionData:
     """Features and labels of `records`; the question times as evaluation and the server build them
     (`request_times`: parsed from the text, anchors dated by the first retrieval when `embed` is given);
-    with `facts` and `name_check`, whether each candidate's head is named in the question."""
+    with `facts` and `name_check`, whether each candidate's head is named in the question; with `facts`
+    and `name_link_limit`, the facts each question names lead its candidates, as at run time."""
     from kblampp.evaluation.kbqa import request_times
     from kblampp.time_query import query_vectors
 
     times = request_times(model, source, records, embed, facts, reference_date)
     if embed is not None:  # a dated relative question queries without its clause, as at run time
         e_q = query_vectors(embed, [r.question for r in records], times, e_q.float())
-    sig = question_signals(model, source, hidden, e_q, times)
+    linked = None
+    if facts is not None and name_link_limit is not None:
+        names = NameIndex([f.head_name for f in facts])
+        linked = torch.from_numpy(names.linked_ids([r.question for r in records], name_link_limit))
+    sig = question_signals(model, source, hidden, e_q, times, linked=linked)
     if facts is not None and name_check:
         sig = sig._replace(head_named=head_named([r.question for r in records], sig.cand_ids,
                                                  lambda i: facts[i].head_name))
@@ -250,6 +265,9 @@ def train_abstention(model: Any, tokenizer: Any, cfg: KBConfig, source: Any, tra
     if ac.name_check and facts is None:
         raise ValueError("abstention.name_check: the decision reads the candidates' head names, so training "
                          "needs the facts (or set abstention.name_check=false)")
+    if cfg.name_link and facts is None:
+        raise ValueError("name_link: the facts a question names lead its candidates, so training the decision "
+                         "needs the facts (or set name_link=false)")
     train = _subset(train, ac.max_questions, cfg.seed)
     dev = _subset(dev, ac.dev_max_questions, cfg.seed + 1)
     if not dev:
@@ -258,7 +276,8 @@ def train_abstention(model: Any, tokenizer: Any, cfg: KBConfig, source: Any, tra
     for records in (train, dev):
         h, e = question_hidden(model, tokenizer, cfg, records, embed, Path(cache_dir), progress)
         data.append(AbstentionData.join([collect(model, kb, records, h, e, embed, kb_facts, cfg.reference_date,
-                                                 ac.name_check) for kb, kb_facts in [(source, facts), *grown]]))
+                                                 ac.name_check, name_link_limit(cfg))
+                                         for kb, kb_facts in [(source, facts), *grown]]))
     head, p, report = fit_and_calibrate(model, cfg, data[0], data[1], progress)
     threshold, metrics = calibrate(p, data[1], ac.max_answerable_loss)
     with torch.no_grad():
@@ -355,7 +374,7 @@ def decision_data(cfg: KBConfig, checkpoint: str | Path, qa_path: str | Path, ca
     embed = (lambda texts: embedder.encode(texts, progress=progress))
     h, e = question_hidden(model, tokenizer, cfg, records, embed, Path(cache_dir), progress)
     data = collect(model, source, records, h, e, embed, load_facts(store.root / "facts.jsonl"), cfg.reference_date,
-                   cfg.abstention.name_check)
+                   cfg.abstention.name_check, name_link_limit(cfg))
     t = float(head.threshold) if cfg.abstention.threshold is None else float(cfg.abstention.threshold)
     return data, head_probability(head, data), t
 
