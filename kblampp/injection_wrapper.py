@@ -22,8 +22,6 @@ from kblampp.kb_context import ContextHolder, KBContext, LayerRecord
 from kblampp.scorers import ContextScorer, TimeScorer
 from kblampp.selector import KBSelector, Selection
 
-LINKED_FIRST = 1e4  # added to a linked fact's rank: above any searched fact's sem or s
-
 
 def force_candidates(ids: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     """Teacher forcing: every forced id (B, F; -1 = padding) appears among the candidates (B, T, K),
@@ -75,6 +73,16 @@ def join_linked(ids: torch.Tensor, linked: torch.Tensor, excluded: torch.Tensor 
     new = ok & ~same.any(-1)  # (B, T, L) linked facts the search did not return
     named = torch.cat([same.any(-2), new], dim=-1)  # (B, T, P + L)
     return torch.cat([ids, lk.masked_fill(~new, -1)], dim=-1), named
+
+
+def linked_first(named: torch.Tensor | None, rank: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, T, k) slots to keep of (B, T, P): the linked ones (`named`) first, then the rest, each part
+    by `rank` descending (a stable sort: ties keep their slot order)."""
+    by_rank = rank.sort(dim=-1, descending=True, stable=True).indices
+    if named is None:
+        return by_rank[..., :k]
+    first = named.gather(-1, by_rank).to(torch.int8).sort(dim=-1, descending=True, stable=True).indices
+    return by_rank.gather(-1, first)[..., :k]
 
 
 def take(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -167,11 +175,13 @@ class KBInjection(nn.Module):
         timed = tau is not None or kind is not None  # siblings only matter to a time constraint
         g_time = self.kb_time_scorer(tau_q, rows["tau_min"].to(q.device), rows["tau_max"].to(q.device),
                                      time_kind=kind, same_group=same_group(rows, valid) if timed else None)
-        if widened:  # keep the k best by the whole score s (a pool) or by sem, linked facts first
-            rank = self.kb_selector.score(sem, phi, g_time, valid) if pool > k else sem.masked_fill(~valid, -math.inf)
-            if named is not None:
-                rank = rank + named.to(rank.dtype) * LINKED_FIRST  # (B, T, pool + L)
-            keep = rank.topk(k, dim=-1).indices  # (B, T, k)
+        if widened:  # keep k: linked facts first (best sem first), then the best by s (a pool) or in search order
+            if pool > k:
+                rank = self.kb_selector.score(sem, phi, g_time, valid)  # (B, T, pool + L)
+            else:
+                order = -torch.arange(ids.shape[-1], device=q.device, dtype=sem.dtype).expand_as(sem)
+                rank = torch.where(named, sem, order).masked_fill(~valid, -math.inf)  # (B, T, pool + L)
+            keep = linked_first(named, rank, k)  # (B, T, k)
             if pinned is not None:
                 keep = torch.where(pinned, torch.arange(k, device=keep.device).expand_as(keep), keep)
             ids, valid, sem, phi, g_time = (take(x, keep) for x in (ids, valid, sem, phi, g_time))

@@ -341,3 +341,26 @@ def test_question_folds_keep_a_questions_rows_together():
     assert sorted(np.concatenate(folds).tolist()) == list(range(22))
     for fold in folds:
         assert set(questions[fold].tolist()) & set(np.delete(questions, fold).tolist()) == set()
+
+
+def test_the_decision_reads_linked_candidates_as_run_time_does(built):
+    """With `name_link` the signals the decision trains on hold the facts each question names first,
+    as `KBInjection.select` keeps them at run time; without the facts, training refuses."""
+    import dataclasses
+
+    from kblampp.evaluation.kbqa import request_times
+    from kblampp.training.abstention_phase import question_hidden, question_signals, train_abstention
+
+    tmp, ec = built
+    records = _records(tmp)[:2]
+    h, e = question_hidden(ec.model, ec.tokenizer, ec.cfg, records, ec.embed, tmp / "cache_link", False)
+    times = request_times(ec.model, ec.source, records)
+    plain = question_signals(ec.model, ec.source, h, e, times)
+    far = [i for i in plain.cand_ids[0].tolist() if i >= 0][-1]  # the last candidate (the tiny KB has few)
+    assert int(plain.cand_ids[0, 0]) != far
+    linked = question_signals(ec.model, ec.source, h, e, times, linked=torch.tensor([[far], [-1]]))
+    assert int(linked.cand_ids[0, 0]) == far and torch.equal(linked.cand_ids[1], plain.cand_ids[1])
+    cfg = dataclasses.replace(ec.cfg, name_link=True, abstention=dataclasses.replace(ec.cfg.abstention, name_check=False))
+    with pytest.raises(ValueError, match=r"^name_link: .* needs the facts \(or set name_link=false\)$"):
+        train_abstention(ec.model, ec.tokenizer, cfg, ec.source, records, records, ec.embed, tmp / "cache_link",
+                         progress=False)
