@@ -43,7 +43,7 @@ def name_forms(head: str) -> tuple[str, ...]:
 
 def names_head(question: str, head: str) -> bool:
     """Whether the question names this head ("Troy Sims's home" names Troy Sims; "A. Miller" names
-    Alice Miller), on SQuAD-normalised words."""
+    Alice Miller), on `words` (articles kept)."""
     q = words(_POSSESSIVE.sub("", question))
     return any(form in q for form in name_forms(head))
 
