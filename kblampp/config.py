@@ -298,6 +298,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def name_link_limit(cfg: KBConfig) -> int | None:
+    """How many named facts lead a question's candidates (`name_link`), None when linking is off."""
+    return cfg.name_link_limit if cfg.name_link else None
+
+
 def check_retrieval_positions(value: str, where: str = "retrieval_positions") -> None:
     """Reject a retrieval scope other than RETRIEVAL_POSITIONS, naming the key."""
     if value not in RETRIEVAL_POSITIONS:

@@ -114,6 +114,7 @@ class KBInjection(nn.Module):
             raise ValueError(f"KBInjection: k_pool ({k_pool}) must be >= k_top ({k_top})")
         self.layer_idx, self.d_k, self.k_top = layer_idx, d_k, k_top
         self.k_pool = k_top if k_pool is None else k_pool  # searched by sem; the k_top best by s are kept
+        self.links_names = False  # reads the request's linked facts (KBLaMPP sets it on the first inject layer)
         self.kb_linear_q = nn.Linear(d_model, d_k)
         self.kb_query_ctx = nn.Linear(d_ctx, d_k, bias=False)
         self.kb_context_scorer = ContextScorer(d_ctx)
@@ -153,7 +154,7 @@ class KBInjection(nn.Module):
         ids = ctx.source.search(q.reshape(B * T, -1), pool + extra).view(B, T, pool + extra).to(q.device)
         if excluded is not None:
             ids = drop_excluded(ids, excluded, pool)  # (B, T, pool)
-        linked = ctx.rows(ctx.linked_ids, B) if self.layer_idx in ctx.linked_layers else None
+        linked = ctx.rows(ctx.linked_ids, B) if self.links_names else None
         widened = pool > k or linked is not None  # more slots than kept: choose the k kept below
         pinned = None  # with a pool: rows with forced ids keep their first k slots, exactly as without one
         if forced is not None:

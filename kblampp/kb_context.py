@@ -51,7 +51,7 @@ class KBContext:
     must be among the candidates (-1 = padding), or with `forced_only` be the only ones; excluded_ids:
     (B, E) facts that must not be candidates (a relative question's anchor group); linked_ids: (B, L)
     the facts whose head the question names (`kblampp.name_link`), kept ahead of the searched ones at
-    `linked_layers` (config `name_link`: the first inject layer). `off_layers` /
+    the first inject layer (config `name_link`). `off_layers` /
     `zero_beta_layers` are the multi-hop ablations (docs/DESIGN_QA.md, hops).
     Rows may be repeated by generate() (beams, num_return_sequences): B_hidden = r * B is accepted.
 
@@ -70,7 +70,6 @@ class KBContext:
     forced_only: bool = False  # rows with forced ids get exactly those as candidates (a succession hop)
     excluded_ids: torch.Tensor | None = None  # (B, E) facts never returned as candidates, -1 = padding
     linked_ids: torch.Tensor | None = None  # (B, L) facts whose head the question names, -1 = padding
-    linked_layers: frozenset[int] = frozenset()  # inject layers where linked facts lead the candidates
     gate_closed: bool = False
     off_layers: frozenset[int] = frozenset()  # inject layers skipped entirely (the one-layer ablation)
     zero_beta_layers: frozenset[int] = frozenset()  # layers that retrieve and record but add nothing (beta = 0)

@@ -50,6 +50,7 @@ class KBLaMPP(nn.Module):
             idx, d_model, cfg.d_k, cfg.d_v, d_ctx, cfg.K_top, cfg.gamma, cfg.eta, cfg.temperature,
             k_pool=cfg.K_pool)
             for idx in layers})
+        self.kb_layers[str(layers[0])].links_names = True  # name linking (`name_link`) feeds the first hop only
         if len(layers) > 1:  # which layer's candidates the answer head copies from (kblampp.hops)
             from kblampp.hops import KBHopChoice
 

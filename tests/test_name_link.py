@@ -61,7 +61,7 @@ def test_join_linked_marks_searched_ones_and_skips_excluded():
 def test_linked_facts_lead_the_candidates_and_unlinked_rows_are_unchanged():
     """Row 0 names facts the search does not return: they are its candidates, best sem first, and the
     search fills the rest; row 1 names none: its candidates and alpha are the plain search's exactly,
-    as is every row at a layer outside `linked_layers`."""
+    as is every row at a layer that does not read links (a later inject layer)."""
     model = make("llama", k_top=4)
     layer = model.kb_layers["1"]
     h = torch.randn(2, 3, model.d_model, generator=torch.Generator().manual_seed(5))
@@ -69,8 +69,10 @@ def test_linked_facts_lead_the_candidates_and_unlinked_rows_are_unchanged():
         plain, _ = layer.select(h, request_with())
         far = [i for i in range(64) if i not in plain.cand_ids[0].tolist()][:2]
         linked = torch.tensor([far, [-1, -1]])
-        got, _ = layer.select(h, request_with(linked_ids=linked, linked_layers=frozenset({1})))
-        off, _ = layer.select(h, request_with(linked_ids=linked, linked_layers=frozenset({0})))
+        assert layer.links_names  # the first (here the only) inject layer
+        got, _ = layer.select(h, request_with(linked_ids=linked))
+        layer.links_names = False
+        off, _ = layer.select(h, request_with(linked_ids=linked))
     for t in range(3):
         assert set(got.cand_ids[0, t, :2].tolist()) == set(far)
         assert got.cand_ids[0, t, 2:].tolist() == plain.cand_ids[0, t, :2].tolist()
@@ -86,8 +88,7 @@ def test_rows_with_forced_candidates_ignore_the_links():
     forced = torch.tensor([[10, 20], [-1, -1]])
     with torch.no_grad():
         before, _ = layer.select(h, request_with(forced_ids=forced))
-        after, _ = layer.select(h, request_with(forced_ids=forced, linked_ids=torch.tensor([[30], [31]]),
-                                                linked_layers=frozenset({1})))
+        after, _ = layer.select(h, request_with(forced_ids=forced, linked_ids=torch.tensor([[30], [31]])))
     assert torch.equal(before.cand_ids[0], after.cand_ids[0])
     assert (after.cand_ids[1] == 31).sum(-1).tolist() == [1, 1, 1]  # the row without forced ids: linked
 
@@ -104,8 +105,7 @@ def test_gate_closed_equals_base_with_links():
     model, base = make("llama"), TINY_MODELS["llama"]()
     x = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        with model.kb_request(request_with(gate_closed=True, linked_ids=torch.tensor([[1], [2]]),
-                                           linked_layers=frozenset({1}))):
+        with model.kb_request(request_with(gate_closed=True, linked_ids=torch.tensor([[1], [2]]))):
             got = model(input_ids=x).logits
         want = base(input_ids=x).logits
     assert torch.equal(got, want)

@@ -215,7 +215,7 @@ class KBRequest:
         linked = None if self.linked is None else self.linked[idx].to(device)
         ctx = KBContext(source=self.source, e_q=self.e_q[idx].to(device), tau=self.tau[idx].to(device),
                         time_kind=kind, forced_ids=forced, forced_only=only, excluded_ids=excluded, record=True,
-                        linked_ids=linked, linked_layers=frozenset() if linked is None else frozenset({self.layer}),
+                        linked_ids=linked,
                         retrieval_positions=self.model.retrieval_positions,
                         off_layers=later if self.variant.one_layer else frozenset(),
                         zero_beta_layers=frozenset({self.layer}) if self.variant.hop1_zeroed else frozenset())

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from kblampp.config import KBConfig
+from kblampp.config import KBConfig, name_link_limit
 from kblampp.serving.config import ServerSettings
 from kblampp.serving.engine import Engine
 from kblampp.store_io import StoreError, acquire_writer, release_writer
@@ -52,7 +52,7 @@ def _build(cfg: KBConfig, checkpoint: str | Path, settings: ServerSettings, stor
     try:
         answerer = KBModelAnswerer(model, tokenizer, kb, abstainer=model_abstainer(model, cfg.abstention.threshold),
                                    name_check=cfg.abstention.name_check,
-                                   name_link_limit=cfg.name_link_limit if cfg.name_link else None,
+                                   name_link_limit=name_link_limit(cfg),
                                    abstain_answer=cfg.abstain_answer)
         info = {"model": cfg.backbone, "checkpoint": str(checkpoint), "inject_layers": list(cfg.inject_layers),
                 "K_top": cfg.K_top, "answer_head": answerer.answer_head,

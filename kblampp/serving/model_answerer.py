@@ -171,7 +171,6 @@ class KBModelAnswerer:
         forced = padded_ids([it.forced_ids or [] for it in items])  # rows without any: all -1, no forcing
         excluded = padded_ids([it.excluded_ids or [] for it in items])
         linked = self.linked_ids([it.question for it in items])
-        linked_layers = frozenset() if linked is None else frozenset({self.layer})
         pick = (lambda t, sel: None if t is None else t[sel].to(device))
         calls: list[tuple[list[int], KBContext, Any]] = []
 
@@ -180,7 +179,7 @@ class KBModelAnswerer:
             sel = torch.tensor(indices, dtype=torch.long)
             ctx = KBContext(source=self.kb.source, e_q=pick(e_q, sel), tau=pick(tau, sel), time_kind=pick(kinds, sel),
                             forced_ids=pick(forced, sel), forced_only=True, excluded_ids=pick(excluded, sel),
-                            linked_ids=pick(linked, sel), linked_layers=linked_layers,
+                            linked_ids=pick(linked, sel),
                             record=True, retrieval_positions=self.model.retrieval_positions)
             extra, decision = self._processors(ctx, abstain, [items[i].question for i in indices])
             calls.append((indices, ctx, decision))

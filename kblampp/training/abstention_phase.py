@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kblampp.abstention import (AbstainSignals, KBAbstainHead, abstention_features, calibrate_threshold, head_named,
                                 prf, signals_from_record)
-from kblampp.config import KBConfig
+from kblampp.config import KBConfig, name_link_limit
 from kblampp.kb_context import KBContext
 from kblampp.name_link import NameIndex
 from kblampp.schema import QARecord
@@ -67,11 +67,6 @@ class AbstentionData:
                               torch.cat([p.question_ids() for p in parts]))
 
 
-def name_link_limit(cfg: KBConfig) -> int | None:
-    """How many named facts lead a question's candidates (`name_link`), None when linking is off."""
-    return cfg.name_link_limit if cfg.name_link else None
-
-
 @torch.no_grad()
 def question_signals(model: Any, source: Any, hidden: torch.Tensor, e_q: torch.Tensor, times: Any,
                      chunk: int = 256, linked: torch.Tensor | None = None) -> AbstainSignals:
@@ -95,7 +90,6 @@ def question_signals(model: Any, source: Any, hidden: torch.Tensor, e_q: torch.T
                         time_kind=kind[rows].to(device), forced_ids=None if forced is None else forced[rows].to(device),
                         forced_only=True, excluded_ids=None if excluded is None else excluded[rows].to(device),
                         linked_ids=None if linked is None else linked[rows].to(device),
-                        linked_layers=frozenset() if linked is None else frozenset({layer}),
                         record=True)  # record: the selection carries its score parts and windows
         sel, _ = kb.select(h, ctx)
         _, beta = kb.kb_fusion(h, sel.v_tilde)
@@ -109,11 +103,11 @@ def question_signals(model: Any, source: Any, hidden: torch.Tensor, e_q: torch.T
 def collect(model: Any, source: Any, records: Sequence[QARecord], hidden: torch.Tensor, e_q: torch.Tensor,
             embed: Callable[[list[str]], np.ndarray] | None = None, facts: Sequence[Any] | None = None,
             reference_date: str | None = None, name_check: bool = True,
-            name_link_limit: int | None = None) -> AbstentionData:
+            link_limit: int | None = None) -> AbstentionData:
     """Features and labels of `records`; the question times as evaluation and the server build them
     (`request_times`: parsed from the text, anchors dated by the first retrieval when `embed` is given);
     with `facts` and `name_check`, whether each candidate's head is named in the question; with `facts`
-    and `name_link_limit`, the facts each question names lead its candidates, as at run time."""
+    and `link_limit` (`name_link_limit`), the facts each question names lead its candidates, as at run time."""
     from kblampp.evaluation.kbqa import request_times
     from kblampp.time_query import query_vectors
 
@@ -121,9 +115,9 @@ def collect(model: Any, source: Any, records: Sequence[QARecord], hidden: torch.
     if embed is not None:  # a dated relative question queries without its clause, as at run time
         e_q = query_vectors(embed, [r.question for r in records], times, e_q.float())
     linked = None
-    if facts is not None and name_link_limit is not None:
+    if facts is not None and link_limit is not None:
         names = NameIndex([f.head_name for f in facts])
-        linked = torch.from_numpy(names.linked_ids([r.question for r in records], name_link_limit))
+        linked = torch.from_numpy(names.linked_ids([r.question for r in records], link_limit))
     sig = question_signals(model, source, hidden, e_q, times, linked=linked)
     if facts is not None and name_check:
         sig = sig._replace(head_named=head_named([r.question for r in records], sig.cand_ids,
