@@ -90,13 +90,15 @@ def read_kb_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def upgrade_legacy_tensors(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoints written before the typed time constraint hold a window-only time-scorer weight (4,);
-    it becomes the per-kind matrix (`kblampp.scorers.upgrade_legacy_weight`). Other tensors pass."""
+    """Older time-scorer weights become today's per-kind matrix, scoring as before
+    (`kblampp.scorers.upgrade_legacy_weight`): the window-only weight (4,) of checkpoints written before
+    the typed time constraint, and per-kind matrices without the later closeness column. Other tensors pass."""
     from kblampp.scorers import upgrade_legacy_weight
 
     out = dict(tensors)
     for name, t in tensors.items():
-        if name.endswith("kb_time_scorer.weight") and t.dim() == 1 and name in own and own[name].dim() == 2:
+        if (name.endswith("kb_time_scorer.weight") and name in own and own[name].dim() == 2
+                and (t.dim() == 1 or (t.dim() == 2 and t.shape[1] < own[name].shape[1]))):
             out[name] = upgrade_legacy_weight(t)
     return out
 

@@ -10,11 +10,19 @@ one learnable weight row per kind:
   order         where the fact stands among the candidates sharing its (head, relation):
                 started by the constraint's end and the latest started ("before", "just before"),
                 still valid at the constraint's start and the earliest ending ("after", "right after"),
-                the earliest / latest of its siblings ("first", "last").
+                the earliest / latest of its siblings ("first", "last");
+  closeness     -log(1 + years between the fact's start and the constraint's start).
 
 Why order features: a window alone cannot say "the latest one before 2011" — every earlier CEO
 overlaps (-inf, 2010); the rank among siblings can. At initialisation each kind's row picks its answer
 by a margin of about 3 (hand-set below); training refines the rows.
+
+Why closeness: windows inferred from text are often open-ended ("in 1995 he joined X" gives
+[1995, +inf)), so every earlier holder overlaps a later question as much as the right one does; the
+one that began nearest the question's start is the holder then, and a "from A to B" question usually
+names its fact's own tenure. On the TimeQA training pages that rule picks the right sibling more often
+than the largest overlap (`lookup` uses it too). Its column is the last, so a checkpoint written before
+it loads with a zero weight there and scores exactly as it did (`upgrade_legacy_weight`).
 """
 from __future__ import annotations
 
@@ -30,7 +38,8 @@ WINDOW_FEATURES = ("overlap", "coverage", "contains", "log_gap_years")
 DISTANCE_FEATURES = ("start_minus_start", "start_minus_end", "end_minus_start", "end_minus_end")
 ORDER_FEATURES = ("started_by_end", "running_at_start", "latest_started", "earliest_ending_running",
                   "earliest", "latest")
-TIME_FEATURES = WINDOW_FEATURES + DISTANCE_FEATURES + ORDER_FEATURES
+CLOSENESS_FEATURES = ("start_closeness",)
+TIME_FEATURES = WINDOW_FEATURES + DISTANCE_FEATURES + ORDER_FEATURES + CLOSENESS_FEATURES
 DATELESS_KINDS = ("first", "last")  # active without a window (tau NaN is read as fully open)
 ORDER_MARGIN = 6.0  # initial weight of a kind's order feature: rank 0 scores 6, rank 1 scores 3
 
@@ -45,7 +54,8 @@ def kind_index(kind: str) -> int:
 
 def initial_kind_weights() -> torch.Tensor:
     """(len(TIME_KINDS), len(TIME_FEATURES)) hand-set prior: window kinds use the window match
-    (+1 overlap, +1 coverage, +1 contains, -1 log gap); order kinds add their order feature."""
+    (+1 overlap, +1 coverage, +1 contains, -1 log gap), "at" and "between" add +1 start closeness;
+    order kinds add their order feature."""
     w = torch.zeros(len(TIME_KINDS), len(TIME_FEATURES))
     col = {name: i for i, name in enumerate(TIME_FEATURES)}
     window = torch.tensor([1.0, 1.0, 1.0, -1.0])
@@ -65,6 +75,8 @@ def initial_kind_weights() -> torch.Tensor:
             row[col["latest"]] = ORDER_MARGIN
         else:  # at, between, current, relative (the anchor fact's window once resolved)
             row[:len(WINDOW_FEATURES)] = window
+            if kind in ("at", "between"):
+                row[col["start_closeness"]] = 1.0
     return w
 
 
@@ -149,7 +161,8 @@ def time_features(q_tau: torch.Tensor, f_min: torch.Tensor, f_max: torch.Tensor,
     dist = torch.stack([_signed_log_years(f_lo - q_lo), _signed_log_years(f_lo - q_hi),
                         _signed_log_years(f_hi - q_lo), _signed_log_years(f_hi - q_hi)], dim=-1)
     order = order_features(q_lo.expand_as(f_lo), q_hi.expand_as(f_lo), f_lo, f_hi, s_lo, s_hi, s_mask)
-    return torch.cat([window, dist, order], dim=-1)
+    closeness = -torch.log1p((f_lo - q_lo).abs() / DAYS_PER_YEAR).unsqueeze(-1)  # (B, T, K, 1)
+    return torch.cat([window, dist, order, closeness], dim=-1)
 
 
 def candidate_siblings(f_min: torch.Tensor, f_max: torch.Tensor, same_group: torch.Tensor | None
@@ -227,11 +240,19 @@ class TimeScorer(nn.Module):
 
 
 def upgrade_legacy_weight(old: torch.Tensor) -> torch.Tensor:
-    """A checkpoint's window-only weight (4,) -> the per-kind matrix: its four trained numbers become
-    the window columns of the window kinds; order kinds and new columns start from the prior."""
+    """A checkpoint's older time-scorer weight -> today's per-kind matrix, scoring as it did.
+
+    A window-only weight (4,): its four trained numbers become the window columns of the window kinds;
+    order kinds and the other columns start from the prior. A per-kind matrix without the last columns
+    (the closeness one, added later): those columns are zero, so every score is unchanged."""
+    n_kinds, n_feats = len(TIME_KINDS), len(TIME_FEATURES)
+    if old.dim() == 2 and old.shape[0] == n_kinds and old.shape[1] < n_feats:
+        return torch.cat([old, old.new_zeros(n_kinds, n_feats - old.shape[1])], dim=1)
     if tuple(old.shape) != (len(WINDOW_FEATURES),):
-        raise ValueError(f"legacy time-scorer weight must have shape ({len(WINDOW_FEATURES)},), got {tuple(old.shape)}")
+        raise ValueError(f"legacy time-scorer weight must have shape ({len(WINDOW_FEATURES)},) or "
+                         f"({n_kinds}, <{n_feats}), got {tuple(old.shape)}")
     w = initial_kind_weights().to(old.dtype)
+    w[:, len(WINDOW_FEATURES + DISTANCE_FEATURES + ORDER_FEATURES):] = 0.0  # the window-only scorer had none
     for kind in ("at", "between", "current", "relative"):
         w[kind_index(kind), :len(WINDOW_FEATURES)] = old
     return w

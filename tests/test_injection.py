@@ -277,7 +277,8 @@ def whole_kb_scores(layer, kb, ctx, h):
     rows = kb.fetch(everything)
     sem = torch.einsum("btd,btkd->btk", q, rows["K"]) / math.sqrt(layer.d_k)
     phi = layer.kb_context_scorer(ctx.e_q, rows["ctx_vec"])
-    g_time = layer.kb_time_scorer(ctx.tau, rows["tau_min"], rows["tau_max"])
+    alone = torch.arange(N)[:, None]  # random keys: each fact is its own (head, relation) group, as select finds
+    g_time = layer.kb_time_scorer(ctx.tau, rows["tau_min"], rows["tau_max"], sibling_index=alone)
     return layer.kb_selector.score(sem, phi, g_time)  # (B, T, N)
 
 

@@ -51,6 +51,20 @@ def test_lookup_time_filter_and_window_preference(table):
     assert _lookup(table, ["Acme chief executive before 1996?"])[0].answer == "Ann Oslo"
 
 
+def test_lookup_closed_window_prefers_the_nearest_start():
+    """Open-ended windows from text ([1990, +inf), [2001, +inf)) both cover "from 2001 to 2003" in full:
+    the one that began in 2001 is the holder then; with equal starts the larger overlap wins."""
+    facts = [_fact("Zeta", "O9", "owner", "Old Owner", "P8", "1990", None),
+             _fact("Zeta", "O9", "owner", "New Owner", "P9", "2001", None)]
+    table = build_fact_table(facts, BowEmbedder().encode)
+    assert _lookup(table, ["Zeta owner from 2001 to 2003?"])[0].answer == "New Owner"
+    assert _lookup(table, ["Zeta owner from 1990 to 1995?"])[0].answer == "Old Owner"
+    tied = [_fact("Zeta", "O9", "owner", "Short", "P8", "2001", "2001-06"),
+            _fact("Zeta", "O9", "owner", "Long", "P9", "2001", "2004")]
+    table = build_fact_table(tied, BowEmbedder().encode)
+    assert _lookup(table, ["Zeta owner from 2001 to 2003?"])[0].answer == "Long"
+
+
 def test_lookup_abstains_by_dev_tuned_rules(table):
     outside = _lookup(table, ["Acme chief executive in 1950?"], LookupSettings(abstain_on_time=True))[0]
     assert outside.abstained and outside.answer == "unknown"

@@ -52,7 +52,21 @@ def test_time_scorer_ranks_matching_fact_first():
     f = torch.tensor(facts)[None, None]  # (1, 1, 4, 2)
     g = TimeScorer()(q, f[..., 0], f[..., 1])[0, 0]
     assert g[0] > g[1] > g[2] > g[3]
-    assert g[0].item() == pytest.approx(3.0)  # overlap + full coverage + contains, no gap
+    start_gap_years = (q[0, 0] - f[0, 0, 0, 0]).item() / 365.25
+    # overlap + full coverage + contains, no gap, and the start 0.83 years before the question's
+    assert g[0].item() == pytest.approx(3.0 - math.log1p(start_gap_years), abs=1e-5)
+
+
+def test_time_scorer_prefers_the_nearest_start_among_open_windows():
+    """'from 2012 to 2014' against open-ended windows [2005, +inf), [2012, +inf), [2016, +inf): the
+    first two overlap it alike, the one that began in 2012 wins (start closeness); the third is out."""
+    q = torch.tensor([_days("2012", "2014")])
+    f = torch.tensor([_days("2005", None), _days("2012", None), _days("2016", None)])[None, None]
+    g = TimeScorer()(q, f[..., 0], f[..., 1], time_kind=torch.tensor([kind_index("between")]))[0, 0]
+    assert g.argmax().item() == 1
+    feats = time_features(q, f[..., 0], f[..., 1])[0, 0, :, TIME_FEATURES.index("start_closeness")]
+    assert feats[1].item() == 0.0
+    assert feats[0].item() == pytest.approx(-math.log1p((q[0, 0] - f[0, 0, 0, 0]).item() / 365.25))
 
 
 def test_time_scorer_open_question_window():
@@ -177,5 +191,20 @@ def test_unknown_kind_and_legacy_weight():
     w = upgrade_legacy_weight(torch.tensor([0.5, 2.0, 1.5, -0.25]))
     assert w[kind_index("at"), :4].tolist() == [0.5, 2.0, 1.5, -0.25]
     assert torch.equal(w[kind_index("before")], initial_kind_weights()[kind_index("before")])
-    with pytest.raises(ValueError, match=r"legacy time-scorer weight must have shape \(4,\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"legacy time-scorer weight must have shape \(4,\) or \(11, <15\), got \(3,\)"):
         upgrade_legacy_weight(torch.zeros(3))
+
+
+def test_weight_without_closeness_column_scores_as_before():
+    """A per-kind matrix written before the closeness column gets a zero column: every score is its old score."""
+    old = initial_kind_weights()[:, :-1] + 0.25  # a trained (kinds, 14) matrix
+    new = upgrade_legacy_weight(old)
+    assert torch.equal(new[:, :-1], old) and torch.equal(new[:, -1], torch.zeros(len(TIME_KINDS)))
+    q = torch.tensor([_days("2012", "2014")])
+    f = torch.tensor([_days("2005", None), _days("2012", "2013"), _days("2016", None)])[None, None]
+    scorer = TimeScorer()
+    with torch.no_grad():
+        scorer.weight.copy_(new)
+    feats = time_features(q, f[..., 0], f[..., 1])[0, 0, :, :-1]  # (3, 14): the old features
+    got = scorer(q, f[..., 0], f[..., 1], time_kind=torch.tensor([kind_index("between")]))[0, 0]
+    assert torch.allclose(got, feats @ old[kind_index("between")], atol=1e-6)

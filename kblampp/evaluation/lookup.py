@@ -5,11 +5,11 @@ facts whose window does not overlap the time parsed from the question, copy the 
 fact. Facts sharing a text (one head, one relation, several windows) tie on similarity; the tie goes
 to the one the question's parsed time kind points at: "first" -> the earliest start, "last" -> the
 latest, "before X" -> the latest one starting before X, "after X" -> the earliest one still running
-after X, a closed window -> the largest overlap. A succession or relative question ("who succeeded
-X as CEO of Y", "when X was CEO of Y, ...") first finds its anchor fact (tail and head named in the
-anchor clause) and takes its time from that fact's window. It abstains (answers `abstain_answer`)
-when the best similarity is under a threshold tuned on dev, or, when tuned so, when the
-best-matching text has facts but none in the question's time.
+after X, a closed window -> the nearest start, then the largest overlap. A succession or relative
+question ("who succeeded X as CEO of Y", "when X was CEO of Y, ...") first finds its anchor fact (tail
+and head named in the anchor clause) and takes its time from that fact's window. It abstains (answers
+`abstain_answer`) when the best similarity is under a threshold tuned on dev, or, when tuned so, when
+the best-matching text has facts but none in the question's time.
 """
 from __future__ import annotations
 
@@ -106,8 +106,12 @@ def prefer_in_time(table: FactTable, ids: Sequence[int], qt: QuestionTime | None
         return max(ids, key=lambda i: (table.tau_min[i], -i))
     if np.isinf(hi) and not np.isinf(lo):  # "after X": the earliest end
         return min(ids, key=lambda i: (table.tau_max[i], i))
+    # the nearest start first, then the largest overlap: open-ended windows all overlap a later question,
+    # and the one that began nearest its start is the holder then (succession); a "from A to B" question
+    # usually names its fact's own tenure
     overlap = [min(hi, table.tau_max[i]) - max(lo, table.tau_min[i]) for i in ids]
-    return ids[int(np.argmax(overlap))]
+    gap = [0.0 if np.isinf(lo) else abs(table.tau_min[i] - lo) for i in ids]
+    return ids[min(range(len(ids)), key=lambda k: (gap[k], -overlap[k]))]
 
 
 def anchor_fact(table: FactTable, anchor: str, q_vec: np.ndarray) -> int | None:
