@@ -339,3 +339,23 @@ def test_cli(tmp_path: Path) -> None:
     assert proc.returncode == 1 and not facts.exists() and not qa.exists()
     assert f"{FIX}:6: idx: 'Larkspur_Rovers-P286-7' is not /wiki/<page>#<PID>#<k>" in proc.stderr
     assert "--strict: 5 bad record(s); nothing written" in proc.stderr
+
+
+def test_time_rules_nearest_start_picks_the_holder_of_open_windows() -> None:
+    """Two open-ended windows of one page and relation both cover "from 2001 to 2003"; only the nearest
+    start picks the one that began in 2001. Questions of other pages are not counted."""
+    sys.path.insert(0, str(ROOT / "offline"))
+    from timeqa_time_rules import rule_counts
+
+    def fact(tail: str, start: str) -> dict:
+        return {"head": {"name": "Zeta"}, "relation": {"id": "P54"}, "tail": {"name": tail},
+                "time_window": {"start": start, "end": None}}
+
+    facts = [fact("Old Club", "1990"), fact("New Club", "2001")]
+    qa = [{"answerable": True, "page": "Zeta", "level": "easy", "answer_fact": 1,
+           "question": "Which club did Zeta play for from 2001 to 2003?"},
+          {"answerable": True, "page": "Other", "level": "easy", "answer_fact": 0,
+           "question": "Which club did Zeta play for from 1990 to 1995?"}]
+    got = rule_counts(facts, qa, {"Zeta"})
+    assert got["easy"] == {"questions": 1, "largest overlap": 0, "nearest start, then largest overlap": 1}
+    assert got["all"] == got["easy"]
