@@ -161,7 +161,7 @@ def time_features(q_tau: torch.Tensor, f_min: torch.Tensor, f_max: torch.Tensor,
     dist = torch.stack([_signed_log_years(f_lo - q_lo), _signed_log_years(f_lo - q_hi),
                         _signed_log_years(f_hi - q_lo), _signed_log_years(f_hi - q_hi)], dim=-1)
     order = order_features(q_lo.expand_as(f_lo), q_hi.expand_as(f_lo), f_lo, f_hi, s_lo, s_hi, s_mask)
-    closeness = -torch.log1p((f_lo - q_lo).abs() / DAYS_PER_YEAR).unsqueeze(-1)  # (B, T, K, 1)
+    closeness = -dist[..., :1].abs()  # (B, T, K, 1): -log(1 + |start - start| in years)
     return torch.cat([window, dist, order, closeness], dim=-1)
 
 
@@ -252,7 +252,7 @@ def upgrade_legacy_weight(old: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"legacy time-scorer weight must have shape ({len(WINDOW_FEATURES)},) or "
                          f"({n_kinds}, <{n_feats}), got {tuple(old.shape)}")
     w = initial_kind_weights().to(old.dtype)
-    w[:, len(WINDOW_FEATURES + DISTANCE_FEATURES + ORDER_FEATURES):] = 0.0  # the window-only scorer had none
+    w[:, TIME_FEATURES.index("start_closeness")] = 0.0  # the window-only scorer had none
     for kind in ("at", "between", "current", "relative"):
         w[kind_index(kind), :len(WINDOW_FEATURES)] = old
     return w

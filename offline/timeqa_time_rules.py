@@ -18,24 +18,23 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kblampp.builders.timeqa import build_timeqa, load_timeqa_relations  # noqa: E402
+from kblampp.evaluation.lookup import nearest_start  # noqa: E402
 from kblampp.evaluation.parsed_time import question_time  # noqa: E402
 from kblampp.timewin import window_days  # noqa: E402
 
 FILES = ("timeqa_human_train.easy.jsonl.gz", "timeqa_human_train.hard.jsonl.gz")
 
 
-def largest_overlap(windows: dict[int, tuple[float, float]], tau: tuple[float, float]) -> int:
+def largest_overlap(ids: list[int], tau_min: np.ndarray, tau_max: np.ndarray, tau: tuple[float, float]) -> int:
+    """`lookup`'s earlier rule, kept here as the comparison."""
     lo, hi = tau
-    return max(windows, key=lambda i: min(hi, windows[i][1]) - max(lo, windows[i][0]))
-
-
-def nearest_start(windows: dict[int, tuple[float, float]], tau: tuple[float, float]) -> int:
-    lo, hi = tau
-    return min(windows, key=lambda i: (abs(windows[i][0] - lo), -(min(hi, windows[i][1]) - max(lo, windows[i][0]))))
+    return max(ids, key=lambda i: min(hi, tau_max[i]) - max(lo, tau_min[i]))
 
 
 RULES = {"largest overlap": largest_overlap, "nearest start, then largest overlap": nearest_start}
@@ -57,6 +56,7 @@ def split_pages(qa_path: Path) -> set[str]:
 def rule_counts(facts: list[dict], qa: list[dict], pages: set[str]) -> dict[str, dict[str, int]]:
     """{level: {"questions": n, rule: right}} over the questions described in the module docstring."""
     windows = [window_days(f["time_window"]["start"], f["time_window"]["end"]) for f in facts]
+    tau_min, tau_max = np.asarray([w[0] for w in windows]), np.asarray([w[1] for w in windows])
     groups: dict[tuple[str, str], list[int]] = {}
     for i, f in enumerate(facts):
         groups.setdefault((f["head"]["name"], f["relation"]["id"]), []).append(i)
@@ -72,13 +72,12 @@ def rule_counts(facts: list[dict], qa: list[dict], pages: set[str]) -> dict[str,
         if len(siblings) < 2:
             continue
         lo, hi = qt.tau
-        fitting = {i: windows[i] for i in siblings if windows[i][0] <= hi and windows[i][1] >= lo}
-        cands = fitting or {i: windows[i] for i in siblings}
+        cands = [i for i in siblings if tau_min[i] <= hi and tau_max[i] >= lo] or siblings
         for level in ((q["level"], "all") if q.get("level") else ("all",)):
             c = counts.setdefault(level, {"questions": 0, **{name: 0 for name in RULES}})
             c["questions"] += 1
             for name, rule in RULES.items():
-                c[name] += rule(cands, qt.tau) == q["answer_fact"]
+                c[name] += rule(cands, tau_min, tau_max, qt.tau) == q["answer_fact"]
     return counts
 
 

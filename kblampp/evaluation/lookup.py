@@ -106,11 +106,18 @@ def prefer_in_time(table: FactTable, ids: Sequence[int], qt: QuestionTime | None
         return max(ids, key=lambda i: (table.tau_min[i], -i))
     if np.isinf(hi) and not np.isinf(lo):  # "after X": the earliest end
         return min(ids, key=lambda i: (table.tau_max[i], i))
-    # the nearest start first, then the largest overlap: open-ended windows all overlap a later question,
-    # and the one that began nearest its start is the holder then (succession); a "from A to B" question
-    # usually names its fact's own tenure
-    overlap = [min(hi, table.tau_max[i]) - max(lo, table.tau_min[i]) for i in ids]
-    gap = [0.0 if np.isinf(lo) else abs(table.tau_min[i] - lo) for i in ids]
+    return nearest_start(ids, table.tau_min, table.tau_max, qt.tau)
+
+
+def nearest_start(ids: Sequence[int], tau_min: np.ndarray, tau_max: np.ndarray, tau: tuple[float, float]) -> int:
+    """The fact whose start is nearest the window's start, then the one overlapping it most (first on ties).
+
+    Why not the largest overlap alone: open-ended windows all overlap a later question, and the one that
+    began nearest its start is the holder then (succession); a "from A to B" question usually names its
+    fact's own tenure (`offline/timeqa_time_rules.py` measures both rules)."""
+    lo, hi = tau
+    overlap = [min(hi, tau_max[i]) - max(lo, tau_min[i]) for i in ids]
+    gap = [0.0 if np.isinf(lo) else abs(tau_min[i] - lo) for i in ids]
     return ids[min(range(len(ids)), key=lambda k: (gap[k], -overlap[k]))]
 
 
