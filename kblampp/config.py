@@ -162,6 +162,7 @@ class KBConfig:
     K_pool: int | None = None  # search this many by sem and keep the K_top best by the whole score (None = K_top)
     name_link: bool = False  # the facts whose head the question names lead the first inject layer's candidates
     name_link_limit: int = 64  # at most this many linked facts per question (longest names first)
+    name_link_only: bool = False  # a question that names a head gets the named facts only (no searched fact)
     gamma: float = 1.0
     eta: float = 1.0
     temperature: float = 1.0
@@ -295,6 +296,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     check_retrieval_positions(cfg.retrieval_positions, f"{label} retrieval_positions")
     if cfg.name_link_limit < 1:
         raise ConfigError(f"{label} name_link_limit: must be >= 1, got {cfg.name_link_limit}")
+    if cfg.name_link_only and not cfg.name_link:
+        raise ConfigError(f"{label} name_link_only: needs name_link: true (it keeps the linked facts only)")
     return cfg
 
 

@@ -85,6 +85,16 @@ def linked_first(named: torch.Tensor | None, rank: torch.Tensor, k: int) -> torc
     return by_rank.gather(-1, first)[..., :k]
 
 
+def linked_only(ids: torch.Tensor, valid: torch.Tensor, named: torch.Tensor, pinned: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and valid (B, T, P) with every slot that is not a linked fact (`named`) dropped (-1, invalid)
+    in the rows that have a linked fact; rows without one, and `pinned` (B, 1, 1) rows, are unchanged."""
+    keep = named | ~named.any(-1, keepdim=True)  # (B, T, P)
+    if pinned is not None:
+        keep = keep | pinned
+    return ids.masked_fill(~keep, -1), valid & keep
+
+
 def take(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x (B, T, P, ...) at the candidate slots keep (B, T, k): (B, T, k, ...)."""
     index = keep.reshape(*keep.shape, *([1] * (x.dim() - 3))).expand(*keep.shape, *x.shape[3:])
@@ -115,6 +125,7 @@ class KBInjection(nn.Module):
         self.layer_idx, self.d_k, self.k_top = layer_idx, d_k, k_top
         self.k_pool = k_top if k_pool is None else k_pool  # searched by sem; the k_top best by s are kept
         self.links_names = False  # reads the request's linked facts (KBLaMPP sets it on the first inject layer)
+        self.links_only = False  # a row with linked facts keeps only them (`name_link_only`)
         self.kb_linear_q = nn.Linear(d_model, d_k)
         self.kb_query_ctx = nn.Linear(d_ctx, d_k, bias=False)
         self.kb_context_scorer = ContextScorer(d_ctx)
@@ -168,6 +179,8 @@ class KBInjection(nn.Module):
         valid[..., 0] = True  # keep the best slot so a position never has no candidate at all
         if pinned is not None:
             valid[..., k:] &= ~pinned
+        if named is not None and self.links_only:  # rows that name a head keep the named facts only
+            ids, valid = linked_only(ids, valid, named, pinned)
         rows = ctx.source.fetch(ids.clamp_min(0))
         keys = rows["K"].to(device=q.device, dtype=self.dtype)  # (B, T, pool, d_k)
         sem = torch.einsum("btd,btkd->btk", q, keys) / math.sqrt(self.d_k)  # (B, T, pool)

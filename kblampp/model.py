@@ -51,6 +51,7 @@ class KBLaMPP(nn.Module):
             k_pool=cfg.K_pool)
             for idx in layers})
         self.kb_layers[str(layers[0])].links_names = True  # name linking (`name_link`) feeds the first hop only
+        self.kb_layers[str(layers[0])].links_only = cfg.name_link_only
         if len(layers) > 1:  # which layer's candidates the answer head copies from (kblampp.hops)
             from kblampp.hops import KBHopChoice
 

@@ -93,6 +93,41 @@ def test_rows_with_forced_candidates_ignore_the_links():
     assert (after.cand_ids[1] == 31).sum(-1).tolist() == [1, 1, 1]  # the row without forced ids: linked
 
 
+def test_linked_only_keeps_the_named_facts_and_leaves_other_rows_alone():
+    """With `name_link_only` row 0 (names two facts) has exactly those as candidates, the other slots
+    empty (-1, alpha 0); row 1 (names none) keeps the plain search's candidates and alpha exactly;
+    a row with forced candidates keeps them."""
+    model = make("llama", k_top=4)
+    layer = model.kb_layers["1"]
+    h = torch.randn(2, 3, model.d_model, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain, _ = layer.select(h, request_with())
+        far = [i for i in range(64) if i not in plain.cand_ids[0].tolist()][:2]
+        linked = torch.tensor([far, [-1, -1]])
+        layer.links_only = True
+        got, _ = layer.select(h, request_with(linked_ids=linked))
+        forced = torch.tensor([[10, 20], [-1, -1]])
+        pinned, _ = layer.select(h, request_with(forced_ids=forced, linked_ids=linked))
+        layer.links_only = False
+        unpinned, _ = layer.select(h, request_with(forced_ids=forced))
+    for t in range(3):
+        assert set(got.cand_ids[0, t, :2].tolist()) == set(far)
+        assert got.cand_ids[0, t, 2:].tolist() == [-1, -1]
+    assert torch.equal(got.alpha[0, :, 2:], torch.zeros(3, 2))
+    assert torch.allclose(got.alpha.sum(-1), torch.ones(2, 3))
+    assert torch.equal(got.cand_ids[1], plain.cand_ids[1]) and torch.equal(got.alpha[1], plain.alpha[1])
+    assert torch.equal(pinned.cand_ids[0], unpinned.cand_ids[0])
+
+
+def test_name_link_only_needs_name_link(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name_link_only: true\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"^{path}: name_link_only: needs name_link: true"):
+        load_config(path)
+    path.write_text("name_link: true\nname_link_only: true\n", encoding="utf-8")
+    assert load_config(path).name_link_only
+
+
 def request_with(**kw):
     gen = torch.Generator().manual_seed(2)
     return KBContext(source=random_tensor_kb(64, D_K, D_V, D_CTX), e_q=torch.randn(2, D_CTX, generator=gen),
