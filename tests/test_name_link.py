@@ -58,17 +58,24 @@ def test_join_linked_marks_searched_ones_and_skips_excluded():
     assert named.tolist() == [[[False, True, False, False, True, False, False]]]
 
 
-def test_linked_facts_lead_the_candidates_and_unlinked_rows_are_unchanged():
-    """Row 0 names facts the search does not return: they are its candidates, best sem first, and the
-    search fills the rest; row 1 names none: its candidates and alpha are the plain search's exactly,
-    as is every row at a layer that does not read links (a later inject layer)."""
+def far_links():
+    """An inject layer, its input h (2, 3, d_model), the plain search's selection, and links for row 0
+    to two facts the search does not return (row 1 names none)."""
     model = make("llama", k_top=4)
     layer = model.kb_layers["1"]
     h = torch.randn(2, 3, model.d_model, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         plain, _ = layer.select(h, request_with())
-        far = [i for i in range(64) if i not in plain.cand_ids[0].tolist()][:2]
-        linked = torch.tensor([far, [-1, -1]])
+    far = [i for i in range(64) if i not in plain.cand_ids[0].tolist()][:2]
+    return layer, h, plain, far, torch.tensor([far, [-1, -1]])
+
+
+def test_linked_facts_lead_the_candidates_and_unlinked_rows_are_unchanged():
+    """Row 0 names facts the search does not return: they are its candidates, best sem first, and the
+    search fills the rest; row 1 names none: its candidates and alpha are the plain search's exactly,
+    as is every row at a layer that does not read links (a later inject layer)."""
+    layer, h, plain, far, linked = far_links()
+    with torch.no_grad():
         assert layer.links_names  # the first (here the only) inject layer
         got, _ = layer.select(h, request_with(linked_ids=linked))
         layer.links_names = False
@@ -97,13 +104,8 @@ def test_linked_only_keeps_the_named_facts_and_leaves_other_rows_alone():
     """With `name_link_only` row 0 (names two facts) has exactly those as candidates, the other slots
     empty (-1, alpha 0); row 1 (names none) keeps the plain search's candidates and alpha exactly;
     a row with forced candidates keeps them."""
-    model = make("llama", k_top=4)
-    layer = model.kb_layers["1"]
-    h = torch.randn(2, 3, model.d_model, generator=torch.Generator().manual_seed(5))
+    layer, h, plain, far, linked = far_links()
     with torch.no_grad():
-        plain, _ = layer.select(h, request_with())
-        far = [i for i in range(64) if i not in plain.cand_ids[0].tolist()][:2]
-        linked = torch.tensor([far, [-1, -1]])
         layer.links_only = True
         got, _ = layer.select(h, request_with(linked_ids=linked))
         forced = torch.tensor([[10, 20], [-1, -1]])
