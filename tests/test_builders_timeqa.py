@@ -36,6 +36,8 @@ def test_page_name_and_sentences() -> None:
     text = "Built in 1794 by Maj . George Peter . He sold it . Then John F . Kennedy , Jr . lived there ."
     assert [text[:e] for e in sentence_ends(text)][:2] == [
         "Built in 1794 by Maj . George Peter .", "Built in 1794 by Maj . George Peter . He sold it ."]
+    boats = "Commanders . - 1940 – 1941 : Kptlt . Wolfgang Heyda - 1941 : Oblt . Karl Bauer . He sank it ."
+    assert [boats[:e] for e in sentence_ends(boats)] == [boats[:boats.index(" He sank")], boats]  # ranks end no sentence
     lo = text.index("George")
     assert evidence_sentence(text, lo, lo + 11) == "Built in 1794 by Maj . George Peter ."
     lo = text.index("John")
@@ -152,6 +154,31 @@ def test_infer_window_rules() -> None:
     assert _window(rectors, "Hans Emons") == ("1968", "1975", "range")
     assert _window(rectors, "Gert Naue") == ("1975", "1981", "range")
     assert _window("Born in 1930 , Hans Emons led it .", "Hans Emons") == ("1930", None, "point")  # not after the name
+    # a date in the span's own clause beats a nearer one across a clause boundary (" , ", " and ", ...)
+    career = "She was an assistant in 1881 , an instructor in 1882 , and a professor in 1886 ."
+    assert _window(career, "instructor") == ("1882", None, "point")
+    assert _window(career, "assistant") == ("1881", None, "point")
+    coach = "He coached Pistoiese of Serie C1 in 2002–03 and Livorno of Serie B in 2003–04 , then Reggina ."
+    assert _window(coach, "Livorno") == ("2003", "2004", "range")
+    assert _window(coach, "Pistoiese") == ("2002", "2003", "range")
+
+
+def test_other_mentions_date_a_tail_its_own_sentence_does_not(tmp_path: Path) -> None:
+    context = ("Acme Acme is a firm . Its chairman Heinrich Pierer was fired in a scandal . "
+               "Chairmen . - Karl Kaske ( 1981 to 1992 ) - Heinrich Pierer ( 1992 to 2005 ) - Peter Loescher ( 2007 to 2013 )")
+    def record(k: int, name: str, at: int) -> dict:
+        lo = context.index(name, at)
+        return {"idx": f"/wiki/Acme#P488#{k}", "question": f"Who chaired Acme in {1985 + 10 * k}?", "context": context,
+                "targets": [name], "from": [lo], "end": [lo + len(name)], "paragraphs": []}
+    path = tmp_path / "acme.jsonl"
+    # Pierer's record points at the undated prose mention; Kaske's at its dated row
+    path.write_text("\n".join(json.dumps(r) for r in (record(0, "Karl Kaske", 0), record(1, "Heinrich Pierer", 0))) + "\n")
+    facts = build_timeqa([path]).facts
+    assert [(f["tail"]["name"], f["time_window"]["start"], f["time_window"]["end"], f["context"]["time_rule"],
+             f["context"]["sent_span"]) for f in facts] == [
+        ("Karl Kaske", "1981", "1992", "range", facts[0]["context"]["sent_span"]),
+        ("Heinrich Pierer", "1992", "2005", "range", facts[0]["context"]["sent_span"])]
+    assert "( 1992 to 2005 )" in facts[1]["context"]["sent_span"]  # the evidence is the dated mention's
 
 
 def test_close_open_ends() -> None:

@@ -11,9 +11,13 @@ Time expressions (`find_page_times`): dates `YYYY` (1000-2039, not a measure or 
 The window of a span (`infer_window`), first rule that gives a date wins:
   1. `range`: among the dates of the span's list row (a sentence cut at " - " / " ; " bullets) if
      it has any, else of its sentence, the range nearest the span (ties: the one before it), unless
-     a point or `since` is nearer;
+     a point or `since` is nearer; "nearest" counts a date in the span's own clause (no " , ",
+     " and ", "when", ... between them) before any across a clause boundary ("Pistoiese in 2002–03
+     and Livorno in 2003–04");
   2. `point`: start = the last point / `since` / `until` ("until 1990 , when X took over") before
-     the span in the sentence (else the first point after it); end = an `until` after the span, or
+     the span in the sentence (else the first point after it), unless that one is across a clause
+     boundary and the first after it is not ("an assistant in 1881 , an instructor in 1882");
+     end = an `until` after the span, or
      a later point in the sentence introduced by an ending word ("resigned", "left", "replaced", ...);
   3. `neighbour`: rules 1-2 on the previous sentence, then on the next one;
   4. `preceding`: the page's last date before the span, as an open start (a narrative's order:
@@ -135,7 +139,7 @@ def _from_unit(times: list[PageTime], text: str, lo: int, hi: int, unit: tuple[i
     ranges = [t for t in inside if t.kind == "range"]
     # "... until 1990 , when Anna Berg took over": an `until` before the span starts the span's fact
     starts = [t for t in inside if t.kind in ("point", "since") or (t.kind == "until" and t.span[1] <= lo)]
-    nearest = lambda pool: min(pool, key=lambda t: (_gap(t, lo, hi), t.span[0] > lo))  # noqa: E731
+    nearest = lambda pool: min(pool, key=lambda t: (_apart(t, text, lo, hi), _gap(t, lo, hi), t.span[0] > lo))  # noqa: E731
     if ranges and (not starts or _gap(nearest(ranges), lo, hi) <= _gap(nearest(starts), lo, hi)):
         best = nearest(ranges)
         return best.start, best.end, "range"
@@ -143,7 +147,10 @@ def _from_unit(times: list[PageTime], text: str, lo: int, hi: int, unit: tuple[i
         after = [t for t in inside if t.kind == "until" and t.span[0] >= hi]
         return (None, after[0].end, "point") if after else None
     before = [t for t in starts if t.span[1] <= lo]
-    first = before[-1] if before else next((t for t in starts if t.span[0] >= hi), starts[0])
+    after = [t for t in starts if t.span[0] >= hi]
+    first = before[-1] if before else next(iter(after), starts[0])
+    if before and after and _apart(first, text, lo, hi) and not _apart(after[0], text, lo, hi):
+        first = after[0]  # "an instructor in 1882": the date in the span's own clause
     begin = first.end if first.kind == "until" else first.start
     for t in inside:
         if t.span[0] < max(first.span[1], hi):
@@ -152,6 +159,15 @@ def _from_unit(times: list[PageTime], text: str, lo: int, hi: int, unit: tuple[i
         if t.kind == "until" or (t.kind == "point" and t.start >= begin and cue):
             return begin, t.end, "point"
     return begin, None, "point"
+
+
+_CLAUSE = re.compile(r" (?:,|;|and|but|then|while|when|before|after|until|as) ", re.I)
+
+
+def _apart(t: PageTime, text: str, lo: int, hi: int) -> bool:
+    """A clause boundary (" , ", " and ", ...) lies between time `t` and the span [lo, hi)."""
+    a, b = (t.span[1], lo) if t.span[1] <= lo else (hi, t.span[0])
+    return a < b and _CLAUSE.search(text, a - 1, b + 1) is not None
 
 
 def _lifespan(t: PageTime, text: str, hi: int) -> bool:

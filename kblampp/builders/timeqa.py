@@ -7,7 +7,8 @@ when given, else the built-in table), tail = a non-empty target; evidence = the 
 `context` that holds the target's span `context[from:end]` (sentences split at " . ", " ? ", " ! "
 except after abbreviations such as "Maj ." or "D ."). The fact's time window is inferred from the
 page text around that span (`kblampp.builders.text_windows`, `source: "text_infer"`, the rule in
-`context.time_rule`), never from a question; no date near the span leaves it open (`source: "none"`).
+`context.time_rule`), or around another mention of the tail when the span's own sentences date
+nothing, never from a question; no date near the span leaves it open (`source: "none"`).
 Questions keep their own `question_time` (parsed from their text) and point at those facts.
 Easy and hard files share idx: a file named `*.easy.*` / `*.hard.*` gives qids `<idx>#easy` /
 `<idx>#hard` and `level`. `targets == [""]` marks an unanswerable question: counted and skipped,
@@ -31,7 +32,8 @@ from kblampp.synth.families import NO_ANSWER
 _IDX = re.compile(r"^/wiki/([^#]+)#(P\d+)#(\d+)$")
 _ABBREV = {"mr", "mrs", "ms", "dr", "prof", "maj", "col", "gen", "lt", "capt", "sgt", "rev", "st", "jr", "sr",
            "no", "co", "inc", "ltd", "mt", "ft", "gov", "sen", "rep", "hon", "adm", "cmdr", "brig", "cpl",
-           "pvt", "vs", "vol", "fr", "bros", "corp", "dept", "univ", "est", "approx", "u.s", "d.c", "e.g", "i.e"}
+           "pvt", "vs", "vol", "fr", "bros", "corp", "dept", "univ", "est", "approx", "u.s", "d.c", "e.g", "i.e",
+           "kgl", "kptlt", "oblt", "hptm", "coll"}  # German ranks ("Kptlt . Wolfgang Heyda"), "coll . Études"
 _END = re.compile(r" [.?!](?= |$)")
 _NEXT = re.compile(r"\s*(\S)")
 RULE_ORDER = ("range", "point", "neighbour-range", "neighbour-point", "preceding")
@@ -206,15 +208,35 @@ def build_timeqa(paths: list[str | Path], max_samples: int | None = None,
     return result
 
 
-def _best_window(entry: _Tail) -> tuple[tuple[int, int], tuple[str | None, str | None, str] | None]:
-    """(span, (start, end, rule) or None): the span whose rule ranks first (RULE_ORDER), first seen on ties."""
+def mentions(context: str, name: str) -> list[tuple[int, int]]:
+    """Every whole-word occurrence of `name` in `context`, as (start, end) spans in reading order."""
+    pattern = re.compile(rf"(?<!\w){re.escape(name)}(?!\w)")
+    return [m.span() for m in pattern.finditer(context)]
+
+
+def _windows(entry: _Tail, spans: list[tuple[int, int]]) -> list[tuple[int, tuple[int, int], tuple[str | None, str | None, str]]]:
+    """(rank in RULE_ORDER, span, (start, end, rule)) of each span that gets a window."""
     times = list(page_times(entry.context))
     ends = sentence_ends(entry.context)
     found = []
-    for span in entry.spans:
+    for span in spans:
         w = infer_window(entry.context, span[0], span[1], ends, times)
         if w is not None:
             found.append((RULE_ORDER.index(w.rule), span, (w.start, w.end, w.rule)))
+    return found
+
+
+def _best_window(entry: _Tail) -> tuple[tuple[int, int], tuple[str | None, str | None, str] | None]:
+    """(span, (start, end, rule) or None): the span whose rule ranks first (RULE_ORDER), first seen on ties.
+
+    The tail's own spans (those the records point at) come first. When none of their sentences dates
+    it (rules `neighbour-*`, `preceding` or none), its other mentions in the page are tried as well: a
+    list row or a later sentence often dates what the narrative sentence does not ("Heinrich von
+    Pierer ( 1992 to 2005 )"). Measured on the training pages (`offline/timeqa_time_rules.py`), trying
+    the other mentions always would lose: a far mention's range is often another event's."""
+    found = _windows(entry, entry.spans)
+    if not found or min(f[0] for f in found) >= RULE_ORDER.index("neighbour-range"):
+        found += _windows(entry, [s for s in mentions(entry.context, entry.name) if s not in entry.spans])
     if not found:
         return entry.spans[0], None
     _, span, window = min(found, key=lambda f: f[0])
