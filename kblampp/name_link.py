@@ -7,14 +7,17 @@ words name the entity exactly. With `name_link` on, the facts whose head the que
 first inject layer's candidates ahead of the searched ones (`KBInjection.select`); the score, the
 softmax and the value mix over the kept candidates are unchanged.
 
-A name is matched on lowercased words without punctuation, whole or with its first name as an initial
-("A. Miller" names Alice Miller), as a run of whole words in the question (`names_head` is the
-one-pair form, the abstention decision's name check).
+A name is matched on lowercased words without punctuation or accents ("Sokolowsko" names Sokołowsko),
+whole, with its first name as an initial ("A. Miller" names Alice Miller), or without a trailing
+qualifier of two or more words' name ("Palace of the Republic" names "Palace of the Republic, Berlin";
+"German submarine U-66" names "German submarine U-66 (1940)"), as a run of whole words in the
+question (`names_head` is the one-pair form, the abstention decision's name check).
 """
 from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from functools import lru_cache
 from typing import Iterable, Sequence
 
@@ -22,22 +25,29 @@ import numpy as np
 
 _POSSESSIVE = re.compile(r"['’]s\b")
 _PUNCT = frozenset(string.punctuation) | {"’", "‘", "“", "”", "–", "—"}
+_QUALIFIER = re.compile(r"\s*(?:\([^()]*\)|,[^,()]*)$")  # "X (1940)", "X, Berlin"
 
 
 def words(text: str) -> str:
     """Lowercased words of `text` without punctuation, padded with one space on each side (so `in`
-    tests whole words). Unlike SQuAD's answer normalisation, articles stay: an initial "A." is a word."""
-    return f" {' '.join(''.join(ch for ch in text.lower() if ch not in _PUNCT).split())} "
+    tests whole words). Unlike SQuAD's answer normalisation, articles stay: an initial "A." is a word.
+    Accents go ("ł" and "ó" as "l" and "o"): questions often spell a page's name without them."""
+    plain = unicodedata.normalize("NFKD", text.lower().replace("ł", "l").replace("ø", "o").replace("đ", "d"))
+    return f" {' '.join(''.join(ch for ch in plain if ch not in _PUNCT and not unicodedata.combining(ch)).split())} "
 
 
 @lru_cache(maxsize=1 << 16)
 def name_forms(head: str) -> tuple[str, ...]:
-    """The head's name as a question may write it: whole, or with its first name as an initial."""
+    """The head's name as a question may write it: whole, with its first name as an initial, or
+    without a trailing qualifier when two or more words are left."""
     head = _POSSESSIVE.sub("", head)
     parts = head.split()
     forms = [words(head)]
     if len(parts) >= 2 and parts[0][:1].isalpha():
         forms.append(words(f"{parts[0][0]}. {' '.join(parts[1:])}"))
+    bare = _QUALIFIER.sub("", head)
+    if bare != head and len(words(bare).split()) >= 2:
+        forms.append(words(bare))
     return tuple(dict.fromkeys(f for f in forms if f.strip()))
 
 

@@ -206,3 +206,16 @@ def test_an_initial_a_is_a_word_not_an_article():
     assert names_head("Which city is A. Sims's home?", "Annette Sims")
     assert NameIndex(["Annette Sims", "Troy Sims"]).link("Which city is Troy Sims's home?") == [1]
     assert names_head("Who founded the Acme?", "Acme") and not names_head("Who founded Acme?", "The Acme")
+
+
+def test_accents_and_a_trailing_qualifier_are_optional():
+    """Real questions drop a page's accents and its disambiguation ("U-66 (1940)", "..., Berlin")."""
+    assert names_head("Which nation did Sokolowsko belong to?", "Sokołowsko")
+    assert names_head("Which club did Alan Baró join?", "Alan Baro")  # either side may carry them
+    assert names_head("Who commanded German submarine U-66 in 1942?", "German submarine U-66 (1940)")
+    assert names_head("What happened to Berlin's Palace of the Republic in 2006?", "Palace of the Republic, Berlin")
+    assert not names_head("Where was Love shown?", "Love (Indianapolis)")  # one word left: too common to link
+    assert names_head("Where was Love (Indianapolis) shown?", "Love (Indianapolis)")
+    names = NameIndex(["German submarine U-66 (1940)", "German submarine U-66 (1917)", "Sokołowsko"])
+    assert names.link("Who commanded German submarine U-66 (1940)?") == [0, 1]  # its own form first
+    assert names.link("Who commanded German submarine U-66?") == [0, 1]
