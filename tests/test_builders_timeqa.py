@@ -164,7 +164,7 @@ def test_infer_window_rules() -> None:
 
 
 def test_other_mentions_date_a_tail_its_own_sentence_does_not(tmp_path: Path) -> None:
-    context = ("Acme Acme is a firm . Its chairman Heinrich Pierer was fired in a scandal . "
+    context = ("Acme Acme is a firm . Its chairman Heinrich Pierer was fired in a scandal . It makes tools . "
                "Chairmen . - Karl Kaske ( 1981 to 1992 ) - Heinrich Pierer ( 1992 to 2005 ) - Peter Loescher ( 2007 to 2013 )")
     def record(k: int, name: str, at: int) -> dict:
         lo = context.index(name, at)
