@@ -214,7 +214,10 @@ def mentions(context: str, name: str) -> list[tuple[int, int]]:
     return [m.span() for m in pattern.finditer(context)]
 
 
-def _windows(entry: _Tail, spans: list[tuple[int, int]]) -> list[tuple[int, tuple[int, int], tuple[str | None, str | None, str]]]:
+_Found = tuple[int, tuple[int, int], tuple[str | None, str | None, str]]  # (rank in RULE_ORDER, span, window)
+
+
+def _windows(entry: _Tail, spans: list[tuple[int, int]]) -> list[_Found]:
     """(rank in RULE_ORDER, span, (start, end, rule)) of each span that gets a window."""
     times = list(page_times(entry.context))
     ends = sentence_ends(entry.context)
