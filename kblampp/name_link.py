@@ -9,9 +9,9 @@ softmax and the value mix over the kept candidates are unchanged.
 
 A name is matched on lowercased words without punctuation or accents ("Sokolowsko" names Sokołowsko),
 whole, with its first name as an initial ("A. Miller" names Alice Miller), or without a trailing
-qualifier of two or more words' name ("Palace of the Republic" names "Palace of the Republic, Berlin";
-"German submarine U-66" names "German submarine U-66 (1940)"), as a run of whole words in the
-question (`names_head` is the one-pair form, the abstention decision's name check).
+qualifier when two or more words remain ("Palace of the Republic" names "Palace of the Republic,
+Berlin"; "German submarine U-66" names "German submarine U-66 (1940)"), as a run of whole words in
+the question (`names_head` is the one-pair form, the abstention decision's name check).
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ when given, else the built-in table), tail = a non-empty target; evidence = the 
 `context` that holds the target's span `context[from:end]` (sentences split at " . ", " ? ", " ! "
 except after abbreviations such as "Maj ." or "D ."). The fact's time window is inferred from the
 page text around that span (`kblampp.builders.text_windows`, `source: "text_infer"`, the rule in
-`context.time_rule`), or around another mention of the tail when the span's own sentences date
-nothing, never from a question; no date near the span leaves it open (`source: "none"`).
+`context.time_rule`), or around another mention of the tail when neither the span's sentence nor
+its neighbours date it, never from a question; no date near the span leaves it open (`source: "none"`).
 Questions keep their own `question_time` (parsed from their text) and point at those facts.
 Easy and hard files share idx: a file named `*.easy.*` / `*.hard.*` gives qids `<idx>#easy` /
 `<idx>#hard` and `level`. `targets == [""]` marks an unanswerable question: counted and skipped,
