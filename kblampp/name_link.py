@@ -25,6 +25,7 @@ import numpy as np
 
 _POSSESSIVE = re.compile(r"['’]s\b")
 _PUNCT = frozenset(string.punctuation) | {"’", "‘", "“", "”", "–", "—"}
+_UNDECOMPOSED = str.maketrans("łøđ", "lod")  # letters NFKD does not split into a base and an accent
 _QUALIFIER = re.compile(r"\s*(?:\([^()]*\)|,[^,()]*)$")  # "X (1940)", "X, Berlin"
 
 
@@ -32,7 +33,7 @@ def words(text: str) -> str:
     """Lowercased words of `text` without punctuation, padded with one space on each side (so `in`
     tests whole words). Unlike SQuAD's answer normalisation, articles stay: an initial "A." is a word.
     Accents go ("ł" and "ó" as "l" and "o"): questions often spell a page's name without them."""
-    plain = unicodedata.normalize("NFKD", text.lower().replace("ł", "l").replace("ø", "o").replace("đ", "d"))
+    plain = unicodedata.normalize("NFKD", text.lower().translate(_UNDECOMPOSED))
     return f" {' '.join(''.join(ch for ch in plain if ch not in _PUNCT and not unicodedata.combining(ch)).split())} "
 
 

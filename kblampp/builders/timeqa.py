@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from kblampp.builders.common import BuildResult, iter_records, make_fact, position, require
+from kblampp.builders.hotpot_text import find_whole
 from kblampp.builders.text_windows import PageTime, close_open_ends, find_page_times, infer_window
 from kblampp.builders.wikidata_labels import property_label
 from kblampp.question_time import TimeConstraint, parse_time_constraint
@@ -208,12 +209,6 @@ def build_timeqa(paths: list[str | Path], max_samples: int | None = None,
     return result
 
 
-def mentions(context: str, name: str) -> list[tuple[int, int]]:
-    """Every whole-word occurrence of `name` in `context`, as (start, end) spans in reading order."""
-    pattern = re.compile(rf"(?<!\w){re.escape(name)}(?!\w)")
-    return [m.span() for m in pattern.finditer(context)]
-
-
 _Found = tuple[int, tuple[int, int], tuple[str | None, str | None, str]]  # (rank in RULE_ORDER, span, window)
 
 
@@ -240,7 +235,7 @@ def _best_window(entry: _Tail) -> tuple[tuple[int, int], tuple[str | None, str |
     windows too wins on the training pages and loses 3.9 points on the test pages)."""
     found = _windows(entry, entry.spans)
     if not found or min(f[0] for f in found) >= RULE_ORDER.index("preceding"):
-        found += _windows(entry, [s for s in mentions(entry.context, entry.name) if s not in entry.spans])
+        found += _windows(entry, [s for s in find_whole(entry.context, entry.name) if s not in entry.spans])
     if not found:
         return entry.spans[0], None
     _, span, window = min(found, key=lambda f: f[0])
