@@ -386,3 +386,58 @@ def test_time_rules_nearest_start_picks_the_holder_of_open_windows() -> None:
     got = rule_counts(facts, qa, {"Zeta"})
     assert got["easy"] == {"questions": 1, "largest overlap": 0, "nearest start, then largest overlap": 1}
     assert got["all"] == got["easy"]
+
+
+def _sibling_fixture():
+    from kblampp.schema import fact_from_dict, qa_from_dict
+
+    def fact(tail: str, start: str, end: str | None) -> dict:
+        return {"head": {"name": "Zeta"}, "relation": {"id": "P54", "name": "member of sports team"},
+                "tail": {"name": tail}, "context": {"sent_span": f"Zeta joined {tail} in {start}."},
+                "time_window": {"start": start, "end": end}}
+
+    def question(text: str, answer: int, **extra) -> dict:
+        return {"qid": text, "dataset": "timeqa", "question": text, "answer": "x", "type": "temporal",
+                "supporting_facts": [answer], "question_time": None, "answer_fact": answer, **extra}
+
+    facts = [fact_from_dict(fact("Old Club", "1990", "2000")), fact_from_dict(fact("New Club", "2001", None)),
+             fact_from_dict({**fact("Alone", "1990", None), "head": {"name": "Solo"}})]
+    records = [qa_from_dict(question("Which club did Zeta play for from 2001 to 2003?", 1)),
+               qa_from_dict(question("Which club did Zeta play for in 1995?", 0)),
+               qa_from_dict(question("Which club did Zeta play for?", 0)),  # no time: left out
+               qa_from_dict(question("Which club did Solo play for in 1995?", 2)),  # no sibling: left out
+               qa_from_dict(question("Which club did Zeta play for in 1996?", 0, answerable=False))]
+    return facts, records
+
+
+def test_sibling_terms_keep_timed_questions_with_siblings_and_time_picks_the_holder() -> None:
+    """The probe keeps timed, answerable TimeQA questions whose answer has siblings; with phi off, the
+    run's prior time rows pick the fact valid at the question's time; refitting phi alone on the
+    siblings' cross-entropy moves its pick toward the answer's evidence sentence."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "offline"))
+    from timeqa_sibling_terms import accuracy, refit, sibling_questions, sibling_scores
+
+    from kblampp.scorers import ContextScorer, TimeScorer
+
+    facts, records = _sibling_fixture()
+    rows = sibling_questions(records, facts)
+    assert [(r.question, r.siblings, r.target) for r in rows] == [
+        (records[0].question, [0, 1], 1), (records[1].question, [0, 1], 0)]
+    tables = (torch.tensor([f.tau_min for f in facts], dtype=torch.float32),
+              torch.tensor([f.tau_max for f in facts], dtype=torch.float32),
+              torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    e_q = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # both questions "look like" New Club's sentence
+    time, context = TimeScorer(), ContextScorer(2)
+    assert accuracy(sibling_scores(rows, e_q, time, context, *tables, 0.0, 1.0), rows) == 1.0
+    assert accuracy(sibling_scores(rows, e_q, time, context, *tables, 1.0, 0.0), rows) == 0.5  # phi alone: New Club twice
+    time.weight.data.zero_()
+    refit(rows[1:], e_q[1:], time, context, tables, 1.0, 0.0, epochs=40, with_phi=True, lr=0.2)
+    assert accuracy(sibling_scores(rows[1:], e_q[1:], time, context, *tables, 1.0, 0.0), rows[1:]) == 1.0
+    try:
+        accuracy([], [])
+    except ValueError as err:
+        assert "no sibling question to score" in str(err)
+    else:
+        raise AssertionError("an empty question list must be refused")
