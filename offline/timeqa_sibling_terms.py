@@ -108,7 +108,7 @@ def refit(rows: Sequence[SiblingQuestion], e_q: torch.Tensor, time: TimeScorer, 
             on_epoch(epoch)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     from safetensors.torch import load_file
 
     from kblampp.config import load_config
@@ -164,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         refit(train_rows, train_q, time, context, tables, gamma, cfg.eta, args.epochs, with_phi,
               lr=0.01 if with_phi else 0.02,
               on_epoch=lambda e, lab=label, g=gamma: line(f"{lab}, epoch {e}", g) if e % args.report_every == 0 else None)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from kblampp.cli import run_main
+    sys.exit(run_main(main))
