@@ -39,6 +39,8 @@ from kblampp.timewin import window_days  # noqa: E402
 
 @dataclass
 class SiblingQuestion:
+    """One question the probe scores: its text (embedded as e_q, as the model embeds it) and what g_time reads."""
+
     question: str
     siblings: list[int]  # fact ids sharing the answer fact's (head, relation)
     target: int  # position of the answer fact in `siblings`
