@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kblampp.question_time import parse_time_constraint  # noqa: E402
-from kblampp.schema import Fact, QARecord  # noqa: E402
+from kblampp.schema import QARecord  # noqa: E402
 from kblampp.scorers import ContextScorer, TimeScorer, kind_index  # noqa: E402
 from kblampp.timewin import window_days  # noqa: E402
 
@@ -48,19 +48,16 @@ class SiblingQuestion:
     kind: int  # index into TIME_KINDS
 
 
-def sibling_questions(records: Sequence[QARecord], facts: Sequence[Fact], reference_date: str | None = None
+def sibling_questions(records: Sequence[QARecord], sibling_index: torch.Tensor, reference_date: str | None = None
                       ) -> list[SiblingQuestion]:
-    """The questions described in the module docstring, in file order."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, f in enumerate(facts):
-        groups.setdefault((f.head_name, f.relation_id or f.relation_name), []).append(i)
+    """The questions described in the module docstring, in file order. `sibling_index` (N, L): the
+    facts sharing each fact's (head, relation), as the time phase groups them (`FactTable.sibling_index`)."""
     out = []
     for r in records:
         if r.dataset != "timeqa" or not r.answerable or not r.supporting_facts:
             continue
         answer = int(r.raw.get("answer_fact", r.supporting_facts[-1]))
-        f = facts[answer]
-        siblings = groups[(f.head_name, f.relation_id or f.relation_name)]
+        siblings = [int(i) for i in sibling_index[answer] if i >= 0]
         constraint = parse_time_constraint(r.question, reference_date)
         if len(siblings) < 2 or constraint is None or constraint.window() is None:
             continue
@@ -133,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts = load_facts(cfg.tuples_path)
     table = FactTable.from_store(KBValueStore.load(cfg.store_dir, read_only=True), facts)
     tables = (table.tau_min.float(), table.tau_max.float(), table.ctx_vec)
+    siblings = table.sibling_index()
     weights = load_file(str(resolve_checkpoint(run)))
     trained_time = next(v for k, v in weights.items() if k.endswith("kb_time_scorer.weight"))
     trained_phi = next(v for k, v in weights.items() if k.endswith("kb_context_scorer.weight"))
@@ -144,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     embedder = load_embedder(cfg.embedding_model)
     splits = {}
     for name, path in (("train", args.train or cfg.train_dataset), ("dev", args.dev)):
-        rows = sibling_questions(load_qa(path, len(facts)), facts, cfg.reference_date)
+        rows = sibling_questions(load_qa(path, len(facts)), siblings, cfg.reference_date)
         e_q = torch.from_numpy(embedder.encode([r.question for r in rows], progress=False)).float()
         splits[name] = (rows, e_q)
         print(f"{name}: {len(rows)} sibling questions ({path})")

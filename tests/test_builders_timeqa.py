@@ -420,14 +420,14 @@ def test_sibling_terms_keep_timed_questions_with_siblings_and_time_picks_the_hol
     from timeqa_sibling_terms import accuracy, refit, sibling_questions, sibling_scores
 
     from kblampp.scorers import ContextScorer, TimeScorer
+    from kblampp.training.facts import FactTable
 
     facts, records = _sibling_fixture()
-    rows = sibling_questions(records, facts)
+    table = FactTable.from_facts(facts, lambda texts: [[0.0, 0.0]] * len(texts))
+    rows = sibling_questions(records, table.sibling_index())
     assert [(r.question, r.siblings, r.target) for r in rows] == [
         (records[0].question, [0, 1], 1), (records[1].question, [0, 1], 0)]
-    tables = (torch.tensor([f.tau_min for f in facts], dtype=torch.float32),
-              torch.tensor([f.tau_max for f in facts], dtype=torch.float32),
-              torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    tables = (table.tau_min.float(), table.tau_max.float(), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
     e_q = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # both questions "look like" New Club's sentence
     time, context = TimeScorer(), ContextScorer(2)
     assert accuracy(sibling_scores(rows, e_q, time, context, *tables, 0.0, 1.0), rows) == 1.0
